@@ -1,0 +1,149 @@
+"""Where are we running: GPU facts, or the CPU with Triton's interpreter.
+
+Triton reads TRITON_INTERPRET when a kernel is *defined* (at `@triton.jit`), so on a machine without
+CUDA `use_interpreter_if_no_gpu()` must run before any module that defines kernels is imported.
+`moe_tut/__init__.py` calls it first thing, so `import moe_tut` is enough.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if has_cuda() else torch.device("cpu")
+
+
+def use_interpreter_if_no_gpu() -> bool:
+    """Turn on Triton's CPU interpreter when there is no GPU; returns whether it is on."""
+    if not has_cuda():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if interpreting():
+        patch_interpreter_bf16_dot()
+    return interpreting()
+
+
+def patch_interpreter_bf16_dot() -> bool:
+    """Make the interpreter's `tl.dot` correct for bf16 operands.
+
+    The interpreter keeps bf16 as raw uint16 and multiplies the bit patterns (triton-lang/triton
+    issue 11584): results are off by ~1e9. We upcast bf16 operands to float32 before its numpy
+    matmul; GPU kernels are not touched. This uses private interpreter API, hence the triton pin.
+    """
+    if not interpreting():
+        return False
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except ImportError:
+        return False
+    builder = interp.InterpreterBuilder
+    if getattr(builder.create_dot, "_moe_tut_bf16", False):
+        return True
+    original = builder.create_dot
+
+    def upcast(h):
+        if h.dtype.scalar == tl.bfloat16:
+            data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interp.TensorHandle(data, tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, upcast(a), upcast(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._moe_tut_bf16 = True
+    builder.create_dot = create_dot
+    return True
+
+
+@dataclass
+class DeviceInfo:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    capability: str | None = None
+    sm_count: int | None = None
+    total_memory_gb: float | None = None
+    free_memory_gb: float | None = None
+    l2_cache_mb: float | None = None
+    shared_memory_per_block_kb: float | None = None
+    torch_version: str = torch.__version__
+    triton_version: str | None = None
+    cuda_version: str | None = None
+    driver: str | None = None
+    python: str = platform.python_version()
+    triton_interpreter: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if self.kind == "cpu":
+            return (f"CPU only ({self.name}); Triton kernels run under the interpreter: "
+                    "numbers measure correctness runs, not GPU performance")
+        return (f"{self.name} (sm_{self.capability}, {self.sm_count} SMs, "
+                f"{self.total_memory_gb:.0f} GB, L2 {self.l2_cache_mb:.0f} MB)")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _max_shared_memory_per_block(index: int) -> int | None:
+    """The opt-in shared-memory limit per block (what a Triton kernel can use), in bytes."""
+    props = torch.cuda.get_device_properties(index)
+    for attr in ("shared_memory_per_block_optin", "max_shared_memory_per_block_optin"):
+        if hasattr(props, attr):
+            return int(getattr(props, attr))
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:
+        return None
+
+
+def device_info(index: int | None = None) -> DeviceInfo:
+    if not has_cuda():
+        return DeviceInfo(kind="cpu", name=platform.processor() or platform.machine(),
+                          triton_version=_triton_version(), triton_interpreter=interpreting())
+    index = torch.cuda.current_device() if index is None else index
+    props = torch.cuda.get_device_properties(index)
+    free, total = torch.cuda.mem_get_info(index)
+    smem = _max_shared_memory_per_block(index)
+    driver = None
+    try:
+        driver = str(torch._C._cuda_getDriverVersion())
+    except Exception:
+        pass
+    return DeviceInfo(
+        kind="cuda",
+        name=props.name,
+        capability=f"{props.major}{props.minor}",
+        sm_count=props.multi_processor_count,
+        total_memory_gb=total / 1e9,
+        free_memory_gb=free / 1e9,
+        l2_cache_mb=getattr(props, "L2_cache_size", 0) / 1e6,
+        shared_memory_per_block_kb=smem / 1024 if smem else None,
+        triton_version=_triton_version(),
+        cuda_version=torch.version.cuda,
+        driver=driver,
+        triton_interpreter=interpreting(),
+    )
