@@ -66,6 +66,9 @@ class Backend:
     unavailable        (cfg, device) -> None if it can run, else the reason it cannot
     extra_bytes        (cfg, T, stats) -> estimated temporary bytes beyond weights, x and y
     prepare            ExpertWeights (bf16) -> the weights object this backend takes (INT4 packs here)
+    dequantized        prepared weights -> ExpertWeights holding exactly the values the backend
+                       computes with (INT4: the dequantised weights), for the tight correctness check;
+                       None when prepare() does not change the values
     graph_safe         no host sync inside forward, so small-T timing can use CUDA-graph replay
     """
 
@@ -75,6 +78,7 @@ class Backend:
     extra_bytes: Callable[[MoEConfig, int, RoutingStats], int]
     unavailable: Callable[[MoEConfig, torch.device], str | None] = lambda cfg, device: None
     prepare: Callable[[ExpertWeights], object] = lambda w: w
+    dequantized: Callable[[object], ExpertWeights] | None = None
     graph_safe: bool = True
     weight_format: str = "bf16"
     tags: tuple[str, ...] = field(default_factory=tuple)

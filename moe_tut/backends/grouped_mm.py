@@ -27,7 +27,7 @@ def grouped_mm_forward(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
     return combine(out_sorted, plan, x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device_str: str) -> str | None:
     """Run a tiny grouped GEMM on the device; return the error text if it fails."""
     device = torch.device(device_str)

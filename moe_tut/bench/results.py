@@ -1,0 +1,107 @@
+"""Results: the printed table, the long-format CSV and the JSON metadata written beside it."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import subprocess
+from pathlib import Path
+
+from ..env import DeviceInfo
+from .ceilings import Ceilings
+from .harness import Row
+
+COLUMNS = [  # (header, Row field, format)
+    ("config", "config", "{}"),
+    ("T", "T", "{}"),
+    ("backend", "backend", "{}"),
+    ("ms", "median_ms", "{:.3f}"),
+    ("vs naive", "speedup_vs_naive", "{:.2f}x"),
+    ("TFLOP/s", "tflops", "{:.1f}"),
+    ("weight GB/s", "weight_gbps", "{:.0f}"),
+    ("% roofline", "roofline_pct", "{:.0f}%"),
+    ("weights GB", "weight_gb", "{:.2f}"),
+    ("peak extra GB", "peak_extra_gb", "{:.2f}"),
+    ("rel err", "rel_err", "{:.1e}"),
+    ("status", "status", "{}"),
+]
+
+
+def _cell(value, fmt: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(rows: list[Row]) -> str:
+    table = [[h for h, _, _ in COLUMNS]]
+    for r in rows:
+        cells = [_cell(getattr(r, f), fmt) for _, f, fmt in COLUMNS]
+        if r.status != "ok":
+            cells[-1] = f"{r.status}: {r.reason}"
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS) - 1)]
+    lines = []
+    for i, row in enumerate(table):
+        lines.append("  ".join(c.rjust(w) if j > 2 else c.ljust(w) for j, (c, w) in
+                               enumerate(zip(row[:-1], widths))) + "  " + row[-1])
+        if i == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(info: DeviceInfo, ceilings: Ceilings, command: str, extra: dict | None = None) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "git_commit": git_commit(),
+        "device": info.as_dict(),
+        "ceilings": ceilings.as_dict(),
+        "timing": ("GPU: CUDA events, median, L2 flushed before each call; CUDA-graph replay for T <= 64 "
+                   "(graph-safe backends). CPU: perf_counter median of correctness runs, not GPU performance."),
+        **(extra or {}),
+    }
+
+
+def write_results(rows: list[Row], meta: dict, out_dir: Path, stem: str = "moe_bench") -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    fields = list(rows[0].as_dict()) if rows else []
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(r.as_dict())
+    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def read_results(csv_path: Path) -> list[dict]:
+    """The CSV back as dicts with numbers parsed (for plots and notebooks)."""
+    out = []
+    with Path(csv_path).open() as f:
+        for rec in csv.DictReader(f):
+            parsed = {}
+            for k, v in rec.items():
+                try:
+                    parsed[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+                except ValueError:
+                    parsed[k] = v
+            out.append(parsed)
+    return out
