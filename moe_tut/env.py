@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from dataclasses import asdict, dataclass
 
 import torch
@@ -120,6 +121,15 @@ def _max_shared_memory_per_block(index: int) -> int | None:
         return None
 
 
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def device_info(index: int | None = None) -> DeviceInfo:
     if not has_cuda():
         return DeviceInfo(kind="cpu", name=platform.processor() or platform.machine(),
@@ -128,11 +138,7 @@ def device_info(index: int | None = None) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
     smem = _max_shared_memory_per_block(index)
-    driver = None
-    try:
-        driver = str(torch._C._cuda_getDriverVersion())
-    except Exception:
-        pass
+    driver = _driver_version()
     return DeviceInfo(
         kind="cuda",
         name=props.name,

@@ -6,6 +6,7 @@ import csv
 import datetime
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -53,16 +54,17 @@ def format_table(rows: list[Row]) -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout (+dirty), or MOE_TUT_GIT_COMMIT where the tree has no .git (a copied tree)."""
     try:
         here = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
-            return None
+            return os.environ.get("MOE_TUT_GIT_COMMIT")
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("MOE_TUT_GIT_COMMIT")
 
 
 def metadata(info: DeviceInfo, ceilings: Ceilings, command: str, extra: dict | None = None) -> dict:

@@ -1,0 +1,125 @@
+"""Harness, memory checks, results files and the CLI end to end on the debug preset (CPU)."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from moe_tut.bench import InsufficientMemoryError, check_fits, measure_ceilings, run_point, time_call
+from moe_tut.bench.cli import main
+from moe_tut.bench.results import format_table, read_results
+from moe_tut.presets import custom, get_preset
+from moe_tut.weights import ExpertWeights
+
+
+def test_cpu_timer_is_labelled():
+    t = time_call(lambda: torch.ones(10).sum(), "cpu")
+    assert t.method == "cpu-clock" and t.median_ms > 0 and t.p20_ms <= t.median_ms <= t.p80_ms
+
+
+def test_ceilings_and_roofline():
+    c = measure_ceilings("cpu", gemm_size=64, copy_bytes=1 << 20)
+    assert c.gemm_tflops > 0 and c.copy_gbps > 0
+    # the bound is the larger of the compute time and the memory time
+    assert c.roofline_ms(c.gemm_tflops * 1e12, 0) == pytest.approx(1e3)
+    assert c.roofline_ms(0, c.copy_gbps * 1e9) == pytest.approx(1e3)
+
+
+def test_cpu_refuses_large_presets_with_advice():
+    with pytest.raises(InsufficientMemoryError, match="no CUDA GPU.*--config debug"):
+        check_fits(get_preset("mixtral"), [1024], torch.device("cpu"))
+    check_fits(get_preset("debug"), [1024], torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_gpu_memory_check_names_need_free_and_fixes():
+    free, _ = torch.cuda.mem_get_info()
+    huge = custom(E=1024, H=8192, F=8192, top_k=2)  # 412 GB of bf16 weights: fits no GPU today
+    with pytest.raises(InsufficientMemoryError) as exc:
+        check_fits(huge, [8192], torch.device("cuda"))
+    msg = str(exc.value)
+    assert f"{free / 1e9:.1f} GB is free" in msg and "INT4" in msg and "smaller T" in msg
+
+
+def test_run_point_rows():
+    cfg = get_preset("debug")
+    w = ExpertWeights.random(cfg)
+    ceilings = measure_ceilings("cpu", gemm_size=64, copy_bytes=1 << 20)
+    rows = run_point(cfg, 16, w, ["naive", "bmm", "grouped_mm"], ceilings, skew="zipf")
+    assert [r.backend for r in rows] == ["naive", "bmm", "grouped_mm"]
+    for r in rows:
+        assert r.status == "ok", r.reason
+        assert r.rel_err < 2e-2 and r.timing == "cpu-clock" and r.median_ms > 0
+        assert r.useful_gflop == pytest.approx(cfg.useful_flops(16) / 1e9)
+        assert 0 < r.roofline_pct and r.weight_gb == pytest.approx(cfg.weight_bytes() / 1e9)
+    assert rows[0].speedup_vs_naive == 1.0
+    assert "naive" in format_table(rows)
+
+
+def test_failing_backend_is_reported_not_timed(monkeypatch):
+    from moe_tut import backends
+
+    broken = backends.Backend("broken", lambda x, w, plan: torch.zeros_like(x), "always zero",
+                              extra_bytes=lambda *a: 0)
+    monkeypatch.setitem(backends._REGISTRY, "broken", broken)
+    cfg = get_preset("debug")
+    rows = run_point(cfg, 8, ExpertWeights.random(cfg), ["broken"], measure_ceilings("cpu", 64, 1 << 20))
+    assert rows[0].status == "failed" and "relative error" in rows[0].reason
+    assert math.isnan(rows[0].median_ms)
+
+
+def test_cli_end_to_end_debug(tmp_path, capsys):
+    rc = main(["--config", "debug", "--tokens", "1", "24", "--skew", "hot", "--out", str(tmp_path),
+               "--backends", "naive,bmm,grouped_mm"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "not GPU performance" in out and "grouped_mm" in out and "ceilings on this device" in out
+    rows = read_results(tmp_path / "moe_bench.csv")
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert {r["T"] for r in rows} == {1, 24}
+    meta = json.loads((tmp_path / "moe_bench.json").read_text())
+    assert meta["command"].startswith("python -m moe_tut.bench --config debug")
+    assert meta["device"]["kind"] == "cpu" and meta["ceilings"]["copy_gbps"] > 0
+    assert {"date", "git_commit", "timing"} <= set(meta)
+    assert (tmp_path / "moe_bench_debug.png").stat().st_size > 1000
+
+
+def test_cli_batch_seq_and_custom_shape(tmp_path):
+    assert main(["--E", "6", "--H", "64", "--F", "96", "--top-k", "2", "--batch", "2", "--seq", "5",
+                 "--backends", "naive", "--out", str(tmp_path), "--no-plots"]) == 0
+    with (tmp_path / "moe_bench.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["config"], row["T"], row["E"], row["top_k"]) == ("custom", "10", "6", "2")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--config", "mixtrall"], "unknown preset 'mixtrall'; valid presets: mixtral"),
+    (["--config", "debug", "--batch", "-2"], "--batch must be >= 1"),
+    (["--config", "debug", "--tokens", "0"], "token counts must be >= 1"),
+    (["--config", "debug", "--top-k", "9"], "top_k=9 is larger than the number of experts E=4"),
+    (["--config", "debug", "--backends", "cutlass"], "unknown backend 'cutlass'"),
+    (["--config", "debug", "--skew", "lopsided"], "unknown skew"),
+    (["--config", "mixtral"], "no CUDA GPU"),
+    (["--full", "--config", "debug"], "--full runs every preset"),
+])
+def test_cli_bad_input(argv, msg, capsys):
+    if "mixtral" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present: mixtral is allowed")
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_cli_list(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "deepseek-v3" in out and "grouped_mm" in out
+
+
+def test_module_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "moe_tut.bench", "--config", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "valid presets" in proc.stderr

@@ -1,0 +1,35 @@
+import torch
+import triton
+import triton.language as tl
+
+from moe_tut import env
+
+
+def test_device_info_on_this_machine():
+    info = env.device_info()
+    d = info.as_dict()
+    assert d["torch_version"] == torch.__version__ and d["triton_version"] == triton.__version__
+    if torch.cuda.is_available():
+        assert info.kind == "cuda" and info.sm_count > 0 and info.shared_memory_per_block_kb > 0
+    else:
+        assert info.kind == "cpu" and info.triton_interpreter
+        assert "not GPU performance" in info.summary()
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+    r = tl.arange(0, N)
+    a = tl.load(a_ptr + r[:, None] * N + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * N + r[None, :])
+    tl.store(c_ptr + r[:, None] * N + r[None, :], tl.dot(a, b))
+
+
+def test_bf16_dot_is_correct_here():
+    # Under the interpreter this only holds with env.patch_interpreter_bf16_dot (triton issue 11584).
+    device = env.default_device()
+    a = torch.randn(16, 16, device=device).bfloat16()
+    b = torch.randn(16, 16, device=device).bfloat16()
+    c = torch.empty(16, 16, device=device)
+    _dot_kernel[(1,)](a, b, c, N=16)
+    ref = a.float() @ b.float()
+    assert ((c - ref).norm() / ref.norm()).item() < 1e-2
