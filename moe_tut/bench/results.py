@@ -69,7 +69,7 @@ def git_commit() -> str | None:
 
 def metadata(info: DeviceInfo, ceilings: Ceilings, command: str, extra: dict | None = None) -> dict:
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "git_commit": git_commit(),
         "device": info.as_dict(),

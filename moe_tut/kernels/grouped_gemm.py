@@ -1,0 +1,643 @@
+"""Triton grouped GEMM for one MoE forward (bf16 weights), grown in numbered versions.
+
+What it computes (DESIGN.md): for each token t and each of its top-k experts e with routing weight g,
+
+    y[t] += g * W2[e] @ (silu(W1[e] @ x[t]) * (W3[e] @ x[t]))
+
+    x   [T, H]       activations (bf16; any float dtype works, the accumulators are float32)
+    w13 [E, 2F, H]   W1 (gate, rows 0..F-1) and W3 (up, rows F..2F-1) stacked, as in HF / vLLM
+    w2  [E, H, F]
+    y   [T, H]       in x.dtype
+
+The RoutingPlan lists the T*k token slots sorted by expert: expert e owns sorted rows
+[expert_offsets[e], expert_offsets[e+1]). One kernel, `_moe_gemm_kernel`, computes one grouped GEMM
+over those rows,
+
+    C[row] = A[row] @ W[e(row)]^T          A [rows or T, K], W [E, N (or 2N), K], C [rows, N]
+
+in output tiles of BLOCK_M sorted rows (all of one expert) x BLOCK_N columns, with a float32
+accumulator and a K loop of BLOCK_K. Grid: one program per tile (v1, v2), or one program per SM that
+loops over tiles (v3 onward). The tile -> (expert, rows) map never leaves the device: no host sync,
+so a forward can be captured in a CUDA graph. Constexpr flags switch on what a version adds:
+GATHER_A loads A's rows through sorted_token_ids (x is never permuted into a copy), SWIGLU keeps a
+gate and an up accumulator and writes silu(gate) * up, SCALE_ROWS multiplies each row by its routing
+weight, SCATTER_C stores each row at its token slot instead of its sorted position.
+
+Pipeline of intermediate tensors (rows = T*k):
+
+    v1..v4   x --GEMM1, gather--> h [rows, 2F] --torch swiglu--> a [rows, F] --GEMM2--> o [rows, H]
+             (sorted order) --torch combine: gather by slot, * weight, sum over k in float32--> y
+    fast     x --GEMM1, gather, SwiGLU--> a [rows, F] --GEMM2, * weight, scatter to slot--> o [T, k, H]
+             --sum over k (float32 accumulation)--> y.  For top_k = 1, GEMM2 writes y directly.
+
+Versions (each adds one idea; all stay callable so a notebook can plot what each idea bought):
+
+    v1  moe_forward_v1  one launch for all experts: a program per (row block, column block) tile of
+                        the BlockMap, tiles in row-major order, token gather fused into the A load.
+    v2  moe_forward_v2  grouped tile order: GROUP_M row blocks walk the columns together, so programs
+                        running at the same time read the same weight tiles from L2.
+    v3  moe_forward_v3  persistent: one program per SM loops over the tiles; the tile count is read
+                        on the device (BlockMap.num_blocks), so no program starts just to exit.
+    v4  moe_forward_v4  autotuned tile shapes (get_autotune_configs); because BLOCK_M is tuned, the
+                        kernel derives its row blocks from expert_offsets itself (a cumsum over E).
+    fast moe_forward_triton  v4 plus the fusions: SwiGLU in GEMM1's epilogue (gate and up tiles of
+                        the same columns in two accumulators, so [rows, 2F] is never written), the
+                        routing weight and the scatter to token slots in GEMM2's epilogue, and a
+                        decode path for small T (see below).
+
+Decode rule (fast path): when the mean number of rows per expert, T*k/E, is at most 16
+(DECODE_MAX_ROWS_PER_EXPERT), the forward only has to stream the weights of the experts it touches.
+It then uses BLOCK_M = 16 (the smallest tl.dot tile) and picks BLOCK_N small enough that the
+(row block, column block) tiles outnumber the SMs, so every SM streams its share of the weights
+(get_decode_configs). Larger T uses the general autotuned list.
+
+Combine: each token's k rows come from k different experts, so they are written by different
+programs. We store them (already multiplied by their routing weight, rounded to x.dtype) at their
+slot t*k+j and sum over k afterwards. That costs one write and one read of [T, k, H] in x.dtype, but
+it is deterministic and needs no zero-fill; float32 atomics into y would avoid the buffer but need a
+zeroed float32 y, a cast pass, and give run-to-run differences in the last bits.
+
+Sizes: any H, F and T work (loads and stores are masked); block sizes are powers of two >= 16 (what
+tl.arange and tl.dot need). Under Triton's CPU interpreter every version runs with one large config
+(the interpreter's cost grows with programs x K steps, not with FLOPs) and persistent grids use
+CPU_PERSISTENT_PROGRAMS programs. No block pointers or Hopper-only features are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import check_inputs, combine
+from ..env import _max_shared_memory_per_block, interpreting
+from ..reference import swiglu
+from ..routing import RoutingPlan
+from ..weights import ExpertWeights
+
+CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
+DECODE_MAX_ROWS_PER_EXPERT = 16  # at or below this many rows per expert (mean), use the decode configs
+CPU_PERSISTENT_PROGRAMS = 4  # "SMs" of the interpreter: small, so each program still loops over tiles
+DEFAULT_SMEM_BYTES = 99 * 1024  # assumed when the GPU's limit cannot be read: sm_86/sm_89, the smallest
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile configurations
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One tile shape: BLOCK_M sorted rows x BLOCK_N output columns, K in steps of BLOCK_K."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {v}")
+        if self.group_m < 1 or self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"bad config {self}: group_m >= 1, num_stages >= 1, num_warps a power of 2 <= 16")
+
+    def smem_bytes(self, weight_tiles: int = 1, elem_bytes: int = 2) -> int:
+        """Shared memory of the software pipeline: num_stages copies of the A tile and the weight tile(s).
+
+        An estimate (Triton may keep one stage fewer, or need a little more for the epilogue); it is
+        used to drop configs that cannot fit, and the autotuner skips any that still fail to compile.
+        """
+        per_stage = self.block_m * self.block_k + weight_tiles * self.block_n * self.block_k
+        return self.num_stages * per_stage * elem_bytes
+
+    def fit(self, smem_limit: int, weight_tiles: int = 1, elem_bytes: int = 2) -> TileConfig | None:
+        """This config with as many of its stages (>= 2) as fit in `smem_limit`, or None."""
+        for stages in range(self.num_stages, 1, -1):
+            cfg = replace(self, num_stages=stages)
+            if cfg.smem_bytes(weight_tiles, elem_bytes) <= smem_limit:
+                return cfg
+        return None
+
+    def as_triton(self) -> triton.Config:
+        return triton.Config(dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                                  GROUP_M=self.group_m), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @classmethod
+    def parse(cls, text: str) -> TileConfig:
+        """'64,128,64,8,4,3' -> TileConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3)."""
+        try:
+            values = [int(v) for v in text.replace(" ", "").split(",")]
+            if len(values) != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{CONFIG_ENV} must be six integers 'BM,BN,BK,GROUP_M,warps,stages' "
+                             f"(e.g. 64,128,64,8,4,3), got {text!r}") from None
+        return cls(*values)
+
+    def __str__(self) -> str:
+        return (f"BM{self.block_m}-BN{self.block_n}-BK{self.block_k}-G{self.group_m}"
+                f"-w{self.num_warps}-s{self.num_stages}")
+
+
+# v1..v3 run one fixed, untuned config: 72 KB of shared memory, so it fits every GPU we target.
+DEFAULT_CONFIG = TileConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3)
+# Under the interpreter the cost is per program and per K step, so one large tile is fastest.
+INTERPRETER_CONFIG = TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=2)
+INTERPRETER_DECODE_CONFIG = TileConfig(16, 128, 128, group_m=8, num_warps=4, num_stages=2)
+
+
+def get_autotune_configs(fused_gate_up: bool = False) -> list[TileConfig]:
+    """Candidate tiles for v4 and the fast path's non-decode shapes, before the shared-memory filter.
+
+    Shapes follow Triton's matmul tutorial list for bf16 on A100/H100 (the 128x256x64, 8-warp tile is
+    its H100 favourite), plus small-BLOCK_M tiles for few rows per expert. With fused gate/up, a tile
+    of BLOCK_N output columns loads and accumulates 2*BLOCK_N weight rows, so BLOCK_N is halved to
+    keep the same register and shared-memory footprint.
+    """
+    plain = [
+        TileConfig(128, 256, 64, 8, 8, 3),
+        TileConfig(128, 128, 64, 8, 8, 3),
+        TileConfig(128, 128, 32, 8, 4, 4),
+        TileConfig(64, 128, 64, 8, 4, 4),
+        TileConfig(64, 64, 64, 8, 4, 4),
+        TileConfig(32, 64, 128, 8, 4, 4),
+        TileConfig(16, 64, 128, 8, 4, 4),
+    ]
+    if not fused_gate_up:
+        return plain
+    return [replace(c, block_n=max(16, c.block_n // 2)) for c in plain]
+
+
+def get_decode_configs(N: int, est_row_blocks: int, num_sms: int, fused_gate_up: bool = False,
+                       smem_limit: int = DEFAULT_SMEM_BYTES, elem_bytes: int = 2) -> list[TileConfig]:
+    """Decode tiles: BLOCK_M = 16, and only the BLOCK_N that give at least one tile per SM.
+
+    With 1-16 rows per expert the work is streaming the touched experts' weights once; the tiles
+    split each expert's N columns, so est_row_blocks * ceil(N / BLOCK_N) tiles share that stream.
+    If even the narrowest tile leaves SMs idle, the narrowest is all that is kept.
+    """
+    cands = []
+    for bn in (32, 64, 128):
+        for bk in (128, 256):
+            cfg = TileConfig(16, bn, bk, 8, 4, 4).fit(smem_limit, 2 if fused_gate_up else 1, elem_bytes)
+            if cfg is not None:
+                cands.append(cfg)
+    busy = [c for c in cands if est_row_blocks * triton.cdiv(N, c.block_n) >= num_sms]
+    return busy or [c for c in cands if c.block_n == min(c.block_n for c in cands)]
+
+
+def pinned_config() -> TileConfig | None:
+    """The config named by MOE_TUT_TRITON_CONFIG, if set."""
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    return TileConfig.parse(text) if text else None
+
+
+def is_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """The fast path's shape rule: decode when T*k / E <= DECODE_MAX_ROWS_PER_EXPERT."""
+    return num_tokens * top_k <= DECODE_MAX_ROWS_PER_EXPERT * num_experts
+
+
+def max_row_blocks(rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the row blocks of a plan, known on the host: each non-empty expert adds at most
+    one partial block, and each block holds at least one row."""
+    return max(1, min(rows, triton.cdiv(rows, block_m) + min(num_experts, rows)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Device facts (cached: properties are read once per device, never a sync)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    return _max_shared_memory_per_block(index) or DEFAULT_SMEM_BYTES
+
+
+def num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; CPU_PERSISTENT_PROGRAMS on the CPU (the interpreter)."""
+    device = torch.device(device)
+    return _sm_count(_cuda_index(device)) if device.type == "cuda" else CPU_PERSISTENT_PROGRAMS
+
+
+def smem_limit(device: torch.device) -> int:
+    device = torch.device(device)
+    return _smem_limit(_cuda_index(device)) if device.type == "cuda" else DEFAULT_SMEM_BYTES
+
+
+def _fit_all(configs: list[TileConfig], device, weight_tiles: int, elem_bytes: int) -> list[TileConfig]:
+    limit = smem_limit(device)
+    fitted = [c.fit(limit, weight_tiles, elem_bytes) for c in configs]
+    kept = list(dict.fromkeys(c for c in fitted if c is not None))
+    if not kept:
+        raise RuntimeError(f"no tile config fits {limit // 1024} KB of shared memory per block")
+    return kept
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile index -> (row block, column block). GROUP_M row blocks form a group that is walked
+    column by column (Triton's matmul tutorial, "L2 cache optimizations"); GROUP_M = 1 is plain
+    row-major order, where every row block sweeps all of the weight's columns on its own."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    in_group = tile % tiles_per_group
+    return first_m + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def _expert_row_blocks(offsets_ptr, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per expert: first row, end row, number of BLOCK_M row blocks, and their inclusive cumsum."""
+    e = tl.arange(0, E_PAD)
+    valid = e < E
+    start = tl.load(offsets_ptr + e, mask=valid, other=0)
+    end = tl.load(offsets_ptr + e + 1, mask=valid, other=0)
+    blocks = tl.cdiv(end - start, BLOCK_M)
+    return e, start, end, blocks, tl.cumsum(blocks, 0)
+
+
+@triton.jit
+def _locate_row_block(pid_m, offsets_ptr, block_expert_ptr, block_row_start_ptr,
+                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                      MAP_FROM_OFFSETS: tl.constexpr):
+    """Row block -> (expert, first sorted row, end of the expert's rows)."""
+    if MAP_FROM_OFFSETS:
+        e, start, end, blocks, cum = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
+        # Block pid_m belongs to the expert whose cumulative block range covers it: the number of
+        # experts whose range ends at or before pid_m (empty experts end where the previous one does).
+        expert = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        mine = e == expert
+        first_block = tl.sum(tl.where(mine, cum - blocks, 0), 0)
+        row_start = tl.sum(tl.where(mine, start, 0), 0) + (pid_m - first_block) * BLOCK_M
+        row_end = tl.sum(tl.where(mine, end, 0), 0)
+    else:
+        # Only blocks below BlockMap.num_blocks are visited, so the expert is never the -1 filler.
+        expert = tl.load(block_expert_ptr + pid_m)
+        row_start = tl.load(block_row_start_ptr + pid_m)
+        row_end = tl.load(offsets_ptr + expert + 1)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _gemm_tile(tile, num_pid_m, num_pid_n,
+               a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
+               offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
+               stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+               E: tl.constexpr, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr,
+               SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr, MAP_FROM_OFFSETS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store."""
+    pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+    expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, block_expert_ptr,
+                                                   block_row_start_ptr, E, E_PAD, BLOCK_M,
+                                                   MAP_FROM_OFFSETS)
+    rows = row_start + tl.arange(0, BLOCK_M)  # sorted rows; the last block of an expert is partial
+    row_ok = rows < row_end
+    if GATHER_A:  # fused gather: A's row is the token's row of x, no permuted copy of x exists
+        a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
+    else:
+        a_rows = rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    # int64 offsets: one expert's weights are small, but E of them can pass 2**31 elements.
+    a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    # Weight rows are W's output columns: load a [BLOCK_K, BLOCK_N] slice of W[e]^T.
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+              + offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWIGLU:  # up rows F + n of the same columns n, in a second accumulator
+        up_ptrs = w_ptrs + N * stride_wn
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a_mask = row_ok[:, None]
+        w_mask = n_ok[None, :]
+        if not EVEN_K:
+            a_mask = a_mask & (offs_k[None, :] < K - k0)
+            w_mask = w_mask & (offs_k[:, None] < K - k0)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc)
+        if SWIGLU:
+            acc_up = tl.dot(a, tl.load(up_ptrs, mask=w_mask, other=0.0), acc_up)
+            up_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
+    if SCALE_ROWS:
+        acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if SCATTER_C:  # sorted row -> its token slot t*k + j
+        c_rows = tl.load(c_rows_ptr + rows, mask=row_ok, other=0)
+    else:
+        c_rows = rows
+    c_ptrs = c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
+                     offsets_ptr, block_expert_ptr, block_row_start_ptr, num_blocks_ptr,
+                     N, K, M_BUCKET,  # M_BUCKET: rows per expert (power of 2), an autotune key only
+                     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+                     E: tl.constexpr, E_PAD: tl.constexpr, GATHER_A: tl.constexpr,
+                     SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr,
+                     MAP_FROM_OFFSETS: tl.constexpr, PERSISTENT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # The number of row blocks is only known on the device (it depends on the routing).
+    if MAP_FROM_OFFSETS:
+        num_pid_m = tl.sum(_expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)[3], 0)
+    else:
+        num_pid_m = tl.load(num_blocks_ptr)
+    num_tiles = num_pid_m * num_pid_n
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm_tile(tile, num_pid_m, num_pid_n, a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
+                       row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
+                       stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+                       E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K)
+    else:
+        tile = tl.program_id(0)
+        if tile < num_tiles:  # the grid is a host-side upper bound; the rest exit at once
+            _gemm_tile(tile, num_pid_m, num_pid_n, a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
+                       row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
+                       stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+                       E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K)
+
+
+def _autotune_bench(fn, quantiles):
+    # Shorter than the autotuner's default (25 ms warm-up, 100 ms of reps per config): a preset sweep
+    # tunes dozens of (shape, config) pairs, and the ranking is stable at this length.
+    return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
+
+
+@functools.cache
+def _autotuned_kernel(configs: tuple[TileConfig, ...]):
+    """One autotuner per config list (they differ by GPU, fused gate/up and decode), all around the
+    same kernel. The key holds every flag, so each GEMM role keeps its own best config."""
+    return triton.autotune(
+        configs=[c.as_triton() for c in configs],
+        key=["N", "K", "M_BUCKET", "E", "GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C",
+             "MAP_FROM_OFFSETS", "PERSISTENT"],
+        do_bench=None if interpreting() else _autotune_bench,
+    )(_moe_gemm_kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# One grouped GEMM over a RoutingPlan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How tiles are ordered and handed to programs: what v1..v4 change."""
+
+    grouped: bool  # GROUP_M tile order (v2+); else row-major
+    persistent: bool  # one program per SM looping over tiles (v3+)
+    map_from_offsets: bool  # row blocks derived in the kernel from expert_offsets (v4+), else BlockMap
+    autotuned: bool  # tile shapes from the autotuner (v4+)
+
+
+SCHEDULES = {
+    1: Schedule(grouped=False, persistent=False, map_from_offsets=False, autotuned=False),
+    2: Schedule(grouped=True, persistent=False, map_from_offsets=False, autotuned=False),
+    3: Schedule(grouped=True, persistent=True, map_from_offsets=False, autotuned=False),
+    4: Schedule(grouped=True, persistent=True, map_from_offsets=True, autotuned=True),
+}
+
+
+def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Every intermediate buffer comes from here (uninitialised; the kernels write every element).
+    The tests replace it with a NaN-filled allocator to prove that."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch.Tensor, *,
+                 gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
+                 scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
+                 configs: list[TileConfig] | None = None) -> torch.Tensor:
+    """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
+
+    a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
+    w            [E, N, K], or [E, 2N, K] with swiglu (out = silu(a @ w[:N]^T) * (a @ w[N:]^T))
+    out          [T*k, N]: row r in sorted order, or at its token slot sorted_slots[r] with scatter_rows
+    scale_rows   multiplies row r by sorted_weights[r]
+    version      1..4: the Schedule (see SCHEDULES)
+    config       one tile config (no autotuning); default: DEFAULT_CONFIG for v1..v3, else the
+                 MOE_TUT_TRITON_CONFIG pin, else the autotuner over `configs`
+                 (get_autotune_configs filtered by shared memory when not given)
+    """
+    schedule = SCHEDULES[version]
+    E, n_w, K = w.shape
+    N = n_w // 2 if swiglu else n_w
+    rows = plan.num_rows
+    if swiglu and n_w % 2:
+        raise ValueError(f"swiglu needs w [E, 2N, K], got {tuple(w.shape)}")
+    if a.shape[1] != K or out.shape != (rows, N) or E != plan.num_experts:
+        raise ValueError(f"shapes do not fit: a {tuple(a.shape)}, w {tuple(w.shape)}, out {tuple(out.shape)}, "
+                         f"plan with E={plan.num_experts} and {rows} rows (swiglu={swiglu})")
+    if a.shape[0] != (plan.num_tokens if gather_rows else rows):
+        raise ValueError(f"a has {a.shape[0]} rows; expected {plan.num_tokens if gather_rows else rows}")
+    if rows == 0:
+        return out
+
+    if config is None and not schedule.autotuned:
+        config = INTERPRETER_CONFIG if interpreting() else DEFAULT_CONFIG
+    if config is None:
+        config = pinned_config()
+    if config is None and interpreting():
+        config = INTERPRETER_CONFIG
+    if config is not None and not schedule.grouped:
+        config = replace(config, group_m=1)
+    if config is None:
+        elem = w.element_size()
+        configs = _fit_all(configs or get_autotune_configs(fused_gate_up=swiglu), w.device,
+                           2 if swiglu else 1, elem)
+        if len(configs) == 1:
+            config = configs[0]
+
+    if schedule.map_from_offsets:
+        block_expert = block_row_start = num_blocks = plan.expert_offsets  # unused by the kernel
+    else:
+        block_map = plan.block_map(config.block_m)  # v1..v3 never autotune, so BLOCK_M is known
+        block_expert, block_row_start = block_map.block_expert, block_map.block_row_start
+        num_blocks = block_map.num_blocks
+    programs = num_sms(w.device)
+
+    def grid(meta):
+        tiles = max_row_blocks(rows, E, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, programs) if schedule.persistent else tiles,)
+
+    args = (a, w, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
+            plan.expert_offsets, block_expert, block_row_start, num_blocks,
+            N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))),
+            a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1))
+    flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
+                 SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
+                 PERSISTENT=schedule.persistent)
+    if config is not None:
+        _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                               BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                               num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        _autotuned_kernel(tuple(configs))[grid](*args, **flags)
+    return out
+
+
+def grouped_gemm_reference(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, *, gather_rows=False,
+                           swiglu=False, scale_rows=False, scatter_rows=False) -> torch.Tensor:
+    """What grouped_gemm computes, in plain PyTorch and float32 (returns float32)."""
+    rows = plan.num_rows
+    a_sorted = a[plan.sorted_token_ids.long()] if gather_rows else a
+    N = w.shape[1] // 2 if swiglu else w.shape[1]
+    out = torch.zeros(rows, N, dtype=torch.float32, device=a.device)
+    offsets = plan.expert_offsets.tolist()
+    for e in range(plan.num_experts):
+        r = slice(offsets[e], offsets[e + 1])
+        h = a_sorted[r].float() @ w[e].float().t()
+        out[r] = torch.nn.functional.silu(h[:, :N]) * h[:, N:] if swiglu else h
+    if scale_rows:
+        out = out * plan.sorted_weights[:, None]
+    if scatter_rows:
+        out = out[plan.slot_to_sorted.long()]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE forwards
+# --------------------------------------------------------------------------------------------------
+
+
+def _unfused_forward(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPlan, version: int,
+                     config: TileConfig | None) -> torch.Tensor:
+    """v1..v4: GEMM1 over all 2F columns, SwiGLU and the combine in PyTorch, GEMM2 in between."""
+    check_inputs(x, weights, plan)
+    T, H = x.shape
+    F = weights.ffn_size
+    h = grouped_gemm(x, weights.w13, plan, _alloc((plan.num_rows, 2 * F), x), gather_rows=True,
+                     version=version, config=config)
+    out_sorted = grouped_gemm(swiglu(h), weights.w2, plan, _alloc((plan.num_rows, H), x),
+                              version=version, config=config)
+    return combine(out_sorted, plan, x.dtype)
+
+
+@torch.no_grad()
+def moe_forward_v1(x, weights, plan, *, config: TileConfig | None = None) -> torch.Tensor:
+    """One launch per GEMM over every expert's tiles (BlockMap), row-major tile order, fused gather."""
+    return _unfused_forward(x, weights, plan, 1, config)
+
+
+@torch.no_grad()
+def moe_forward_v2(x, weights, plan, *, config: TileConfig | None = None) -> torch.Tensor:
+    """v1 + grouped (GROUP_M) tile order, so concurrent programs share weight tiles in L2."""
+    return _unfused_forward(x, weights, plan, 2, config)
+
+
+@torch.no_grad()
+def moe_forward_v3(x, weights, plan, *, config: TileConfig | None = None) -> torch.Tensor:
+    """v2 + persistent programs (one per SM) looping over a tile count read on the device."""
+    return _unfused_forward(x, weights, plan, 3, config)
+
+
+@torch.no_grad()
+def moe_forward_v4(x, weights, plan, *, config: TileConfig | None = None) -> torch.Tensor:
+    """v3 + autotuned tile shapes (row blocks derived in the kernel, since BLOCK_M is tuned)."""
+    return _unfused_forward(x, weights, plan, 4, config)
+
+
+def fast_path_configs(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPlan
+                      ) -> tuple[str, list[TileConfig], list[TileConfig]]:
+    """("decode" or "prefill", GEMM1 candidates, GEMM2 candidates) the fast path would autotune over
+    (on the GPU, without a pinned config)."""
+    E, H, F = weights.num_experts, weights.hidden_size, weights.ffn_size
+    elem = weights.w13.element_size()
+    if is_decode(plan.num_tokens, plan.top_k, E):
+        sms, limit = num_sms(x.device), smem_limit(x.device)
+        blocks = min(E, plan.num_rows)  # touched experts, one 16-row block each on average
+        return ("decode", get_decode_configs(F, blocks, sms, True, limit, elem),
+                get_decode_configs(H, blocks, sms, False, limit, elem))
+    return ("prefill", _fit_all(get_autotune_configs(True), x.device, 2, elem),
+            _fit_all(get_autotune_configs(False), x.device, 1, elem))
+
+
+@torch.no_grad()
+def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPlan, *,
+                       config: TileConfig | None = None) -> torch.Tensor:
+    """The fast path: v4's schedule, SwiGLU fused into GEMM1, routing weight and slot scatter fused
+    into GEMM2, decode configs for small T. `config` pins one tile config for both GEMMs."""
+    check_inputs(x, weights, plan)
+    T, H = x.shape
+    F, k, rows = weights.ffn_size, plan.top_k, plan.num_rows
+    configs1 = configs2 = None
+    if config is None and pinned_config() is None:
+        if interpreting():
+            config = INTERPRETER_DECODE_CONFIG if is_decode(T, k, weights.num_experts) else INTERPRETER_CONFIG
+        else:
+            _, configs1, configs2 = fast_path_configs(x, weights, plan)
+    inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
+                         version=4, config=config, configs=configs1)
+    # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
+    out = _alloc((rows, H), x)
+    grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
+                 config=config, configs=configs2)
+    if k == 1:
+        return out
+    # torch's sum over bf16 accumulates in float32 and rounds once; it is deterministic.
+    return out.view(T, k, H).sum(dim=1)
+
+
+VERSIONS = {
+    "v1": moe_forward_v1,
+    "v2": moe_forward_v2,
+    "v3": moe_forward_v3,
+    "v4": moe_forward_v4,
+    "fast": moe_forward_triton,
+}
+
+
+def fast_path_extra_bytes(T: int, top_k: int, H: int, F: int, elem_bytes: int = 2) -> int:
+    """Temporaries of moe_forward_triton: the SwiGLU output [T*k, F] and, for k > 1, the slot rows
+    [T*k, H] (y itself is the output, not extra)."""
+    rows = T * top_k
+    return rows * F * elem_bytes + (rows * H * elem_bytes if top_k > 1 else 0)
+
+
+def unfused_extra_bytes(T: int, top_k: int, H: int, F: int, elem_bytes: int = 2) -> int:
+    """Temporaries of v1..v4: h [T*k, 2F], its SwiGLU [T*k, F], GEMM2's rows [T*k, H], the combine."""
+    rows = T * top_k
+    return rows * (3 * F + H) * elem_bytes + rows * H * (elem_bytes + 8) + T * H * 4
+
+
+__all__ = ["TileConfig", "Schedule", "SCHEDULES", "VERSIONS", "CONFIG_ENV", "DECODE_MAX_ROWS_PER_EXPERT",
+           "DEFAULT_CONFIG", "INTERPRETER_CONFIG", "INTERPRETER_DECODE_CONFIG", "get_autotune_configs",
+           "get_decode_configs", "pinned_config", "is_decode", "max_row_blocks", "num_sms", "smem_limit",
+           "grouped_gemm", "grouped_gemm_reference", "moe_forward_v1", "moe_forward_v2", "moe_forward_v3",
+           "moe_forward_v4", "moe_forward_triton", "fast_path_configs", "fast_path_extra_bytes",
+           "unfused_extra_bytes"]
