@@ -79,6 +79,35 @@ from ..reference import swiglu
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
 
+def patch_interpreter_scalar_index() -> bool:
+    """Let the interpreter use runtime scalars as `range` bounds with NumPy >= 2.4.
+
+    The interpreter keeps a scalar as a 1-element 1-D array and converts it for `range` with
+    `int(array)`, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every loop with a runtime bound (the K loop, the persistent tile loop) fails
+    (seen with triton 3.6.0 + numpy 2.4.6). `.item()` accepts any 1-element array. GPU kernels are
+    untouched. It patches private interpreter API, like env.patch_interpreter_bf16_dot, and belongs
+    beside it: every kernel of the package with a runtime loop bound needs it.
+    """
+    if not interpreting():
+        return False
+    from triton.runtime import interpreter as interp
+
+    original = interp._patch_lang_tensor
+    if getattr(original, "_moe_tut_index", False):
+        return True
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor._moe_tut_index = True
+    interp._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+patch_interpreter_scalar_index()
+
 CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
 DECODE_MAX_ROWS_PER_EXPERT = 16  # at or below this many rows per expert (mean), use the decode configs
 CPU_PERSISTENT_PROGRAMS = 4  # "SMs" of the interpreter: small, so each program still loops over tiles
