@@ -33,6 +33,7 @@ def use_interpreter_if_no_gpu() -> bool:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if interpreting():
         patch_interpreter_bf16_dot()
+        patch_interpreter_scalar_index()
     return interpreting()
 
 
@@ -67,6 +68,32 @@ def patch_interpreter_bf16_dot() -> bool:
 
     create_dot._moe_tut_bf16 = True
     builder.create_dot = create_dot
+    return True
+
+
+def patch_interpreter_scalar_index() -> bool:
+    """Let the interpreter use runtime scalars as `range` bounds with NumPy >= 2.4.
+
+    The interpreter keeps a scalar as a 1-element 1-D array and converts it for `range` with
+    `int(array)`, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every loop with a runtime bound (the K loop, the persistent tile loop) fails
+    (seen with triton 3.6.0 + numpy 2.4.6). `.item()` accepts any 1-element array. GPU kernels are
+    untouched. Private interpreter API, like patch_interpreter_bf16_dot.
+    """
+    if not interpreting():
+        return False
+    from triton.runtime import interpreter as interp
+
+    original = interp._patch_lang_tensor
+    if getattr(original, "_moe_tut_index", False):
+        return True
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor._moe_tut_index = True
+    interp._patch_lang_tensor = patch_lang_tensor
     return True
 
 
@@ -107,7 +134,7 @@ def _triton_version() -> str | None:
         return None
 
 
-def _max_shared_memory_per_block(index: int) -> int | None:
+def max_shared_memory_per_block(index: int) -> int | None:
     """The opt-in shared-memory limit per block (what a Triton kernel can use), in bytes."""
     props = torch.cuda.get_device_properties(index)
     for attr in ("shared_memory_per_block_optin", "max_shared_memory_per_block_optin"):
@@ -137,7 +164,7 @@ def device_info(index: int | None = None) -> DeviceInfo:
     index = torch.cuda.current_device() if index is None else index
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
-    smem = _max_shared_memory_per_block(index)
+    smem = max_shared_memory_per_block(index)
     driver = _driver_version()
     return DeviceInfo(
         kind="cuda",

@@ -120,3 +120,11 @@ def test_mixed_devices_rejected():
     cfg, w, x, ids, tw, plan = setup_case(4, 64, 96, 2, 9, "uniform")
     with pytest.raises(ValueError, match="same device"):
         get_backend("naive")(x.cuda(), w, plan)
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + ["triton"])
+def test_zero_tokens(backend):
+    # T = 0 (an empty batch) returns an empty y instead of failing in the combine's reshape
+    cfg, w, x, ids, tw, plan = setup_case(4, 64, 96, 2, 1, "uniform")
+    empty = RoutingPlan.build(ids[:0], tw[:0], 4)
+    assert get_backend(backend)(x[:0], w, empty).shape == (0, 64)

@@ -34,8 +34,9 @@ def list_backends() -> list[str]:
 
 
 def default_backends() -> list[str]:
-    """Backends the benchmark runs when none are named: all but the float32 reference."""
-    return [n for n, b in _REGISTRY.items() if "reference" not in b.tags]
+    """Backends the benchmark runs when none are named: all but the float32 reference and the
+    numbered kernel versions (those are for side-by-side version plots)."""
+    return [n for n, b in _REGISTRY.items() if not {"reference", "triton-version"} & set(b.tags)]
 
 
 register(Backend("naive", naive_forward, "Python loop: one GEMM pair per expert",
@@ -49,3 +50,5 @@ register(Backend("reference", reference_forward, "float32 ground truth, one expe
 
 __all__ = ["Backend", "BackendUnavailable", "check_inputs", "combine", "register", "get_backend",
            "list_backends", "default_backends"]
+
+from . import triton_backend  # noqa: E402,F401  (registers "triton"; safe without triton installed)

@@ -49,7 +49,7 @@ def combine(out_sorted: torch.Tensor, plan: RoutingPlan, out_dtype: torch.dtype)
     The sum runs in float32; this is the [T, k, H] round trip the fused Triton kernel avoids.
     """
     T, k = plan.num_tokens, plan.top_k
-    per_slot = out_sorted[plan.slot_to_sorted.long()].view(T, k, -1).float()
+    per_slot = out_sorted[plan.slot_to_sorted.long()].view(T, k, out_sorted.shape[-1]).float()
     return (per_slot * plan.topk_weights.float()[:, :, None]).sum(dim=1).to(out_dtype)
 
 

@@ -16,12 +16,14 @@ over those rows,
     C[row] = A[row] @ W[e(row)]^T          A [rows or T, K], W [E, N (or 2N), K], C [rows, N]
 
 in output tiles of BLOCK_M sorted rows (all of one expert) x BLOCK_N columns, with a float32
-accumulator and a K loop of BLOCK_K. Grid: one program per tile (v1, v2), or one program per SM that
-loops over tiles (v3 onward). The tile -> (expert, rows) map never leaves the device: no host sync,
-so a forward can be captured in a CUDA graph. Constexpr flags switch on what a version adds:
-GATHER_A loads A's rows through sorted_token_ids (x is never permuted into a copy), SWIGLU keeps a
-gate and an up accumulator and writes silu(gate) * up, SCALE_ROWS multiplies each row by its routing
-weight, SCATTER_C stores each row at its token slot instead of its sorted position.
+accumulator and a K loop of BLOCK_K. Grid: one program per tile (v1, v2; a host-side upper bound
+on the tile count, the programs past the real count exit at once), or persistent programs, one to
+four per SM (persistent_programs_per_sm), that loop over the tiles (v3 onward). The
+tile -> (expert, rows) map never leaves the device: no host sync, so a forward can be captured in a
+CUDA graph. Constexpr flags switch on what a version adds: GATHER_A loads A's rows through
+sorted_token_ids (x is never permuted into a copy), SWIGLU keeps a gate and an up accumulator and
+writes silu(gate) * up, SCALE_ROWS multiplies each row by its routing weight, SCATTER_C stores each
+row at its token slot instead of its sorted position.
 
 Pipeline of intermediate tensors (rows = T*k):
 
@@ -36,8 +38,9 @@ Versions (each adds one idea; all stay callable so a notebook can plot what each
                         the BlockMap, tiles in row-major order, token gather fused into the A load.
     v2  moe_forward_v2  grouped tile order: GROUP_M row blocks walk the columns together, so programs
                         running at the same time read the same weight tiles from L2.
-    v3  moe_forward_v3  persistent: one program per SM loops over the tiles; the tile count is read
-                        on the device (BlockMap.num_blocks), so no program starts just to exit.
+    v3  moe_forward_v3  persistent: one program per SM (up to 4 for small tiles) loops over the
+                        tiles; the tile count is read on the device (BlockMap.num_blocks), so no
+                        program starts just to exit.
     v4  moe_forward_v4  autotuned tile shapes (get_autotune_configs); because BLOCK_M is tuned, the
                         kernel derives its row blocks from expert_offsets itself (a cumsum over E).
     fast moe_forward_triton  v4 plus the fusions: SwiGLU in GEMM1's epilogue (gate and up tiles of
@@ -47,9 +50,12 @@ Versions (each adds one idea; all stay callable so a notebook can plot what each
 
 Decode rule (fast path): when the mean number of rows per expert, T*k/E, is at most 16
 (DECODE_MAX_ROWS_PER_EXPERT), the forward only has to stream the weights of the experts it touches.
-It then uses BLOCK_M = 16 (the smallest tl.dot tile) and picks BLOCK_N small enough that the
-(row block, column block) tiles outnumber the SMs, so every SM streams its share of the weights
-(get_decode_configs). Larger T uses the general autotuned list.
+It then uses BLOCK_M = 16 (the smallest tl.dot tile) and splits N: only the BLOCK_N (32, 64, 128)
+for which the (row block, column block) tiles, about min(E, T*k) * ceil(N / BLOCK_N), are at least
+as many as the SMs are kept, so every SM streams its share of the weights; the autotuner picks among
+those and BLOCK_K 128 / 256 (get_decode_configs). K is not split: GEMM1's SwiGLU needs the full sum
+before its epilogue, and a split GEMM2 would need atomics or a second pass. Larger T uses the
+general autotuned list. A pinned config (MOE_TUT_TRITON_CONFIG) overrides the rule.
 
 Combine: each token's k rows come from k different experts, so they are written by different
 programs. We store them (already multiplied by their routing weight, rounded to x.dtype) at their
@@ -60,13 +66,15 @@ zeroed float32 y, a cast pass, and give run-to-run differences in the last bits.
 Sizes: any H, F and T work (loads and stores are masked); block sizes are powers of two >= 16 (what
 tl.arange and tl.dot need). Under Triton's CPU interpreter every version runs with one large config
 (the interpreter's cost grows with programs x K steps, not with FLOPs) and persistent grids use
-CPU_PERSISTENT_PROGRAMS programs. No block pointers or Hopper-only features are used.
+CPU_PERSISTENT_PROGRAMS programs; env.patch_interpreter_scalar_index fixes the interpreter's loops for
+NumPy >= 2.4. No block pointers or Hopper-only features are used.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -74,39 +82,10 @@ import triton
 import triton.language as tl
 
 from ..backends.base import check_inputs, combine
-from ..env import _max_shared_memory_per_block, interpreting
+from ..env import interpreting, max_shared_memory_per_block
 from ..reference import swiglu
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
-
-def patch_interpreter_scalar_index() -> bool:
-    """Let the interpreter use runtime scalars as `range` bounds with NumPy >= 2.4.
-
-    The interpreter keeps a scalar as a 1-element 1-D array and converts it for `range` with
-    `int(array)`, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
-    scalars"): every loop with a runtime bound (the K loop, the persistent tile loop) fails
-    (seen with triton 3.6.0 + numpy 2.4.6). `.item()` accepts any 1-element array. GPU kernels are
-    untouched. It patches private interpreter API, like env.patch_interpreter_bf16_dot, and belongs
-    beside it: every kernel of the package with a runtime loop bound needs it.
-    """
-    if not interpreting():
-        return False
-    from triton.runtime import interpreter as interp
-
-    original = interp._patch_lang_tensor
-    if getattr(original, "_moe_tut_index", False):
-        return True
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patch_lang_tensor._moe_tut_index = True
-    interp._patch_lang_tensor = patch_lang_tensor
-    return True
-
-
-patch_interpreter_scalar_index()
 
 CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
 DECODE_MAX_ROWS_PER_EXPERT = 16  # at or below this many rows per expert (mean), use the decode configs
@@ -186,8 +165,8 @@ INTERPRETER_DECODE_CONFIG = TileConfig(16, 128, 128, group_m=8, num_warps=4, num
 def get_autotune_configs(fused_gate_up: bool = False) -> list[TileConfig]:
     """Candidate tiles for v4 and the fast path's non-decode shapes, before the shared-memory filter.
 
-    Shapes follow Triton's matmul tutorial list for bf16 on A100/H100 (the 128x256x64, 8-warp tile is
-    its H100 favourite), plus small-BLOCK_M tiles for few rows per expert. With fused gate/up, a tile
+    Shapes drawn from the list in Triton's matmul tutorial (its first entry is the 128x256x64 tile
+    with 8 warps), plus small-BLOCK_M tiles for few rows per expert. With fused gate/up, a tile
     of BLOCK_N output columns loads and accumulates 2*BLOCK_N weight rows, so BLOCK_N is halved to
     keep the same register and shared-memory footprint.
     """
@@ -196,7 +175,6 @@ def get_autotune_configs(fused_gate_up: bool = False) -> list[TileConfig]:
         TileConfig(128, 128, 64, 8, 8, 3),
         TileConfig(128, 128, 32, 8, 4, 4),
         TileConfig(64, 128, 64, 8, 4, 4),
-        TileConfig(64, 64, 64, 8, 4, 4),
         TileConfig(32, 64, 128, 8, 4, 4),
         TileConfig(16, 64, 128, 8, 4, 4),
     ]
@@ -256,7 +234,7 @@ def _sm_count(index: int) -> int:
 
 @functools.cache
 def _smem_limit(index: int) -> int:
-    return _max_shared_memory_per_block(index) or DEFAULT_SMEM_BYTES
+    return max_shared_memory_per_block(index) or DEFAULT_SMEM_BYTES
 
 
 def num_sms(device: torch.device) -> int:
@@ -268,6 +246,18 @@ def num_sms(device: torch.device) -> int:
 def smem_limit(device: torch.device) -> int:
     device = torch.device(device)
     return _smem_limit(_cuda_index(device)) if device.type == "cuda" else DEFAULT_SMEM_BYTES
+
+
+def persistent_programs_per_sm(block_m: int, acc_cols: int) -> int:
+    """Persistent programs to launch per SM: one for big tiles, up to 4 for small ones.
+
+    A program's float32 accumulators take block_m * acc_cols registers. At 16384 (a 128 x 128 tile)
+    one program is all that fits: compiled for sm_90, that kernel uses 139 registers x 256 threads,
+    36K of the SM's 64K. Smaller tiles leave room for more programs per SM (the 16 x 32 decode tile:
+    72 registers x 128 threads), which hide each other's memory latency. Launching more programs
+    than fit costs little: the extra ones start as others finish, each with an equal share of tiles.
+    """
+    return max(1, min(4, 16384 // (block_m * acc_cols)))
 
 
 def _fit_all(configs: list[TileConfig], device, weight_tiles: int, elem_bytes: int) -> list[TileConfig]:
@@ -352,11 +342,11 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    # int64 offsets: one expert's weights are small, but E of them can pass 2**31 elements.
+    # int64 for the expert and row offsets: all experts' weights (deepseek-v3: 7.5e9 values) or a
+    # [T*k, H] buffer at large T pass 2**31 elements; offsets inside one expert's weights do not.
     a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     # Weight rows are W's output columns: load a [BLOCK_K, BLOCK_N] slice of W[e]^T.
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn)
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SWIGLU:  # up rows F + n of the same columns n, in a second accumulator
         up_ptrs = w_ptrs + N * stride_wn
@@ -400,7 +390,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # The number of row blocks is only known on the device (it depends on the routing).
     if MAP_FROM_OFFSETS:
-        num_pid_m = tl.sum(_expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)[3], 0)
+        _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
+        num_pid_m = tl.sum(blocks, 0)
     else:
         num_pid_m = tl.load(num_blocks_ptr)
     num_tiles = num_pid_m * num_pid_n
@@ -422,21 +413,47 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
 
 
 def _autotune_bench(fn, quantiles):
-    # Shorter than the autotuner's default (25 ms warm-up, 100 ms of reps per config): a preset sweep
-    # tunes dozens of (shape, config) pairs, and the ranking is stable at this length.
+    # Shorter than the autotuner's default (25 ms warm-up, 100 ms of reps per config), because a
+    # preset sweep tunes every (GEMM role, shape) key over every config: hundreds of measurements.
     return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
 
 
-@functools.cache
+def _interpreter_bench(fn, quantiles):
+    # do_bench needs a GPU driver; under the interpreter a host clock lets the autotuner code path
+    # run (in tests). The choice it makes means nothing for a GPU.
+    fn()
+    start = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C",
+                "MAP_FROM_OFFSETS", "PERSISTENT"]
+_TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
+
+
 def _autotuned_kernel(configs: tuple[TileConfig, ...]):
     """One autotuner per config list (they differ by GPU, fused gate/up and decode), all around the
     same kernel. The key holds every flag, so each GEMM role keeps its own best config."""
-    return triton.autotune(
-        configs=[c.as_triton() for c in configs],
-        key=["N", "K", "M_BUCKET", "E", "GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C",
-             "MAP_FROM_OFFSETS", "PERSISTENT"],
-        do_bench=None if interpreting() else _autotune_bench,
-    )(_moe_gemm_kernel)
+    if configs not in _TUNERS:
+        _TUNERS[configs] = triton.autotune(
+            configs=[c.as_triton() for c in configs], key=AUTOTUNE_KEY,
+            do_bench=_interpreter_bench if interpreting() else _autotune_bench,
+        )(_moe_gemm_kernel)
+    return _TUNERS[configs]
+
+
+def autotune_report() -> list[str]:
+    """One line per tuned (GEMM role, shape): the key and the config the autotuner chose."""
+    lines = []
+    for tuner in _TUNERS.values():
+        for key, cfg in tuner.cache.items():
+            named = " ".join(f"{k}={v}" for k, v in zip(AUTOTUNE_KEY, key, strict=False))
+            kw = cfg.kwargs
+            lines.append(f"{named} -> BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}-BK{kw['BLOCK_K']}-G{kw['GROUP_M']}"
+                         f"-w{cfg.num_warps}-s{cfg.num_stages}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,7 +518,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         config = INTERPRETER_CONFIG if interpreting() else DEFAULT_CONFIG
     if config is None:
         config = pinned_config()
-    if config is None and interpreting():
+    if config is None and configs is None and interpreting():
         config = INTERPRETER_CONFIG
     if config is not None and not schedule.grouped:
         config = replace(config, group_m=1)
@@ -518,11 +535,15 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         block_map = plan.block_map(config.block_m)  # v1..v3 never autotune, so BLOCK_M is known
         block_expert, block_row_start = block_map.block_expert, block_map.block_row_start
         num_blocks = block_map.num_blocks
-    programs = num_sms(w.device)
+    sms, on_gpu = num_sms(w.device), w.device.type == "cuda"
 
     def grid(meta):
-        tiles = max_row_blocks(rows, E, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, programs) if schedule.persistent else tiles,)
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn)
+        if not schedule.persistent:
+            return (tiles,)
+        per_sm = persistent_programs_per_sm(bm, bn * (2 if swiglu else 1)) if on_gpu else 1
+        return (min(tiles, sms * per_sm),)
 
     args = (a, w, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
             plan.expert_offsets, block_expert, block_row_start, num_blocks,
@@ -570,6 +591,8 @@ def _unfused_forward(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPlan,
     check_inputs(x, weights, plan)
     T, H = x.shape
     F = weights.ffn_size
+    if T == 0:  # nothing routed (e.g. an expert-parallel rank with no tokens)
+        return x.new_zeros(0, H)
     h = grouped_gemm(x, weights.w13, plan, _alloc((plan.num_rows, 2 * F), x), gather_rows=True,
                      version=version, config=config)
     out_sorted = grouped_gemm(swiglu(h), weights.w2, plan, _alloc((plan.num_rows, H), x),
@@ -624,6 +647,8 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
     check_inputs(x, weights, plan)
     T, H = x.shape
     F, k, rows = weights.ffn_size, plan.top_k, plan.num_rows
+    if T == 0:
+        return x.new_zeros(0, H)
     configs1 = configs2 = None
     if config is None and pinned_config() is None:
         if interpreting():
@@ -663,10 +688,3 @@ def unfused_extra_bytes(T: int, top_k: int, H: int, F: int, elem_bytes: int = 2)
     rows = T * top_k
     return rows * (3 * F + H) * elem_bytes + rows * H * (elem_bytes + 8) + T * H * 4
 
-
-__all__ = ["TileConfig", "Schedule", "SCHEDULES", "VERSIONS", "CONFIG_ENV", "DECODE_MAX_ROWS_PER_EXPERT",
-           "DEFAULT_CONFIG", "INTERPRETER_CONFIG", "INTERPRETER_DECODE_CONFIG", "get_autotune_configs",
-           "get_decode_configs", "pinned_config", "is_decode", "max_row_blocks", "num_sms", "smem_limit",
-           "grouped_gemm", "grouped_gemm_reference", "moe_forward_v1", "moe_forward_v2", "moe_forward_v3",
-           "moe_forward_v4", "moe_forward_triton", "fast_path_configs", "fast_path_extra_bytes",
-           "unfused_extra_bytes"]

@@ -1,0 +1,327 @@
+"""Triton grouped GEMM (moe_tut.kernels.grouped_gemm): v1..v4 and the fast path against the float32
+reference, on random and awkward shapes. Runs on the CPU under Triton's interpreter (`import moe_tut`
+turns it on), with shapes kept tiny because the interpreter costs ~1 ms per program per K step;
+`@pytest.mark.gpu` tests run real sizes where there is a GPU.
+"""
+
+import pytest
+import torch
+
+import moe_tut  # noqa: F401  (interpreter + its bf16 dot fix, before the kernels are defined)
+from moe_tut.backends import get_backend
+from moe_tut.env import interpreting
+from moe_tut.kernels import grouped_gemm as gg
+from moe_tut.presets import custom, get_preset
+from moe_tut.reference import moe_reference, relative_error
+from moe_tut.routing import RoutingPlan, simulate_routing
+from moe_tut.weights import ExpertWeights
+
+# bf16: the interpreter's float32 -> bf16 cast truncates, which about doubles the error (~1e-2 worst
+# seen here); float32 on the interpreter is exact float32, on a GPU tl.dot uses TF32.
+TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4 if interpreting() else 1e-2}
+VERSIONS = list(gg.VERSIONS)  # v1, v2, v3, v4, fast
+# Small tiles, so tiny shapes still have several row blocks, column blocks and K steps, partial
+# groups of GROUP_M, and persistent programs that loop over more than one tile.
+SMALL = gg.TileConfig(16, 32, 32, group_m=2, num_warps=4, num_stages=2)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (id, E, H, F, top_k, T, routing): routing is a skew name or a function T -> topk_ids [T, k]
+CASES = [
+    ("T1", 4, 64, 96, 2, 1, "uniform"),  # one decode token: 2 rows, most experts empty
+    ("T-lt-BM", 4, 48, 80, 2, 5, "uniform"),  # 10 rows < BLOCK_M: every block is partial
+    ("empty-experts", 8, 64, 64, 1, 3, "uniform"),  # 3 rows over 8 experts
+    ("all-include-0", 4, 64, 96, 2, 20,  # every token's first choice is expert 0, the second varies
+     lambda T: torch.stack([torch.zeros(T, dtype=torch.long), 1 + torch.arange(T) % 3], 1)),
+    ("all-to-one-top1", 5, 64, 64, 1, 37, "all_to_one"),  # top-1, all 37 rows on expert 0: 3 blocks
+    ("prime-E7-zipf", 7, 64, 96, 3, 19, "zipf"),  # prime E, skewed load
+    ("H40-F72", 5, 40, 72, 2, 11, "uniform"),  # multiples of 8, not of 16 or of any block: partial K, N
+    ("H33-F47-unaligned", 3, 33, 47, 2, 9, "uniform"),  # not multiples of 8: rows not 16-byte aligned
+    ("topk-eq-E", 4, 64, 96, 4, 9, "uniform"),  # every token to every expert
+    ("prefill-rows", 4, 64, 96, 2, 40, "hot"),  # 20 rows per expert: the fast path's non-decode rule
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def make_case(E, H, F, k, T, routing, dtype=torch.bfloat16, seed=0):
+    w = ExpertWeights.random(custom(E, H, F, k), device=DEVICE, dtype=dtype, seed=seed)
+    if callable(routing):
+        ids = routing(T)
+        tw = torch.softmax(torch.randn(T, k, generator=torch.Generator().manual_seed(seed)), dim=1)
+        ids, tw = ids.to(DEVICE), tw.to(DEVICE)
+    else:
+        ids, tw = simulate_routing(T, E, k, routing, seed=seed, device=DEVICE)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    return x, w, ids, tw, RoutingPlan.build(ids, tw, E)
+
+
+def check(fn, x, w, ids, tw, plan, **kw):
+    y = fn(x, w, plan, **kw)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    err = relative_error(y, moe_reference(x, w, ids, tw))
+    assert err < TOL[x.dtype], f"relative error {err:.3g}"
+    return y
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_versions_match_reference(version, case):
+    x, w, ids, tw, plan = make_case(*case[1:])
+    check(gg.VERSIONS[version], x, w, ids, tw, plan, config=SMALL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fast_path_default_configs(case):
+    # config=None: the decode/prefill rule picks the tiles (one large tile under the interpreter)
+    x, w, ids, tw, plan = make_case(*case[1:])
+    check(gg.moe_forward_triton, x, w, ids, tw, plan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("version", ["v1", "fast"])
+def test_other_dtypes(version, dtype):
+    # nothing in the kernels is bf16-specific: float32 accumulators, stores cast to the output dtype
+    x, w, ids, tw, plan = make_case(5, 40, 72, 2, 11, "uniform", dtype=dtype)
+    check(gg.VERSIONS[version], x, w, ids, tw, plan, config=SMALL)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_output_element_is_written(version, monkeypatch):
+    # Buffers are torch.empty; fill them with NaN instead, so any element the kernels skip shows up
+    # in y (partial blocks, empty experts, the k = 1 case where GEMM2 writes y directly).
+    def nan_alloc(shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(gg, "_alloc", nan_alloc)
+    for case in (CASES[2], CASES[6]):  # empty experts with top-1; odd H, F with top-2
+        x, w, ids, tw, plan = make_case(*case[1:])
+        y = check(gg.VERSIONS[version], x, w, ids, tw, plan, config=SMALL)
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_zero_tokens(version):
+    # T = 0: nothing to launch, an empty y
+    E, H, F, k = 3, 32, 48, 2
+    w = ExpertWeights.random(custom(E, H, F, k), device=DEVICE)
+    ids = torch.empty(0, k, dtype=torch.long, device=DEVICE)
+    plan = RoutingPlan.build(ids, torch.empty(0, k, device=DEVICE), E)
+    y = gg.VERSIONS[version](torch.empty(0, H, dtype=torch.bfloat16, device=DEVICE), w, plan)
+    assert y.shape == (0, H)
+
+
+# ---- the grouped GEMM on its own, flag by flag ----------------------------------------------------
+
+FLAGS = [  # (id, gather_rows, swiglu, scale_rows, scatter_rows)
+    ("plain", False, False, False, False),
+    ("gather", True, False, False, False),
+    ("gather-swiglu", True, True, False, False),
+    ("scale-scatter", False, False, True, True),
+    ("all", True, True, True, True),
+]
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("flags", FLAGS, ids=[f[0] for f in FLAGS])
+def test_grouped_gemm_matches_its_reference(version, flags):
+    _, gather, swiglu, scale, scatter = flags
+    E, K, N, T, k = 5, 40, 24, 13, 2  # N < BLOCK_N and K not a multiple of BLOCK_K; prime E
+    gen = torch.Generator().manual_seed(3)
+    ids, tw = simulate_routing(T, E, k, "zipf", seed=3, device=DEVICE)
+    plan = RoutingPlan.build(ids, tw, E)
+    rows = plan.num_rows
+    a = torch.randn(T if gather else rows, K, generator=gen).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(E, 2 * N if swiglu else N, K, generator=gen) / K ** 0.5).to(DEVICE, torch.bfloat16)
+    out = torch.full((rows, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    kw = dict(gather_rows=gather, swiglu=swiglu, scale_rows=scale, scatter_rows=scatter)
+    gg.grouped_gemm(a, w, plan, out, version=version, config=SMALL, **kw)
+    ref = gg.grouped_gemm_reference(a, w, plan, **kw)
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_autotuner_path_runs_and_keys_exist():
+    # Under the interpreter the autotuner times configs with a host clock; on a GPU with do_bench.
+    # Keys that are not kernel arguments are silently ignored by triton, so check the names too.
+    configs = [SMALL, gg.TileConfig(32, 32, 64, group_m=4, num_warps=4, num_stages=2)]
+    tuner = gg._autotuned_kernel(tuple(configs))
+    assert set(tuner.keys) <= set(tuner.arg_names)
+    x, w, ids, tw, plan = make_case(*CASES[5][1:])
+    out = torch.empty(plan.num_rows, w.ffn_size, dtype=x.dtype, device=DEVICE)
+    gg.grouped_gemm(x, w.w13, plan, out, gather_rows=True, swiglu=True, version=4, configs=configs)
+    ref = gg.grouped_gemm_reference(x, w.w13, plan, gather_rows=True, swiglu=True)
+    assert relative_error(out, ref) < 1e-2
+    assert tuner.best_config.kwargs["BLOCK_M"] in (16, 32)
+
+
+def test_pinned_config_from_environment(monkeypatch):
+    monkeypatch.setenv(gg.CONFIG_ENV, "16,32,32,2,4,2")
+    assert gg.pinned_config() == SMALL
+    x, w, ids, tw, plan = make_case(*CASES[1][1:])
+    check(gg.moe_forward_triton, x, w, ids, tw, plan)
+    monkeypatch.setenv(gg.CONFIG_ENV, "64,128")
+    with pytest.raises(ValueError, match="six integers"):
+        gg.moe_forward_triton(x, w, plan)
+    monkeypatch.setenv(gg.CONFIG_ENV, "64,100,64,8,4,3")
+    with pytest.raises(ValueError, match="power of two"):
+        gg.pinned_config()
+
+
+# ---- GPU compilation, checked on any machine ------------------------------------------------------
+
+# Compiles the kernel for NVIDIA targets without a GPU (triton ships ptxas), in a subprocess with
+# the interpreter off. It catches what the interpreter cannot: constructs that fail to lower, and a
+# K loop that is not software-pipelined (its shared memory would be one stage, not num_stages).
+AOT_SCRIPT = r"""
+import json, sys
+from triton import compile as triton_compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moe_tut.kernels import grouped_gemm as gg
+
+fn = gg._moe_gemm_kernel.fn
+roles = {  # GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS, PERSISTENT
+    "v1-gemm1": (1, 0, 0, 0, 0, 0), "v3-gemm2": (0, 0, 0, 0, 0, 1),
+    "fast-gemm1": (1, 1, 0, 0, 1, 1), "fast-gemm2": (0, 0, 1, 1, 1, 1),
+}
+names = ("GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C", "MAP_FROM_OFFSETS", "PERSISTENT")
+out = []
+for cc in (80, 90):
+    for role, flags in roles.items():
+        cfg = gg.TileConfig(16, 32, 128, 8, 4, 3) if role.startswith("fast") else gg.DEFAULT_CONFIG
+        sig, const = {}, dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+        for n in fn.arg_names:
+            if n in ("a_ptr", "w_ptr", "c_ptr"):
+                sig[n] = "*bf16"
+            elif n == "row_scale_ptr":
+                sig[n] = "*fp32"
+            elif n.endswith("_ptr"):
+                sig[n] = "*i32"
+            elif n in ("stride_ak", "stride_wk", "stride_cn"):  # unit strides, as the JIT specialises them
+                sig[n], const[n] = "constexpr", 1
+            elif n in const:
+                sig[n] = "constexpr"
+            else:
+                sig[n] = "i32"
+        aligned = ("a_ptr", "w_ptr", "c_ptr", "stride_am", "stride_we", "stride_wn", "stride_cm", "N", "K")
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        kernel = triton_compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
+                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        per_stage = (cfg.block_m + (2 if flags[1] else 1) * cfg.block_n) * cfg.block_k * 2
+        out.append(dict(cc=cc, role=role, shared=kernel.metadata.shared, per_stage=per_stage,
+                        estimate=cfg.smem_bytes(2 if flags[1] else 1)))
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm80_and_sm90_with_a_pipelined_k_loop():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 8
+    for r in results:
+        # at least double-buffered (pipelined), and never more than the estimate the filter uses
+        assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
+
+
+# ---- host-side rules (no kernel runs) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skew", ["uniform", "zipf", "hot", "all_to_one"])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_max_row_blocks_bounds_the_block_map(skew, block_m):
+    # the host-side grid bound must cover every row block the device finds, for any routing
+    for T, E, k in [(1, 8, 2), (7, 16, 1), (100, 5, 3), (33, 4, 4)]:
+        ids, tw = simulate_routing(T, E, k, skew, seed=T)
+        plan = RoutingPlan.build(ids, tw, E)
+        assert int(plan.block_map(block_m).num_blocks) <= gg.max_row_blocks(T * k, E, block_m)
+
+
+def test_decode_rule():
+    assert gg.is_decode(1, 2, 8) and gg.is_decode(64, 2, 8) and not gg.is_decode(65, 2, 8)
+    assert gg.is_decode(128, 8, 256) and not gg.is_decode(1024, 8, 256)  # deepseek-v3
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gate-up"])
+def test_decode_configs_fill_the_sms(fused):
+    # mixtral at T = 1: 2 experts touched; 132 SMs (H100), 99 KB of shared memory (RTX 4090)
+    for N in (4096, 14336):
+        cfgs = gg.get_decode_configs(N, est_row_blocks=2, num_sms=132, fused_gate_up=fused,
+                                     smem_limit=99 * 1024)
+        assert cfgs and all(c.block_m == 16 for c in cfgs)
+        assert all(c.smem_bytes(2 if fused else 1) <= 99 * 1024 for c in cfgs)
+        assert all(2 * -(-N // c.block_n) >= 132 for c in cfgs)
+    # too few columns to fill the GPU: only the narrowest tiles are kept
+    assert {c.block_n for c in gg.get_decode_configs(64, 1, 132, fused)} == {32}
+
+
+@pytest.mark.parametrize("limit_kb", [99, 163, 227])  # sm_86/89, sm_80, sm_90
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gate-up"])
+def test_autotune_configs_fit_shared_memory(limit_kb, fused):
+    nb = 2 if fused else 1
+    fitted = [c.fit(limit_kb * 1024, nb) for c in gg.get_autotune_configs(fused)]
+    kept = [c for c in fitted if c is not None]
+    assert len(kept) >= 4
+    assert all(c.smem_bytes(nb) <= limit_kb * 1024 and c.num_stages >= 2 for c in kept)
+
+
+def test_triton_backend_is_registered():
+    b = get_backend("triton")
+    cfg = get_preset("debug")
+    assert b.graph_safe and b.unavailable(cfg, DEVICE) is None
+    assert b.extra_bytes(cfg, 16, None) == 16 * 2 * (cfg.F + cfg.H) * 2
+    x, w, ids, tw, plan = make_case(*CASES[0][1:])
+    check(b, x, w, ids, tw, plan)
+
+
+# ---- GPU: real sizes --------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("T", [1, 16, 1000])
+def test_gpu_mid_size(version, T):
+    x, w, ids, tw, plan = make_case(8, 1024, 2048, 2, T, "zipf")
+    check(gg.VERSIONS[version], x, w, ids, tw, plan)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_gpu_mixtral_decode(T):
+    cfg = get_preset("mixtral")
+    w = ExpertWeights.random(cfg, device="cuda")
+    ids, tw = simulate_routing(T, cfg.E, cfg.top_k, "uniform", device="cuda")
+    x = torch.randn(T, cfg.H, device="cuda").bfloat16()
+    plan = RoutingPlan.build(ids, tw, cfg.E)
+    for version in ("v3", "fast"):
+        check(gg.VERSIONS[version], x, w, ids, tw, plan)
+
+
+@gpu
+@needs_cuda
+def test_gpu_fast_path_replays_in_a_cuda_graph():
+    # graph_safe: no host sync, so capture works and replays match a fresh call
+    x, w, ids, tw, plan = make_case(8, 1024, 2048, 2, 16, "uniform")
+    y = gg.moe_forward_triton(x, w, plan)  # compile and autotune outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gg.moe_forward_triton(x, w, plan)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = gg.moe_forward_triton(x, w, plan)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_graph, y)
