@@ -1,0 +1,610 @@
+"""Triton W4A16 MoE forward: the fused grouped GEMM of grouped_gemm.py with INT4 weights.
+
+What it computes: the same MoE forward as moe_forward_triton (DESIGN.md),
+
+    y[t] += g * W2[e] @ (silu(W1[e] @ x[t]) * (W3[e] @ x[t]))
+
+with each weight value taken as the bf16 number quant.dequantize gives for it, but read from the
+4-bit format of moe_tut/quant.py (Int4ExpertWeights) and dequantised in registers inside the K loop:
+no dequantised copy of any weight ever exists in memory, so a forward reads ~0.52 byte per weight
+value (group 128, symmetric) instead of 2.
+
+    x        [T, H]            bf16 (or fp16: weights dequantise to the activation dtype)
+    w13      QuantizedTensor of [E, 2F, H]: packed [E, 2F, H/2] uint8, scales/zeros [E, H/G, 2F] bf16
+    w2       QuantizedTensor of [E, H, F]:  packed [E, H, F/2]  uint8, scales/zeros [E, F/G, H]  bf16
+    y        [T, H]            in x.dtype
+    one byte packed[e, n, j] = code of k = 2j (low nibble) | code of k = 2j+1 (high nibble) << 4
+    w[e, n, k] = bf16(c * s + z) in float32, z = -8 s (symmetric) or the stored zero (asymmetric)
+
+Pipeline (as the bf16 fast path, rows = T*k):
+
+    x --GEMM1: gather rows, INT4 w13, SwiGLU epilogue--> act [rows, F] (sorted order)
+      --GEMM2: INT4 w2, * routing weight, scatter to slot t*k+j--> out [T, k, H]
+      --sum over k (float32 accumulation)--> y.   For top_k = 1, GEMM2 writes y directly.
+
+Grid: persistent programs (up to four per SM, grouped_gemm.persistent_programs_per_sm) loop over
+the output tiles of all experts. A tile is BLOCK_M sorted rows of one expert x BLOCK_N output
+columns; the tile -> (expert, rows) map is derived on the device from expert_offsets with
+grouped_gemm's helpers (_tile_coords, _locate_row_block), so there is no host sync and a forward
+can be captured in a CUDA graph.
+
+One K step of a tile (BLOCK_K values of K):
+
+    bytes [BLOCK_N, BLOCK_K/2] uint8   loaded along K, the packed tensor's contiguous dim: each
+                                       column's BLOCK_K/2 bytes are one run (64 B at BLOCK_K = 128)
+    c = interleave(bytes & 0xF, bytes >> 4)      [BLOCK_N, BLOCK_K] codes, k = 2j low, 2j+1 high
+    w = (c * s + z).to(bf16)                      float32 fma, one rounding: quant.dequantize's bits
+    acc[BLOCK_N, BLOCK_M] += w @ x_tile^T         tensor cores (tl.dot), float32 accumulator
+
+Why this unpack idiom: tl.interleave (join + reshape along the last dim) puts the low nibble of
+byte j at k = 2j and the high one at 2j+1, exactly the packing order, and because K is the last dim
+of both the loaded bytes and the weight tile no permute is needed (loading [BLOCK_K/2, BLOCK_N]
+instead would need join -> permute -> reshape). The arithmetic is float32 because quant.py defines
+the value as c * s + z computed in float32 and rounded once; c * s is exact there (4-bit integer
+times an 8-bit mantissa), so the result is bit-identical to dequantize (on a GPU; Triton's
+interpreter truncates float32 -> bf16, ~1 ulp on half the values). Multiplying in bf16 would round
+twice for asymmetric weights.
+
+Why the weights are the dot's LEFT operand (acc is [BLOCK_N, BLOCK_M], i.e. out^T = W x^T): the
+dequantised tile lives in registers, and Hopper's wgmma reads its left operand from registers but its
+right one only from shared memory, so W on the left skips a register -> shared -> register round
+trip. It also fits decode: the few token rows become the MMA's N dimension (8..256 allowed), not its
+M (64 per warpgroup), so a 16-row tile wastes nothing.
+
+Groups: scales hold one row per G values of K. When BLOCK_K divides G, a K step needs one scale row
+(BLOCK_N contiguous bf16); when G divides BLOCK_K (G a power of two), the tile is viewed as
+[BLOCK_N, BLOCK_K/G, G] and gets BLOCK_K/G scale rows. Any other pair is refused on the host, so the
+group size must be a power of two or a multiple of 16 (tl.dot's smallest BLOCK_K).
+
+Regimes, chosen by shape with the bf16 kernel's rule (grouped_gemm.is_decode: T*k/E <= 16 rows per
+expert on average):
+
+    prefill  many rows per expert, compute-bound: the autotuner picks among large tiles
+             (get_prefill_configs); the dequant cost per weight value is shared by BLOCK_M rows.
+    decode   1-16 rows per expert, memory-bound: the forward is a stream of the touched experts'
+             packed weights. BLOCK_M = 16 and N is split: only BLOCK_N (32/64/128) that give at
+             least one tile per SM are kept, so every SM streams its share (get_decode_configs).
+             K is not split: on the target shapes (mixtral, deepseek-v3, qwen3, glm5) N alone gives
+             hundreds to thousands of tiles at T = 1, GEMM1's SwiGLU needs the full sum before its
+             epilogue, and a split GEMM2 would need float32 atomics or a second pass.
+
+A pinned config (argument `config`, or MOE_TUT_TRITON_INT4_CONFIG="BM,BN,BK,GROUP_M,warps,stages")
+overrides both; `path="decode"/"prefill"` forces a regime (tests use it). Under Triton's CPU
+interpreter each regime runs one large config (cost there grows with programs x K steps).
+
+The plain-PyTorch reference is int4_moe_reference below: the float32 reference forward on the
+dequantised weights, one expert at a time (so glm5-size weights never exist dequantised at once).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import check_inputs
+from ..env import interpreting
+from ..quant import QuantizedTensor, dequantize
+from ..reference import expert_ffn_fp32
+from ..routing import RoutingPlan
+from ..weights import ExpertWeights
+from .grouped_gemm import (
+    TileConfig,
+    _alloc,
+    _autotune_bench,
+    _expert_row_blocks,
+    _interpreter_bench,
+    _locate_row_block,
+    _tile_coords,
+    is_decode,
+    max_row_blocks,
+    num_sms,
+    persistent_programs_per_sm,
+    smem_limit,
+)
+
+CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)  # tl.dot operands; fp32 would run as TF32 on a GPU
+# Under the interpreter: one large tile per regime (64 x 128 x 128 is the notes' measured sweet spot).
+INTERPRETER_CONFIG = TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=2)
+INTERPRETER_DECODE_CONFIG = TileConfig(16, 128, 128, group_m=8, num_warps=4, num_stages=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile configurations
+# --------------------------------------------------------------------------------------------------
+
+
+def block_k_fits_group(block_k: int, group_size: int) -> bool:
+    """The kernel handles a K step that lies inside one group, or that covers whole groups."""
+    return group_size % block_k == 0 or block_k % group_size == 0
+
+
+def check_group_size(group_size: int, name: str = "weights") -> None:
+    """Clear error for a group size no power-of-two BLOCK_K >= 16 can work with."""
+    if not (group_size % 16 == 0 or (group_size & (group_size - 1)) == 0):
+        raise ValueError(f"{name}: group size {group_size} is not supported by the Triton INT4 kernel: a K step "
+                         "(BLOCK_K, a power of two >= 16) must lie inside one group or cover whole groups, so "
+                         "the group size must be a power of two or a multiple of 16 (quantise with e.g. 32, 64, "
+                         "128)")
+
+
+def adapt_to_group(cfg: TileConfig, group_size: int) -> TileConfig:
+    """cfg with BLOCK_K lowered, if needed, to the largest power of two (>= 16) dividing the group."""
+    if block_k_fits_group(cfg.block_k, group_size):
+        return cfg
+    bk = group_size & -group_size  # largest power of two dividing G; >= 16 when check_group_size passed
+    return replace(cfg, block_k=min(cfg.block_k, bk))
+
+
+def smem_bytes(cfg: TileConfig, weight_tiles: int, group_size: int, has_zeros: bool, elem_bytes: int = 2) -> int:
+    """Shared memory estimate: num_stages copies of the activation tile (elem_bytes per value) and of
+    the packed weight tile(s) (half a byte per value), plus one dequantised tile's worth (BLOCK_N x
+    BLOCK_K x elem_bytes) for the layout-conversion scratch Triton adds (measured on sm_80 and sm_90
+    for every candidate: 2-20 KB, always below that allowance). Scales and zeros are loaded into
+    registers one step ahead, not staged in shared memory, so group_size and has_zeros do not count;
+    they stay in the signature so callers need not know that."""
+    per_stage = cfg.block_m * cfg.block_k * elem_bytes + weight_tiles * cfg.block_n * cfg.block_k // 2
+    return cfg.num_stages * per_stage + cfg.block_n * cfg.block_k * elem_bytes
+
+
+def fit(cfg: TileConfig, limit: int, weight_tiles: int, group_size: int, has_zeros: bool) -> TileConfig | None:
+    """cfg with as many of its stages (>= 2) as fit in `limit` bytes of shared memory, or None."""
+    for stages in range(cfg.num_stages, 1, -1):
+        c = replace(cfg, num_stages=stages)
+        if smem_bytes(c, weight_tiles, group_size, has_zeros) <= limit:
+            return c
+    return None
+
+
+# Candidate tiles, picked with ptxas -v on sm_90 (group 128): none of them spills registers. The
+# dequantised tile is float32 in registers before its bf16 rounding, so BLOCK_N x BLOCK_K / threads
+# bounds the register use; wider tiles get 8 warps. (16, 64, 256) with 4 warps, (16, 128, 256) and
+# (128, 256, 64) were dropped: they spill in GEMM1, which dequantises a gate and an up tile per step.
+PREFILL_CONFIGS = (  # GEMM2 (one weight tile per step)
+    TileConfig(128, 128, 64, 8, 8, 3),
+    TileConfig(128, 128, 128, 8, 8, 3),
+    TileConfig(64, 128, 128, 8, 8, 3),
+    TileConfig(128, 64, 64, 8, 8, 3),
+    TileConfig(64, 64, 128, 8, 4, 4),
+)
+PREFILL_CONFIGS_FUSED = (  # GEMM1 (gate and up tiles per step): half the BLOCK_N of GEMM2's
+    TileConfig(128, 64, 64, 8, 8, 3),
+    TileConfig(128, 64, 128, 8, 8, 3),
+    TileConfig(64, 64, 128, 8, 8, 3),
+    TileConfig(128, 64, 64, 8, 4, 3),
+)
+DECODE_CONFIGS = (  # either GEMM; BLOCK_M = 16, the smallest tl.dot tile
+    TileConfig(16, 32, 128, 8, 4, 4),
+    TileConfig(16, 64, 128, 8, 4, 4),
+    TileConfig(16, 128, 128, 8, 8, 4),
+    TileConfig(16, 64, 256, 8, 8, 4),
+)
+
+
+def get_prefill_configs(fused_gate_up: bool = False) -> list[TileConfig]:
+    """Candidate tiles for many rows per expert (before group and shared-memory filters).
+
+    BLOCK_N is the MMA's M (weights on the left), so it stays >= 64 for wgmma's 64-row warpgroup
+    tile; BLOCK_M (tokens) is the MMA's N.
+    """
+    return list(PREFILL_CONFIGS_FUSED if fused_gate_up else PREFILL_CONFIGS)
+
+
+def get_decode_configs(N: int, est_row_blocks: int, sms: int, fused_gate_up: bool, limit: int,
+                       group_size: int, has_zeros: bool) -> list[TileConfig]:
+    """Decode tiles: BLOCK_M = 16 and only the BLOCK_N that give at least one tile per SM.
+
+    1-16 rows per expert: the work is streaming the touched experts' packed weights once, shared by
+    est_row_blocks * ceil(N / BLOCK_N) tiles. BLOCK_K 128 / 256 makes each column's load one
+    64 / 128-byte run; four stages keep several of them in flight per SM. If even the narrowest tile
+    leaves SMs idle, the narrowest is all that is kept.
+    """
+    wt = 2 if fused_gate_up else 1
+    fitted = [fit(adapt_to_group(c, group_size), limit, wt, group_size, has_zeros) for c in DECODE_CONFIGS]
+    cands = list(dict.fromkeys(c for c in fitted if c is not None))
+    if not cands:
+        raise RuntimeError(f"no INT4 decode tile fits {limit // 1024} KB of shared memory per block")
+    busy = [c for c in cands if est_row_blocks * triton.cdiv(N, c.block_n) >= sms]
+    return busy or [c for c in cands if c.block_n == min(c.block_n for c in cands)]
+
+
+def pinned_config() -> TileConfig | None:
+    """The config named by MOE_TUT_TRITON_INT4_CONFIG, if set."""
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return TileConfig.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{CONFIG_ENV}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_params(s_ptrs, z_ptrs, k0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr):
+    """Scales and zeros (float32) of the K step starting at k0: [BLOCK_N] when the step lies inside one
+    group, else [BLOCK_N, GROUPS_PER_TILE]. Masked to 0 past K (the prefetch of the last step)."""
+    if GROUPS_PER_TILE == 1:
+        g = k0 // GROUP_SIZE
+        mask = n_ok & (g < K // GROUP_SIZE)
+        s = tl.load(s_ptrs + g * stride_sg, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptrs + g * stride_zg, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = -8.0 * s  # symmetric: (c - 8) * s == c * s + (-8 s), both exact in float32
+    else:
+        g = k0 // GROUP_SIZE + tl.arange(0, GROUPS_PER_TILE)
+        mask = n_ok[:, None] & (g[None, :] < K // GROUP_SIZE)
+        s = tl.load(s_ptrs[:, None] + g[None, :] * stride_sg, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptrs[:, None] + g[None, :] * stride_zg, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = -8.0 * s
+    return s, z
+
+
+@triton.jit
+def _dequant_tile(q_ptrs, s, z, k0, K, n_ok, offs_kb, GROUP_SIZE: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] weight tile in OUT_DTYPE from its packed bytes [BLOCK_N, BLOCK_K/2] (q_ptrs)
+    and this K step's group parameters s, z (from _group_params)."""
+    q_mask = n_ok[:, None]
+    if not EVEN_K:  # the last K step of a K that BLOCK_K does not divide (BLOCK_K > G only)
+        q_mask = q_mask & (offs_kb[None, :] < (K - k0) // 2)
+    b = tl.load(q_ptrs, mask=q_mask, other=0)
+    # Low nibble = even k, high nibble = odd k: interleaving along the last dim restores k order.
+    c = tl.interleave(b & 0xF, b >> 4).to(tl.float32)
+    if GROUPS_PER_TILE == 1:
+        w = c * s[:, None] + z[:, None]
+    else:  # the K step covers whole groups: view the codes as [BLOCK_N, groups, G]
+        c3 = tl.reshape(c, (BLOCK_N, GROUPS_PER_TILE, GROUP_SIZE))
+        w = tl.reshape(c3 * s[:, :, None] + z[:, :, None], (BLOCK_N, BLOCK_K))
+    return w.to(OUT_DTYPE)  # one rounding, as quant.dequantize
+
+
+@triton.jit
+def _int4_tile(tile, num_pid_m, num_pid_n,
+               a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr, offsets_ptr,
+               N, K, stride_am, stride_ak, stride_qe, stride_qn, stride_qk,
+               stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn,
+               E: tl.constexpr, E_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+               GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr,
+               SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+               GROUPS_PER_TILE: tl.constexpr):
+    """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T."""
+    pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+    # Row blocks from expert_offsets (the BlockMap arguments are unused on that path).
+    expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, offsets_ptr, offsets_ptr,
+                                                   E, E_PAD, BLOCK_M, True)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    if GATHER_A:  # fused gather: row r of the GEMM is token sorted_token_ids[r] of x
+        a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
+    else:
+        a_rows = rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kb = tl.arange(0, BLOCK_K // 2)
+    e64 = expert.to(tl.int64)  # all experts' bytes (glm5: 6.7e9 per tensor) pass 2**31
+    # A^T tile [BLOCK_K, BLOCK_M]: the right operand of the dot.
+    a_ptrs = a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + offs_k[:, None] * stride_ak
+    q_ptrs = q_ptr + e64 * stride_qe + offs_n[:, None] * stride_qn + offs_kb[None, :] * stride_qk
+    s_ptrs = s_ptr + e64 * stride_se + offs_n * stride_sn
+    z_ptrs = z_ptr + e64 * stride_ze + offs_n * stride_zn  # z_ptr is s_ptr when symmetric: never loaded
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # Scales are loaded one K step ahead, in registers: they are too narrow per thread (2 bytes) for
+    # Triton's cp.async pipeline, which streams only the A and packed tiles, so a scale load issued in
+    # the step that uses it would stall every step for a full memory latency.
+    s, z = _group_params(s_ptrs, z_ptrs, 0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE)
+    if SWIGLU:  # up rows N + n of the same columns, with their own scales, in a second accumulator
+        up_q_ptrs = q_ptrs + N * stride_qn
+        up_s_ptrs = s_ptrs + N * stride_sn
+        up_z_ptrs = z_ptrs + N * stride_zn
+        s_up, z_up = _group_params(up_s_ptrs, up_z_ptrs, 0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS,
+                                   GROUPS_PER_TILE)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        s_next, z_next = _group_params(s_ptrs, z_ptrs, k0 + BLOCK_K, K, n_ok, stride_sg, stride_zg, GROUP_SIZE,
+                                       HAS_ZEROS, GROUPS_PER_TILE)
+        a_mask = row_ok[None, :]
+        if not EVEN_K:
+            a_mask = a_mask & (offs_k[:, None] < K - k0)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        w = _dequant_tile(q_ptrs, s, z, k0, K, n_ok, offs_kb, GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K,
+                          EVEN_K, a_ptr.dtype.element_ty)
+        acc = tl.dot(w, a, acc)
+        s, z = s_next, z_next
+        if SWIGLU:
+            s_up_next, z_up_next = _group_params(up_s_ptrs, up_z_ptrs, k0 + BLOCK_K, K, n_ok, stride_sg, stride_zg,
+                                                 GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE)
+            w_up = _dequant_tile(up_q_ptrs, s_up, z_up, k0, K, n_ok, offs_kb, GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N,
+                                 BLOCK_K, EVEN_K, a_ptr.dtype.element_ty)
+            acc_up = tl.dot(w_up, a, acc_up)
+            s_up, z_up = s_up_next, z_up_next
+            up_q_ptrs += (BLOCK_K // 2) * stride_qk
+        a_ptrs += BLOCK_K * stride_ak
+        q_ptrs += (BLOCK_K // 2) * stride_qk
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
+    if SCALE_ROWS:
+        acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
+    if SCATTER_C:  # sorted row -> its token slot t*k + j
+        c_rows = tl.load(c_rows_ptr + rows, mask=row_ok, other=0)
+    else:
+        c_rows = rows
+    c_ptrs = c_ptr + c_rows.to(tl.int64)[None, :] * stride_cm + offs_n[:, None] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
+
+
+@triton.heuristics({
+    "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+    "GROUPS_PER_TILE": lambda args: max(1, args["BLOCK_K"] // args["GROUP_SIZE"]),
+})
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr, offsets_ptr,
+                     N, K, M_BUCKET,  # M_BUCKET: rows per expert (power of 2), an autotune key only
+                     stride_am, stride_ak, stride_qe, stride_qn, stride_qk,
+                     stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn,
+                     E: tl.constexpr, E_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                     SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                     GROUPS_PER_TILE: tl.constexpr):
+    tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Row blocks per expert are only known on the device (they depend on the routing).
+    _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
+    num_pid_m = tl.sum(blocks, 0)
+    num_tiles = num_pid_m * num_pid_n
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        _int4_tile(tile, num_pid_m, num_pid_n, a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
+                   row_scale_ptr, offsets_ptr, N, K, stride_am, stride_ak, stride_qe, stride_qn, stride_qk,
+                   stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn,
+                   E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE)
+
+
+AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
+                "SCATTER_C"]
+_TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
+
+
+def _autotuned_kernel(configs: tuple[TileConfig, ...]):
+    """One autotuner per candidate list (they differ by regime, GEMM role, group size and GPU)."""
+    if configs not in _TUNERS:
+        _TUNERS[configs] = triton.autotune(
+            configs=[c.as_triton() for c in configs], key=AUTOTUNE_KEY,
+            do_bench=_interpreter_bench if interpreting() else _autotune_bench,
+        )(_moe_int4_kernel)
+    return _TUNERS[configs]
+
+
+def autotune_report() -> list[str]:
+    """One line per tuned (GEMM role, shape): the key and the config the autotuner chose."""
+    lines = []
+    for tuner in _TUNERS.values():
+        for key, cfg in tuner.cache.items():
+            named = " ".join(f"{k}={v}" for k, v in zip(AUTOTUNE_KEY, key, strict=False))
+            kw = cfg.kwargs
+            lines.append(f"{named} -> BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}-BK{kw['BLOCK_K']}-G{kw['GROUP_M']}"
+                         f"-w{cfg.num_warps}-s{cfg.num_stages}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# One grouped GEMM over a RoutingPlan
+# --------------------------------------------------------------------------------------------------
+
+
+def check_quantized(qt, name: str) -> None:
+    """Clear errors for a weight object the kernel cannot read, before anything runs."""
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"{name} must be a QuantizedTensor (moe_tut.quant), got {type(qt).__name__}")
+    check_group_size(qt.group_size, name)
+    if not qt.scales.is_floating_point():
+        raise TypeError(f"{name}.scales must be floating point, got {qt.scales.dtype}")
+    if qt.zeros is not None and not qt.zeros.is_floating_point():
+        raise TypeError(f"{name}.zeros must be floating point, got {qt.zeros.dtype}")
+    devices = {qt.packed.device, qt.scales.device} | ({qt.zeros.device} if qt.zeros is not None else set())
+    if len(devices) > 1:
+        raise ValueError(f"{name}'s packed codes, scales and zeros are on different devices: {devices}")
+
+
+def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, out: torch.Tensor, *,
+                      gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
+                      scatter_rows: bool = False, config: TileConfig | None = None,
+                      configs: list[TileConfig] | None = None) -> torch.Tensor:
+    """out = one grouped GEMM over the plan's expert-sorted rows with INT4 weights; returns out.
+
+    a        [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
+    qt       QuantizedTensor of W [E, N, K], or [E, 2N, K] with swiglu (out = silu(a Wg^T) * (a Wu^T))
+    out      [T*k, N]: row r in sorted order, or at its token slot sorted_slots[r] with scatter_rows
+    config   one tile config (no autotuning; must fit the group size), else the autotuner over
+             `configs` (required then)
+    """
+    check_quantized(qt, "weights")
+    E, n_w, K = qt.shape
+    N = n_w // 2 if swiglu else n_w
+    rows = plan.num_rows
+    G = qt.group_size
+    if swiglu and n_w % 2:
+        raise ValueError(f"swiglu needs weights [E, 2N, K], got {qt.shape}")
+    if a.dim() != 2 or a.shape[1] != K or out.shape != (rows, N) or E != plan.num_experts:
+        raise ValueError(f"shapes do not fit: a {tuple(a.shape)}, weights {qt.shape}, out {tuple(out.shape)}, "
+                         f"plan with E={plan.num_experts} and {rows} rows (swiglu={swiglu})")
+    if a.shape[0] != (plan.num_tokens if gather_rows else rows):
+        raise ValueError(f"a has {a.shape[0]} rows; expected {plan.num_tokens if gather_rows else rows}")
+    if a.dtype not in ACTIVATION_DTYPES or out.dtype != a.dtype:
+        raise TypeError(f"activations and output must both be one of {ACTIVATION_DTYPES}, got {a.dtype} and "
+                        f"{out.dtype}")
+    if config is not None and not block_k_fits_group(config.block_k, G):
+        raise ValueError(f"config {config}: BLOCK_K={config.block_k} neither divides nor is a multiple of the "
+                         f"group size {G}")
+    if config is None and not configs:
+        raise ValueError("int4_grouped_gemm needs a config or a list of configs to autotune over")
+    if rows == 0:
+        return out
+    if config is None and len(configs) == 1:
+        config = configs[0]
+
+    sms, on_gpu = num_sms(a.device), a.device.type == "cuda"
+
+    def grid(meta):
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn)
+        per_sm = persistent_programs_per_sm(bm, bn * (2 if swiglu else 1)) if on_gpu else 1
+        return (min(tiles, sms * per_sm),)
+
+    z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
+    args = (a, qt.packed, qt.scales, z, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
+            plan.expert_offsets, N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))),
+            a.stride(0), a.stride(1), *qt.packed.stride(), *qt.scales.stride(), *z.stride(),
+            out.stride(0), out.stride(1))
+    flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=G, HAS_ZEROS=qt.zeros is not None,
+                 GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows)
+    if config is not None:
+        _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                               BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                               num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        _autotuned_kernel(tuple(configs))[grid](*args, **flags)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The MoE forward
+# --------------------------------------------------------------------------------------------------
+
+
+def check_int4_inputs(x: torch.Tensor, weights, plan: RoutingPlan) -> None:
+    """Every check of the forward, host-side only (no sync): type, shapes, devices, dtypes, group sizes."""
+    from ..quant import Int4ExpertWeights
+
+    if not isinstance(weights, Int4ExpertWeights):
+        raise TypeError(f"triton_int4 takes Int4ExpertWeights (get_backend('triton_int4').prepare(bf16_weights) "
+                        f"makes them), got {type(weights).__name__}")
+    check_quantized(weights.w13, "w13")
+    check_quantized(weights.w2, "w2")
+    check_inputs(x, weights, plan)
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"triton_int4 computes with bf16 or fp16 activations (tl.dot operands), got {x.dtype}")
+
+
+def path_for(num_tokens: int, top_k: int, num_experts: int) -> str:
+    """'decode' or 'prefill': the bf16 kernel's rule (mean rows per expert <= 16 is decode)."""
+    return "decode" if is_decode(num_tokens, top_k, num_experts) else "prefill"
+
+
+def fast_path_configs(x: torch.Tensor, weights, plan: RoutingPlan, path: str | None = None
+                      ) -> tuple[str, list[TileConfig], list[TileConfig]]:
+    """(regime, GEMM1 candidates, GEMM2 candidates) the forward autotunes over on a GPU."""
+    E, H, F = weights.num_experts, weights.hidden_size, weights.ffn_size
+    path = path or path_for(plan.num_tokens, plan.top_k, E)
+    limit = smem_limit(x.device)
+    out = [path]
+    for qt, n, fused in ((weights.w13, F, True), (weights.w2, H, False)):
+        G, hz = qt.group_size, qt.zeros is not None
+        if path == "decode":
+            out.append(get_decode_configs(n, min(E, plan.num_rows), num_sms(x.device), fused, limit, G, hz))
+        else:
+            fitted = [fit(adapt_to_group(c, G), limit, 2 if fused else 1, G, hz) for c in get_prefill_configs(fused)]
+            kept = list(dict.fromkeys(c for c in fitted if c is not None))
+            if not kept:
+                raise RuntimeError(f"no INT4 tile config fits {limit // 1024} KB of shared memory per block")
+            out.append(kept)
+    return out[0], out[1], out[2]
+
+
+@torch.no_grad()
+def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, config: TileConfig | None = None,
+                            path: str | None = None) -> torch.Tensor:
+    """y [T, H]: the MoE forward with INT4 weights dequantised in registers (see the module docstring).
+
+    config  pins one tile config for both GEMMs (it must fit both group sizes)
+    path    'decode' or 'prefill' forces a regime; default: chosen by shape (path_for)
+    """
+    check_int4_inputs(x, weights, plan)
+    if path not in (None, "decode", "prefill"):
+        raise ValueError(f"path must be None, 'decode' or 'prefill', got {path!r}")
+    T, H = x.shape
+    F, k, rows = weights.ffn_size, plan.top_k, plan.num_rows
+    if config is None:
+        config = pinned_config()
+    if config is not None:
+        for name, qt in (("w13", weights.w13), ("w2", weights.w2)):
+            if not block_k_fits_group(config.block_k, qt.group_size):
+                raise ValueError(f"pinned config {config}: BLOCK_K={config.block_k} neither divides nor is a "
+                                 f"multiple of {name}'s group size {qt.group_size}")
+    if T == 0:
+        return x.new_zeros(0, H)
+    configs1 = configs2 = None
+    config1 = config2 = config
+    if config is None:
+        if interpreting():
+            decode = (path or path_for(T, k, weights.num_experts)) == "decode"
+            base = INTERPRETER_DECODE_CONFIG if decode else INTERPRETER_CONFIG
+            config1, config2 = adapt_to_group(base, weights.w13.group_size), adapt_to_group(base, weights.w2.group_size)
+        else:
+            _, configs1, configs2 = fast_path_configs(x, weights, plan, path)
+    act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
+                            config=config1, configs=configs1)
+    # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
+    out = _alloc((rows, H), x)
+    int4_grouped_gemm(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2,
+                      configs=configs2)
+    if k == 1:
+        return out
+    # torch's sum over a half-precision dim accumulates in float32 and rounds once; deterministic.
+    return out.view(T, k, H).sum(dim=1)
+
+
+def _expert_slice(qt: QuantizedTensor, e: int) -> QuantizedTensor:
+    z = None if qt.zeros is None else qt.zeros[e:e + 1]
+    return QuantizedTensor(qt.packed[e:e + 1], qt.scales[e:e + 1], z, qt.group_size, qt.symmetric,
+                           (1, *qt.shape[1:]))
+
+
+@torch.no_grad()
+def int4_moe_reference(x: torch.Tensor, weights, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: what moe_forward_triton_int4 computes, in float32 (returns float32 [T, H]).
+
+    Equal to moe_reference(x, weights.dequantize(), topk_ids, topk_weights), but dequantises one
+    touched expert at a time, so it also runs where the whole dequantised model would not fit.
+    """
+    T, H = x.shape
+    y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # true float32 for the ground truth
+    try:
+        for e in torch.unique(topk_ids).tolist():
+            tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+            w13 = dequantize(_expert_slice(weights.w13, e), weights.dtype)[0]
+            w2 = dequantize(_expert_slice(weights.w2, e), weights.dtype)[0]
+            out = expert_ffn_fp32(x[tok], w13, w2)
+            y.index_add_(0, tok, out * topk_weights[tok, slot].float()[:, None])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return y
+
+
+def dequantized_weights(weights) -> ExpertWeights:
+    """The bf16 ExpertWeights holding exactly the values the kernel multiplies with."""
+    return weights.dequantize()
+
+
+def int4_extra_bytes(T: int, top_k: int, H: int, F: int, elem_bytes: int = 2) -> int:
+    """Temporaries of moe_forward_triton_int4: the SwiGLU output [T*k, F] and, for k > 1, the slot rows
+    [T*k, H]. No weight is ever dequantised into memory."""
+    rows = T * top_k
+    return rows * F * elem_bytes + (rows * H * elem_bytes if top_k > 1 else 0)
