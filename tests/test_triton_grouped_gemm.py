@@ -76,6 +76,47 @@ def test_fast_path_default_configs(case):
     check(gg.moe_forward_triton, x, w, ids, tw, plan)
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fast_path_tma(case):
+    # TMA tensor descriptors for the weights and GEMM2's A (the interpreter runs them; on a GPU only
+    # sm_90+ does, others fall back to pointers). Tile edges read the next expert's rows or past the
+    # end (zero-filled); the masked store must drop them. H33-F47 has unaligned rows: pointer fallback.
+    x, w, ids, tw, plan = make_case(*case[1:])
+    check(gg.moe_forward_triton, x, w, ids, tw, plan, config=SMALL, tma=True)
+
+
+def test_tma_choice(monkeypatch):
+    dev = torch.device(DEVICE)
+    assert gg.want_tma(dev, False) is False
+    monkeypatch.setenv(gg.TMA_ENV, "0")
+    assert gg.want_tma(dev) is False
+    monkeypatch.setenv(gg.TMA_ENV, "1")
+    assert gg.want_tma(dev) == gg.tma_supported(dev)
+    w = torch.zeros(3, 48, 40, dtype=torch.bfloat16)
+    assert gg._tma_ok(w) and gg._tma_ok(w[0])
+    assert not gg._tma_ok(torch.zeros(3, 48, 33, dtype=torch.bfloat16))  # 66-byte rows
+    assert not gg._tma_ok(w[:, :24])  # experts not adjacent: no 2-D view [E * N, K]
+
+
+def test_decode_threshold_and_loop_options_from_environment(monkeypatch):
+    monkeypatch.setenv(gg.DECODE_ENV, "4")
+    assert gg.is_decode(16, 2, 8) and not gg.is_decode(17, 2, 8)
+    monkeypatch.setenv(gg.DECODE_ENV, "0")
+    assert not gg.is_decode(1, 1, 8)
+    monkeypatch.setenv(gg.LOOP_ENV, "flatten,ws")
+    assert gg.loop_options() == (True, True)
+    monkeypatch.setenv(gg.LOOP_ENV, "fast")
+    with pytest.raises(ValueError, match="flatten"):
+        gg.loop_options()
+
+
+def test_gemm2_config_pinned_apart(monkeypatch):
+    monkeypatch.setenv(gg.CONFIG_ENV, "16,32,32,2,4,2")
+    monkeypatch.setenv(gg.CONFIG2_ENV, "32,16,64,1,4,2")
+    x, w, ids, tw, plan = make_case(*CASES[5][1:])
+    check(gg.moe_forward_triton, x, w, ids, tw, plan)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("version", ["v1", "fast"])
 def test_other_dtypes(version, dtype):
@@ -136,6 +177,10 @@ def test_grouped_gemm_matches_its_reference(version, flags):
     gg.grouped_gemm(a, w, plan, out, version=version, config=SMALL, **kw)
     ref = gg.grouped_gemm_reference(a, w, plan, **kw)
     assert relative_error(out, ref) < 1e-2
+    if version == 4:  # the TMA loads (K = 40: 80-byte rows, aligned; partial last K block)
+        out.fill_(float("nan"))
+        gg.grouped_gemm(a, w, plan, out, version=version, config=SMALL, tma=True, **kw)
+        assert relative_error(out, ref) < 1e-2
 
 
 def test_autotuner_path_runs_and_keys_exist():
@@ -178,17 +223,21 @@ from triton.compiler import ASTSource
 from moe_tut.kernels import grouped_gemm as gg
 
 fn = gg._moe_gemm_kernel.fn
-roles = {  # GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS, PERSISTENT
-    "v1-gemm1": (1, 0, 0, 0, 0, 0), "v3-gemm2": (0, 0, 0, 0, 0, 1),
-    "fast-gemm1": (1, 1, 0, 0, 1, 1), "fast-gemm2": (0, 0, 1, 1, 1, 1),
+roles = {  # GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS, PERSISTENT, TMA_W, TMA_A
+    "v1-gemm1": (1, 0, 0, 0, 0, 0, 0, 0), "v3-gemm2": (0, 0, 0, 0, 0, 1, 0, 0),
+    "fast-gemm1": (1, 1, 0, 0, 1, 1, 0, 0), "fast-gemm2": (0, 0, 1, 1, 1, 1, 0, 0),
+    "fast-gemm1-tma": (1, 1, 0, 0, 1, 1, 1, 0), "fast-gemm2-tma": (0, 0, 1, 1, 1, 1, 1, 1),
 }
-names = ("GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C", "MAP_FROM_OFFSETS", "PERSISTENT")
+names = ("GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C", "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A")
 out = []
 for cc in (80, 90):
     for role, flags in roles.items():
+        if role.endswith("tma") and cc < 90:
+            continue
         cfg = gg.TileConfig(16, 32, 128, 8, 4, 3) if role.startswith("fast") else gg.DEFAULT_CONFIG
         sig, const = {}, dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
-                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                              FLATTEN=False, WARP_SPECIALIZE=False)
         for n in fn.arg_names:
             if n in ("a_ptr", "w_ptr", "c_ptr"):
                 sig[n] = "*bf16"
@@ -207,7 +256,7 @@ for cc in (80, 90):
         kernel = triton_compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
                                 options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         per_stage = (cfg.block_m + (2 if flags[1] else 1) * cfg.block_n) * cfg.block_k * 2
-        out.append(dict(cc=cc, role=role, shared=kernel.metadata.shared, per_stage=per_stage,
+        out.append(dict(cc=cc, role=role, tma=bool(flags[6]), shared=kernel.metadata.shared, per_stage=per_stage,
                         estimate=cfg.smem_bytes(2 if flags[1] else 1)))
 print(json.dumps(out))
 """
@@ -224,10 +273,11 @@ def test_kernels_compile_for_sm80_and_sm90_with_a_pipelined_k_loop():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 10
     for r in results:
         # at least double-buffered (pipelined), and never more than the estimate the filter uses
-        assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
+        # (TMA adds its mbarriers: a few bytes per stage)
+        assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"] + (256 if r["tma"] else 0), r
 
 
 # ---- host-side rules (no kernel runs) -------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The backend registry: each backend is one row of the results table.
 
+Later backends (triton, triton_int4, cuda_int4) add themselves with `register(...)` in their own
 module and appear in the CLI, the harness and the notebooks without touching them.
 """
 
@@ -51,4 +52,5 @@ __all__ = ["Backend", "BackendUnavailable", "check_inputs", "combine", "register
            "list_backends", "default_backends"]
 
 from . import triton_backend  # noqa: E402,F401  (registers "triton"; safe without triton installed)
+from .cuda_int4 import cuda_int4_forward  # noqa: E402,F401  (registers "cuda_int4"; the import never builds or fails)
 from .triton_int4 import moe_forward_triton_int4  # noqa: E402,F401  (registers "triton_int4"; safe without triton)

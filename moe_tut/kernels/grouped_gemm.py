@@ -49,13 +49,14 @@ Versions (each adds one idea; all stay callable so a notebook can plot what each
                         decode path for small T (see below).
 
 Decode rule (fast path): when the mean number of rows per expert, T*k/E, is at most 16
-(DECODE_MAX_ROWS_PER_EXPERT), the forward only has to stream the weights of the experts it touches.
-It then uses BLOCK_M = 16 (the smallest tl.dot tile) and splits N: only the BLOCK_N (32, 64, 128)
-for which the (row block, column block) tiles, about min(E, T*k) * ceil(N / BLOCK_N), are at least
-as many as the SMs are kept, so every SM streams its share of the weights; the autotuner picks among
-those and BLOCK_K 128 / 256 (get_decode_configs). K is not split: GEMM1's SwiGLU needs the full sum
-before its epilogue, and a split GEMM2 would need atomics or a second pass. Larger T uses the
-general autotuned list. A pinned config (MOE_TUT_TRITON_CONFIG) overrides the rule.
+(DECODE_MAX_ROWS_PER_EXPERT, or MOE_TUT_DECODE_MAX_ROWS), the forward only has to stream the weights
+of the experts it touches. It then uses BLOCK_M = 16 (the smallest tl.dot tile) and splits N: only
+the BLOCK_N (32, 64, 128) for which the (row block, column block) tiles, about min(E, T*k) * ceil(N
+/ BLOCK_N), are at least as many as the SMs are kept, so every SM streams its share of the weights;
+the autotuner picks among those and BLOCK_K 128 / 256 (get_decode_configs). K is not split: GEMM1's
+SwiGLU needs the full sum before its epilogue, and a split GEMM2 would need atomics or a second
+pass. Larger T uses the general autotuned list. A pinned config (MOE_TUT_TRITON_CONFIG) overrides
+the rule.
 
 Combine: each token's k rows come from k different experts, so they are written by different
 programs. We store them (already multiplied by their routing weight, rounded to x.dtype) at their
@@ -67,7 +68,20 @@ Sizes: any H, F and T work (loads and stores are masked); block sizes are powers
 tl.arange and tl.dot need). Under Triton's CPU interpreter every version runs with one large config
 (the interpreter's cost grows with programs x K steps, not with FLOPs) and persistent grids use
 CPU_PERSISTENT_PROGRAMS programs; env.patch_interpreter_scalar_index fixes the interpreter's loops for
-NumPy >= 2.4. No block pointers or Hopper-only features are used.
+NumPy >= 2.4. No block pointers are used.
+
+Experiment switches (off by default until measured; scripts/gpu_triton_tune.py times them), read at
+call time so one process can compare them:
+
+    MOE_TUT_TRITON_TMA=1     (or tma=True) v4 / fast path: weight tiles through TMA tensor descriptors
+                             made in the kernel on a 2-D view W [E * N_W, K], and GEMM2's A (sorted,
+                             contiguous rows) too; GEMM1's A stays a pointer gather (Hopper's TMA has
+                             no gather). Only on sm_90+ (tma_supported; also under the interpreter) and
+                             for 16-byte aligned rows; else the pointer loads. Sets a torch allocator
+                             (triton.set_allocator) for the descriptors' scratch unless one is set.
+    MOE_TUT_TRITON_CONFIG2   pins GEMM2's tile config apart from GEMM1's (MOE_TUT_TRITON_CONFIG)
+    MOE_TUT_TRITON_LOOP      "flatten" / "ws": tl.range(flatten=, warp_specialize=) on the persistent loop
+    MOE_TUT_DECODE_MAX_ROWS  the decode threshold in place of DECODE_MAX_ROWS_PER_EXPERT
 """
 
 from __future__ import annotations
@@ -88,7 +102,12 @@ from ..routing import RoutingPlan
 from ..weights import ExpertWeights
 
 CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
+CONFIG2_ENV = "MOE_TUT_TRITON_CONFIG2"  # same format: pins the fast path's GEMM2 only (overrides CONFIG_ENV there)
+TMA_ENV = "MOE_TUT_TRITON_TMA"  # "1": weights (and GEMM2's A) through TMA tensor descriptors where supported
+LOOP_ENV = "MOE_TUT_TRITON_LOOP"  # "flatten", "ws" or "flatten,ws": tl.range options of the persistent loop
+DECODE_ENV = "MOE_TUT_DECODE_MAX_ROWS"  # overrides DECODE_MAX_ROWS_PER_EXPERT (an integer, 0 = never decode)
 DECODE_MAX_ROWS_PER_EXPERT = 16  # at or below this many rows per expert (mean), use the decode configs
+USE_TMA_DEFAULT = False  # TMA weight loads by default on sm_90+ (off until measured on an H100)
 CPU_PERSISTENT_PROGRAMS = 4  # "SMs" of the interpreter: small, so each program still loops over tiles
 DEFAULT_SMEM_BYTES = 99 * 1024  # assumed when the GPU's limit cannot be read: sm_86/sm_89, the smallest
 
@@ -201,15 +220,30 @@ def get_decode_configs(N: int, est_row_blocks: int, num_sms: int, fused_gate_up:
     return busy or [c for c in cands if c.block_n == min(c.block_n for c in cands)]
 
 
-def pinned_config() -> TileConfig | None:
-    """The config named by MOE_TUT_TRITON_CONFIG, if set."""
-    text = os.environ.get(CONFIG_ENV, "").strip()
+def pinned_config(env: str = CONFIG_ENV) -> TileConfig | None:
+    """The config named by MOE_TUT_TRITON_CONFIG (or another variable of the same format), if set."""
+    text = os.environ.get(env, "").strip()
     return TileConfig.parse(text) if text else None
 
 
+def decode_max_rows() -> int:
+    """The decode threshold: MOE_TUT_DECODE_MAX_ROWS if set, else DECODE_MAX_ROWS_PER_EXPERT."""
+    text = os.environ.get(DECODE_ENV, "").strip()
+    return int(text) if text else DECODE_MAX_ROWS_PER_EXPERT
+
+
 def is_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
-    """The fast path's shape rule: decode when T*k / E <= DECODE_MAX_ROWS_PER_EXPERT."""
-    return num_tokens * top_k <= DECODE_MAX_ROWS_PER_EXPERT * num_experts
+    """The fast path's shape rule: decode when T*k / E <= decode_max_rows() (default 16)."""
+    return num_tokens * top_k <= decode_max_rows() * num_experts
+
+
+def loop_options() -> tuple[bool, bool]:
+    """(flatten, warp_specialize) for the persistent tile loop, from MOE_TUT_TRITON_LOOP."""
+    opts = {o.strip() for o in os.environ.get(LOOP_ENV, "").split(",") if o.strip()}
+    unknown = opts - {"flatten", "ws"}
+    if unknown:
+        raise ValueError(f"{LOOP_ENV} takes 'flatten' and/or 'ws', got {sorted(unknown)}")
+    return "flatten" in opts, "ws" in opts
 
 
 def max_row_blocks(rows: int, num_experts: int, block_m: int) -> int:
@@ -246,6 +280,52 @@ def num_sms(device: torch.device) -> int:
 def smem_limit(device: torch.device) -> int:
     device = torch.device(device)
     return _smem_limit(_cuda_index(device)) if device.type == "cuda" else DEFAULT_SMEM_BYTES
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_supported(device: torch.device) -> bool:
+    """TMA tensor descriptors: sm_90+ on a GPU; under the interpreter too (it runs them since triton
+    3.6), so the CPU tests cover that code path. sm_80/sm_89 keep the pointer loads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _capability(_cuda_index(device))[0] >= 9
+    return interpreting()
+
+
+def want_tma(device: torch.device, tma: bool | None = None) -> bool:
+    """Whether to use TMA loads: `tma` if given, else MOE_TUT_TRITON_TMA, else USE_TMA_DEFAULT;
+    never where tma_supported() is False."""
+    if tma is None:
+        text = os.environ.get(TMA_ENV, "").strip().lower()
+        tma = USE_TMA_DEFAULT if not text else text not in ("0", "false", "off", "no")
+    return bool(tma) and tma_supported(device)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A 2-D view of t ([rows, K], unit stride in K) meets TMA's rules: 16-byte aligned base and row stride."""
+    e = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(-2) * e) % 16 == 0
+            and (t.dim() == 2 or t.stride(0) == t.shape[1] * t.stride(1)))
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """In-kernel tensor descriptors need a small global scratch per program, allocated by the
+    allocator given to triton.set_allocator. Set a torch one, unless the caller has set their own."""
+    try:
+        from triton.runtime import _allocation
+        unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    except (ImportError, AttributeError):  # another triton: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_torch_scratch)
 
 
 def persistent_programs_per_sm(block_m: int, acc_cols: int) -> int:
@@ -324,10 +404,11 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
                a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
                stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+               a_desc, w_desc,
                E: tl.constexpr, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr,
                SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr, MAP_FROM_OFFSETS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_W: tl.constexpr, TMA_A: tl.constexpr):
     """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store."""
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, block_expert_ptr,
@@ -351,17 +432,30 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
     if SWIGLU:  # up rows F + n of the same columns n, in a second accumulator
         up_ptrs = w_ptrs + N * stride_wn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # TMA (sm_90+): the weight tile [BLOCK_N, BLOCK_K] comes from a 2-D view W [E * N_W, K] by one
+    # bulk copy; rows past N (the up half, or the next expert) are read but their columns are never
+    # stored, and K past the end is zero-filled by the hardware. GEMM2's A (sorted rows, contiguous)
+    # likewise: rows of the next expert land in rows that are masked at the store.
+    w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
     for k0 in range(0, K, BLOCK_K):
         a_mask = row_ok[:, None]
         w_mask = n_ok[None, :]
         if not EVEN_K:
             a_mask = a_mask & (offs_k[None, :] < K - k0)
             w_mask = w_mask & (offs_k[:, None] < K - k0)
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc)
-        if SWIGLU:
-            acc_up = tl.dot(a, tl.load(up_ptrs, mask=w_mask, other=0.0), acc_up)
-            up_ptrs += BLOCK_K * stride_wk
+        if TMA_A:
+            a = a_desc.load([row_start, k0])
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if TMA_W:
+            acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc)
+            if SWIGLU:
+                acc_up = tl.dot(a, w_desc.load([w_row + N, k0]).T, acc_up)
+        else:
+            acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc)
+            if SWIGLU:
+                acc_up = tl.dot(a, tl.load(up_ptrs, mask=w_mask, other=0.0), acc_up)
+                up_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     if SWIGLU:
@@ -380,13 +474,27 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                      offsets_ptr, block_expert_ptr, block_row_start_ptr, num_blocks_ptr,
-                     N, K, M_BUCKET,  # M_BUCKET: rows per expert (power of 2), an autotune key only
+                     N, K, M_BUCKET, A_ROWS,  # M_BUCKET: rows per expert (power of 2), an autotune key only
                      stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                      E: tl.constexpr, E_PAD: tl.constexpr, GATHER_A: tl.constexpr,
                      SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr,
                      MAP_FROM_OFFSETS: tl.constexpr, PERSISTENT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                     TMA_W: tl.constexpr = False, TMA_A: tl.constexpr = False,
+                     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
+    # Descriptors are made once per program (in-kernel: a little global scratch from the allocator
+    # given to triton.set_allocator), not per tile.
+    if TMA_W:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * (stride_we // stride_wn), K],
+                                           strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = w_ptr
+    if TMA_A:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[A_ROWS, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_desc = a_ptr
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # The number of row blocks is only known on the device (it depends on the routing).
     if MAP_FROM_OFFSETS:
@@ -396,20 +504,21 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
         num_pid_m = tl.load(num_blocks_ptr)
     num_tiles = num_pid_m * num_pid_n
     if PERSISTENT:
-        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN,
+                             warp_specialize=WARP_SPECIALIZE):
             _gemm_tile(tile, num_pid_m, num_pid_n, a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
                        row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
-                       E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K)
+                       a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
+                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A)
     else:
         tile = tl.program_id(0)
         if tile < num_tiles:  # the grid is a host-side upper bound; the rest exit at once
             _gemm_tile(tile, num_pid_m, num_pid_n, a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
                        row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
-                       E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K)
+                       a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
+                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A)
 
 
 def _autotune_bench(fn, quantiles):
@@ -429,7 +538,7 @@ def _interpreter_bench(fn, quantiles):
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C",
-                "MAP_FROM_OFFSETS", "PERSISTENT"]
+                "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A", "FLATTEN", "WARP_SPECIALIZE"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -488,7 +597,7 @@ def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch.Tensor, *,
                  gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                  scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
-                 configs: list[TileConfig] | None = None) -> torch.Tensor:
+                 configs: list[TileConfig] | None = None, tma: bool | None = None) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
 
     a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -499,6 +608,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     config       one tile config (no autotuning); default: DEFAULT_CONFIG for v1..v3, else the
                  MOE_TUT_TRITON_CONFIG pin, else the autotuner over `configs`
                  (get_autotune_configs filtered by shared memory when not given)
+    tma          (v4 only) load the weights, and a sorted A, through TMA tensor descriptors: True,
+                 False, or None for MOE_TUT_TRITON_TMA / USE_TMA_DEFAULT; only where tma_supported()
+                 and the tensors meet TMA's alignment rules, else the pointer loads
     """
     schedule = SCHEDULES[version]
     E, n_w, K = w.shape
@@ -536,6 +648,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         block_expert, block_row_start = block_map.block_expert, block_map.block_row_start
         num_blocks = block_map.num_blocks
     sms, on_gpu = num_sms(w.device), w.device.type == "cuda"
+    tma_w = schedule.map_from_offsets and want_tma(w.device, tma) and _tma_ok(w)
+    tma_a = tma_w and not gather_rows and _tma_ok(a)
+    flatten, warp_specialize = loop_options() if schedule.persistent else (False, False)
+    if tma_w and on_gpu:
+        _ensure_allocator()
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -547,11 +664,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
 
     args = (a, w, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
             plan.expert_offsets, block_expert, block_row_start, num_blocks,
-            N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))),
+            N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))), a.shape[0],
             a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1))
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
                  SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
-                 PERSISTENT=schedule.persistent)
+                 PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, FLATTEN=flatten,
+                 WARP_SPECIALIZE=warp_specialize)
     if config is not None:
         _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -641,26 +759,31 @@ def fast_path_configs(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPlan
 
 @torch.no_grad()
 def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPlan, *,
-                       config: TileConfig | None = None) -> torch.Tensor:
+                       config: TileConfig | None = None, config2: TileConfig | None = None,
+                       tma: bool | None = None) -> torch.Tensor:
     """The fast path: v4's schedule, SwiGLU fused into GEMM1, routing weight and slot scatter fused
-    into GEMM2, decode configs for small T. `config` pins one tile config for both GEMMs."""
+    into GEMM2, decode configs for small T. `config` pins one tile config for both GEMMs, `config2`
+    GEMM2's alone (else MOE_TUT_TRITON_CONFIG2, else `config`); `tma` as in grouped_gemm."""
     check_inputs(x, weights, plan)
     T, H = x.shape
     F, k, rows = weights.ffn_size, plan.top_k, plan.num_rows
     if T == 0:
         return x.new_zeros(0, H)
+    config = config or pinned_config()
+    config2 = config2 or pinned_config(CONFIG2_ENV) or config
     configs1 = configs2 = None
-    if config is None and pinned_config() is None:
+    if config is None or config2 is None:
         if interpreting():
-            config = INTERPRETER_DECODE_CONFIG if is_decode(T, k, weights.num_experts) else INTERPRETER_CONFIG
+            big = INTERPRETER_DECODE_CONFIG if is_decode(T, k, weights.num_experts) else INTERPRETER_CONFIG
+            config, config2 = config or big, config2 or big
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan)
     inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                         version=4, config=config, configs=configs1)
+                         version=4, config=config, configs=configs1, tma=tma)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
-                 config=config, configs=configs2)
+                 config=config2, configs=configs2, tma=tma)
     if k == 1:
         return out
     # torch's sum over bf16 accumulates in float32 and rounds once; it is deterministic.
