@@ -1,0 +1,607 @@
+// moe_int4.cu: W4A16 grouped MoE expert kernels for the DECODE regime (a few tokens per expert).
+//
+// What it computes: one MoE layer's routed experts (SwiGLU, Hugging Face / vLLM layout),
+//     y[t] = sum over t's top-k experts e, routing weight g:  g * W2[e] @ (silu(W1[e] @ x[t]) * (W3[e] @ x[t]))
+// with 4-bit weights in the format of moe_tut/quant.py (read its docstring; summary in moe_int4.h),
+// bf16 activations and float32 accumulation. Three launches on one stream, no host sync, so the
+// whole forward can be captured in a CUDA graph:
+//
+//   1. gemm1_swiglu    act [T*k, F] bf16   act[r, n] = silu(W13[e, n] . x[tok[r]]) * (W13[e, F+n] . x[tok[r]])
+//   2. gemm2_weighted  out [T*k, H] f32    out[slot[r], n] = g[r] * (W2[e, n] . act[r])
+//   3. combine         y   [T, H]   bf16   y[t] = sum_j out[t*k + j]   (j = 0..k-1 in order)
+//
+//   x [T, H] bf16; w13 [E, 2F, H] (gate rows 0..F-1, up rows F..2F-1) and w2 [E, H, F] as
+//   packed [E, N, K/2] uint8 + scales [E, K/G, N] bf16 (+ zeros, same shape, asymmetric only);
+//   rows r = 0..T*k-1 are token slots sorted by expert (RoutingPlan): expert e owns rows
+//   [expert_offsets[e], expert_offsets[e+1]), tok[r] = sorted_token_ids[r], slot[r] = sorted_slots[r],
+//   g[r] = sorted_weights[r] (float32).
+//
+// Why GEMM2 writes per-slot float32 rows and a third kernel sums over k, instead of atomicAdd into a
+// float32 y: every element of `out` is written exactly once, so there is no memset to launch first
+// and the sum over k runs in a fixed order, making y bitwise reproducible run to run (float atomics
+// add in whatever order blocks finish). The price is T*k*H*4 bytes written and read once more:
+// 229 KB at T = 1 on deepseek-v3 (k = 8, H = 7168), 0.1% of the 182 MB of weights it reads.
+//
+// Grid and threads (each warp owns a few output columns; its 32 lanes split the reduction dim K):
+//   v1: grid (ceil(N / 4), E), 128 threads; warp w of block b owns column n = 4b + w.
+//   v2/v3: grid (ceil(N / (4 * cols)), min(E, T*k)), 128 threads; warp w owns `cols` consecutive
+//       columns (GEMM1: 2 columns = 4 weight rows, gate and up; GEMM2: 4 columns = 4 weight rows).
+//       Block y works for the y-th expert that has rows (found by a block-wide ballot over
+//       expert_offsets), so a decode step with 8 active experts of 256 launches 8 block rows, not 256.
+//   Row counts per expert live on the device, so each block loops over its expert's rows (1-16 in
+//   decode) in passes of up to kMaxRows = 4; within a pass every weight byte is loaded once and used
+//   for every row of the pass. The host picks the kernel instance by T (an expert gets at most T
+//   rows): T = 1 runs a one-row-pass kernel with about half the registers, so more blocks fit per SM.
+//
+// Versions (each keeps running; pick one with the `version` argument; numbers: see the GPU check
+// script scripts/gpu_cuda_int4_check.py, which times all three):
+//   v1  simple: one warp per output column, lanes step through the packed row one byte (two codes)
+//       at a time, each code dequantised by the spec's formula in float32 (dequant_one), and the
+//       weights re-read for every token row (from L1/L2 after the first). Handles any even K and G.
+//   v2  vectorised: 16-byte loads of packed weights (32 codes per lane per load; 4-byte loads when K
+//       or G is not a multiple of 32), bf16x2 "magic number" dequant (two codes per LOP3 + HSUB2 +
+//       HMUL2, see moe_int4_dequant.cuh), 4 weight rows per warp sharing each activation load, all
+//       rows of a pass sharing each weight load, warp-shuffle (butterfly) reductions, and a grid over
+//       active experts only.
+//   v3  v2 + more bytes in flight: the next chunk's weights are loaded into registers while the
+//       current one is computed (register double buffering), and weight loads bypass L1
+//       (ld.global.nc.L1::no_allocate), which then holds only the activations every warp re-reads.
+//   v2/v3 need K and G multiples of 8 and 16-byte aligned activations; otherwise (toy shapes only:
+//   every preset has K and G multiples of 128) the launcher runs v1 instead. moe_int4_path() says
+//   which path a call takes. Split-K across warps or blocks is not used: with 8-16 columns per block
+//   the presets give hundreds to thousands of blocks already (mixtral GEMM2 at T = 1: 2 experts x 256).
+//
+// Numerics: every weight is exactly the bf16 value moe_tut.quant.dequantize gives (symmetric:
+// (c - 8) * s rounded once; asymmetric: fma(c, s, z) in float32 then rounded), multiplied by the
+// bf16 activation in float32 and accumulated in float32 (per-lane partial sums, then a butterfly).
+// act is rounded to bf16 (the activation dtype); GEMM2's products stay float32 until y.
+//
+// Napkin math (decode is a weight-streaming problem): the bytes that must move are the touched
+// experts' packed weights, 3*H*F/2 bytes plus 3*H*F*2/G of scales each (0.516 B per weight at
+// G = 128). mixtral T = 1: 2 experts x 3 x 4096 x 14336 x 0.516 B = 182 MB, so 60 us at the
+// ~3.0 TB/s an H100 copies at; deepseek-v3 T = 1 (8 of 256 experts): also 182 MB; qwen3-30b-a3b
+// T = 1: 19.5 MB, 6.5 us, where launch latency is of the same size. The instruction budget at that
+// bandwidth is ~5 per weight on an H100 SXM (132 SMs x 128 lanes x 1.98 GHz = 33 T lane-instructions/s
+// over the 6.0-6.7 T weights/s that 3.0-3.35 TB/s carries): v2's
+// symmetric path spends ~3 per weight on unpack + dequant + widening plus one FMA per token row,
+// so it can stream at bandwidth for 1-2 rows per expert and becomes instruction-bound beyond that
+// (a tensor-core mma.sync version would lift that limit; not written here).
+//
+// Files: moe_int4.h (the C launcher API), moe_int4_dequant.cuh (the INT4 -> bf16 helpers),
+// moe_int4_binding.cpp (PyTorch), and two host programs the CPU tests build: moe_int4_dequant_check.cu
+// (helpers vs the Python spec, bit for bit) and moe_int4_host_emulation.cpp (these kernels on CPU fibers).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "moe_int4.h"
+#include "moe_int4_dequant.cuh"
+
+namespace moe_int4 {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kWarp = 32;
+constexpr int kWarps = 4;  // warps per block
+constexpr int kThreads = kWarps * kWarp;
+// Token rows per pass in v2/v3. The accumulators (4 weight rows x kMaxRows) and the widened
+// activations (kMaxRows x 8) live in registers, and a kernel's register count is that of its
+// largest pass (ptxas, sm_90, symmetric v2: 78-80 registers with one-row passes only, 128-154 with
+// passes of up to 4), so a larger kMaxRows would cost occupancy. An expert with more rows takes
+// several passes; the later ones re-read the block's few weight rows, most likely from L2 (the
+// block read them microseconds before), not DRAM.
+constexpr int kMaxRows = 4;
+constexpr int kWRows = 4;  // weight rows per warp in v2/v3
+
+struct Quant {
+  const uint8_t* packed;  // [E, N, K/2]
+  const bf16* scales;     // [E, K/G, N]
+  const bf16* zeros;      // [E, K/G, N], nullptr when symmetric
+  int N, K, G;
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// expf, not __expf: the epilogue runs once per output element, so accuracy costs nothing here.
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
+// ------------------------------------------------------------------------------------------ v1
+
+// One packed row . one activation row, lanes striding over bytes; the caller's warp gets the sum.
+__device__ float dot_row_v1(const uint8_t* wrow, const bf16* scol, const bf16* zcol, size_t group_stride,
+                            int K, int G, const bf16* xrow, int lane) {
+  float acc = 0.0f;
+  for (int j = lane; j < K / 2; j += kWarp) {
+    const size_t g = (2 * j) / G;  // both codes of a byte share a group (G is even)
+    const float s = bf16_to_float(scol[g * group_stride]);
+    const float z = zcol ? bf16_to_float(zcol[g * group_stride]) : -8.0f * s;  // -8 s is exact
+    const uint32_t byte = wrow[j];
+    acc = fmaf(dequant_one(byte & 0xFu, s, z), bf16_to_float(xrow[2 * j]), acc);
+    acc = fmaf(dequant_one(byte >> 4, s, z), bf16_to_float(xrow[2 * j + 1]), acc);
+  }
+  return warp_sum(acc);
+}
+
+__global__ void __launch_bounds__(kThreads)
+gemm1_swiglu_v1(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
+                const int32_t* __restrict__ offsets, bf16* __restrict__ act, int F) {
+  const int e = blockIdx.y;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const int lane = threadIdx.x % kWarp;
+  const int n = blockIdx.x * kWarps + threadIdx.x / kWarp;
+  if (begin >= end || n >= F) return;  // empty expert or past the last column: the whole warp leaves
+  const size_t N = w.N, half = w.K / 2, groups = w.K / w.G;
+  const uint8_t* gate_row = w.packed + ((size_t)e * N + n) * half;
+  const uint8_t* up_row = w.packed + ((size_t)e * N + F + n) * half;
+  const bf16* s_e = w.scales + (size_t)e * groups * N;
+  const bf16* z_e = w.zeros ? w.zeros + (size_t)e * groups * N : nullptr;
+  for (int r = begin; r < end; ++r) {
+    const bf16* xrow = x + (size_t)token_ids[r] * w.K;
+    const float gate = dot_row_v1(gate_row, s_e + n, z_e ? z_e + n : nullptr, N, w.K, w.G, xrow, lane);
+    const float up = dot_row_v1(up_row, s_e + F + n, z_e ? z_e + F + n : nullptr, N, w.K, w.G, xrow, lane);
+    if (lane == 0) act[(size_t)r * F + n] = __float2bfloat16_rn(silu(gate) * up);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+gemm2_weighted_v1(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
+                  const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out) {
+  const int e = blockIdx.y;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const int lane = threadIdx.x % kWarp;
+  const int n = blockIdx.x * kWarps + threadIdx.x / kWarp;
+  const int H = w.N;
+  if (begin >= end || n >= H) return;
+  const size_t N = w.N, half = w.K / 2, groups = w.K / w.G;
+  const uint8_t* wrow = w.packed + ((size_t)e * N + n) * half;
+  const bf16* s_col = w.scales + (size_t)e * groups * N + n;
+  const bf16* z_col = w.zeros ? w.zeros + (size_t)e * groups * N + n : nullptr;
+  for (int r = begin; r < end; ++r) {
+    const float v = dot_row_v1(wrow, s_col, z_col, N, w.K, w.G, act + (size_t)r * w.K, lane);
+    if (lane == 0) out[(size_t)slots[r] * H + n] = route_w[r] * v;
+  }
+}
+
+// --------------------------------------------------------------------------------------- v2/v3
+
+// The y-th expert (in expert order) that owns at least one row, or -1 when fewer experts have rows.
+// Block-wide: 128 experts per step, a ballot per warp, warp totals through shared memory. Every
+// thread of the block must call it (it synchronises).
+__device__ int nth_active_expert(const int32_t* __restrict__ offsets, int E, int y) {
+  __shared__ int warp_counts[kWarps];
+  __shared__ int found;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (threadIdx.x == 0) found = -1;
+  __syncthreads();
+  int before = 0;  // active experts in earlier steps
+  for (int base = 0; base < E; base += kThreads) {
+    const int e = base + threadIdx.x;
+    const bool active = e < E && offsets[e + 1] > offsets[e];
+    const uint32_t ballot = __ballot_sync(0xffffffffu, active);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int rank = before + __popc(ballot & ((1u << lane) - 1u));  // active experts before e
+    int total = 0;
+    for (int i = 0; i < kWarps; ++i) {
+      if (i < warp) rank += warp_counts[i];
+      total += warp_counts[i];
+    }
+    if (active && rank == y) found = e;
+    before += total;
+    __syncthreads();  // `found` is visible to all, and warp_counts may be overwritten
+    if (found >= 0 || before > y) break;  // the same values for every thread: a uniform exit
+  }
+  return found;
+}
+
+// 16- or 4-byte weight loads, through the read-only path (v2) or bypassing L1 (v3).
+template <int VEC, bool STREAM>
+__device__ __forceinline__ void load_weights(uint32_t (&dst)[VEC / 4], const uint8_t* p) {
+  if constexpr (VEC == 16) {
+    uint4 v;
+#ifdef __CUDA_ARCH__
+    if constexpr (STREAM) {
+      asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    } else {
+      v = __ldg(reinterpret_cast<const uint4*>(p));
+    }
+#else  // the CPU emulation of the tests (moe_int4_host_emulation.cpp) has no PTX
+    v = __ldg(reinterpret_cast<const uint4*>(p));
+#endif
+    dst[0] = v.x;
+    dst[1] = v.y;
+    dst[2] = v.z;
+    dst[3] = v.w;
+  } else {
+    static_assert(VEC == 4, "weight loads are 16 or 4 bytes");
+#ifdef __CUDA_ARCH__
+    if constexpr (STREAM) {
+      asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(dst[0]) : "l"(p));
+    } else {
+      dst[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+    }
+#else
+    dst[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+#endif
+  }
+}
+
+// Codes p and p + 4 of packed word u, dequantised, times activations k = p and p + 4 of the word's 8.
+template <int P, bool SYM, int R>
+__device__ __forceinline__ void fma_pair(uint32_t u, __nv_bfloat162 s2, float s, float z, const float (&xf)[R][8],
+                                         float (&acc)[R]) {
+  const uint32_t q = int4_pair_magic<P>(u);
+  uint32_t d;
+  if constexpr (SYM) {
+    d = dequant_pair_sym(q, s2);
+  } else {
+    d = dequant_pair_asym(q, s, z);
+  }
+  const float w_lo = bf16x2_lo(d), w_hi = bf16x2_hi(d);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    acc[r] = fmaf(w_lo, xf[r][P], acc[r]);
+    acc[r] = fmaf(w_hi, xf[r][P + 4], acc[r]);
+  }
+}
+
+// acc[i][r] = this lane's part of (weight row i) . (activation row r) over K, for kWRows weight rows
+// and R activation rows. Lane l takes chunks l, l + 32, ... of VEC bytes (2 * VEC codes, one group).
+// The warp's weight rows are given as one expert's base pointers plus row indices (not 4 pointers
+// each for codes, scales and zeros): 64-bit pointers cost two registers apiece, and registers bound
+// occupancy here.
+struct WarpRows {
+  const uint8_t* packed;  // expert e's [N, K/2]
+  const bf16* scales;     // expert e's [K/G, N]
+  const bf16* zeros;      // expert e's [K/G, N] or nullptr
+  int rows[kWRows];       // the warp's weight rows (output columns; GEMM1: gate and up rows)
+};
+
+template <int VEC, bool SYM, bool PREFETCH, int R>
+__device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G, const bf16* (&xrow)[R],
+                                         float (&acc)[kWRows][R], int lane) {
+  const size_t half = K / 2;
+  constexpr int kWords = VEC / 4;
+  constexpr int kVals = 2 * VEC;  // codes per chunk
+  const int nchunks = K / kVals;
+#pragma unroll
+  for (int i = 0; i < kWRows; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+
+  uint32_t cur[kWRows][kWords];
+  if constexpr (PREFETCH) {
+    if (lane < nchunks) {
+#pragma unroll
+      for (int i = 0; i < kWRows; ++i) load_weights<VEC, true>(cur[i], wr.packed + wr.rows[i] * half + lane * VEC);
+    }
+  }
+  for (int c = lane; c < nchunks; c += kWarp) {
+    uint32_t nxt[kWRows][kWords];
+    if constexpr (PREFETCH) {
+      if (c + kWarp < nchunks) {
+#pragma unroll
+        for (int i = 0; i < kWRows; ++i)
+          load_weights<VEC, true>(nxt[i], wr.packed + wr.rows[i] * half + (c + kWarp) * VEC);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWRows; ++i) load_weights<VEC, false>(cur[i], wr.packed + wr.rows[i] * half + c * VEC);
+    }
+    const size_t g_row = (size_t)(c * kVals / G) * N;  // G is a multiple of kVals: one group per chunk
+    __nv_bfloat162 s2[kWRows];
+    float sf[kWRows], zf[kWRows];
+#pragma unroll
+    for (int i = 0; i < kWRows; ++i) {
+      const bf16 s = wr.scales[g_row + wr.rows[i]];
+      s2[i] = __bfloat162bfloat162(s);
+      sf[i] = SYM ? 0.0f : bf16_to_float(s);
+      zf[i] = SYM ? 0.0f : bf16_to_float(wr.zeros[g_row + wr.rows[i]]);
+    }
+#pragma unroll
+    for (int wd = 0; wd < kWords; ++wd) {
+      const int k0 = c * kVals + 8 * wd;
+      float xf[R][8];  // activations k0..k0+7 of each row, widened once and shared by kWRows weight rows
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xrow[r] + k0));
+        xf[r][0] = bf16x2_lo(xv.x);
+        xf[r][1] = bf16x2_hi(xv.x);
+        xf[r][2] = bf16x2_lo(xv.y);
+        xf[r][3] = bf16x2_hi(xv.y);
+        xf[r][4] = bf16x2_lo(xv.z);
+        xf[r][5] = bf16x2_hi(xv.z);
+        xf[r][6] = bf16x2_lo(xv.w);
+        xf[r][7] = bf16x2_hi(xv.w);
+      }
+#pragma unroll
+      for (int i = 0; i < kWRows; ++i) {
+        const uint32_t u = cur[i][wd];
+        fma_pair<0, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
+        fma_pair<1, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
+        fma_pair<2, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
+        fma_pair<3, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
+      }
+    }
+    if constexpr (PREFETCH) {
+      if (c + kWarp < nchunks) {
+#pragma unroll
+        for (int i = 0; i < kWRows; ++i)
+#pragma unroll
+          for (int wd = 0; wd < kWords; ++wd) cur[i][wd] = nxt[i][wd];
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kWRows; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[i][r] = warp_sum(acc[i][r]);
+}
+
+__device__ __forceinline__ WarpRows warp_rows(const Quant& w, int e, const int (&rows)[kWRows]) {
+  const size_t N = w.N, groups = w.K / w.G;
+  WarpRows out;
+  out.packed = w.packed + (size_t)e * N * (w.K / 2);
+  out.scales = w.scales + (size_t)e * groups * N;
+  out.zeros = w.zeros ? w.zeros + (size_t)e * groups * N : nullptr;
+#pragma unroll
+  for (int i = 0; i < kWRows; ++i) out.rows[i] = rows[i];
+  return out;
+}
+
+// Passes over rows [begin, end) of R = min(MAXR, rows left) rows each, calling pass(Rows<R>{}, rb).
+// Only R <= MAXR are compiled: the launcher picks MAXR = min(T, kMaxRows), because an expert gets at
+// most T rows when a token's k experts are distinct (top-k), so a T = 1 launch carries only the
+// one-row code and its small register count (more blocks per SM). Repeated experts in a token's
+// top-k are still computed correctly, in more passes.
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
+
+template <int MAXR, class Pass>
+__device__ __forceinline__ void for_each_pass(int begin, int end, const Pass& pass) {
+  static_assert(MAXR >= 1 && MAXR <= 4, "passes of 1..4 rows are written out below");
+  for (int rb = begin; rb < end; rb += MAXR) {
+    const int nr = min(MAXR, end - rb);
+    if constexpr (MAXR >= 4) {
+      if (nr == 4) { pass(Rows<4>{}, rb); continue; }
+    }
+    if constexpr (MAXR >= 3) {
+      if (nr == 3) { pass(Rows<3>{}, rb); continue; }
+    }
+    if constexpr (MAXR >= 2) {
+      if (nr == 2) { pass(Rows<2>{}, rb); continue; }
+    }
+    pass(Rows<1>{}, rb);
+  }
+}
+
+template <int VEC, bool SYM, bool PREFETCH, int MAXR>
+__global__ void __launch_bounds__(kThreads)
+gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
+                const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
+  const int e = nth_active_expert(offsets, E, blockIdx.y);
+  if (e < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * 2;  // this warp's columns: n0, n0 + 1
+  if (n0 >= F) return;
+  const bool two = n0 + 1 < F;
+  const int n1 = two ? n0 + 1 : n0;  // a missing second column re-reads the first; its result is dropped
+  const int rows[kWRows] = {n0, n1, F + n0, F + n1};  // gate n0, gate n1, up n0, up n1
+  const WarpRows wr = warp_rows(w, e, rows);
+  for_each_pass<MAXR>(offsets[e], offsets[e + 1], [&](auto rows_tag, int rb) {
+    constexpr int R = decltype(rows_tag)::value;
+    const bf16* xrow[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) xrow[r] = x + (size_t)token_ids[rb + r] * w.K;
+    float acc[kWRows][R];
+    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
+    // lane 2r + j writes act[rb + r, n0 + j]
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        if (lane == 2 * r + j && (j == 0 || two))
+          act[(size_t)(rb + r) * F + n0 + j] = __float2bfloat16_rn(silu(acc[j][r]) * acc[2 + j][r]);
+  });
+}
+
+template <int VEC, bool SYM, bool PREFETCH, int MAXR>
+__global__ void __launch_bounds__(kThreads)
+gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
+                  const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
+                  int E) {
+  const int e = nth_active_expert(offsets, E, blockIdx.y);
+  if (e < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const int H = w.N;
+  const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * kWRows;  // columns n0..n0+3
+  if (n0 >= H) return;
+  int rows[kWRows];
+#pragma unroll
+  for (int i = 0; i < kWRows; ++i) rows[i] = min(n0 + i, H - 1);  // past the end: re-read, result dropped
+  const WarpRows wr = warp_rows(w, e, rows);
+  for_each_pass<MAXR>(offsets[e], offsets[e + 1], [&](auto rows_tag, int rb) {
+    constexpr int R = decltype(rows_tag)::value;
+    const bf16* xrow[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) xrow[r] = act + (size_t)(rb + r) * w.K;
+    float acc[kWRows][R];
+    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
+    // lane 4r + i writes out[slot of row rb + r, n0 + i]: at most 16 lanes, one store each
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int i = 0; i < kWRows; ++i)
+        if (lane == kWRows * r + i && n0 + i < H)
+          out[(size_t)slots[rb + r] * H + n0 + i] = route_w[rb + r] * acc[i][r];
+  });
+}
+
+// ------------------------------------------------------------------------------------- combine
+
+__global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__ y, int T, int top_k, int H) {
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)T * H) return;
+  const size_t t = idx / H, h = idx % H;
+  const float* src = out + t * top_k * H + h;
+  float sum = 0.0f;
+  for (int j = 0; j < top_k; ++j) sum += src[(size_t)j * H];
+  y[idx] = __float2bfloat16_rn(sum);
+}
+
+// ------------------------------------------------------------------------------------ launchers
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+#ifndef MOE_INT4_HOST_EMULATION
+// Every launch goes through here, so the CPU emulation used by the tests can run the same launchers
+// with its own `launch` (one host thread per CUDA thread) instead of <<<>>>.
+template <class... KernelArgs, class... Args>
+void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
+  kernel<<<grid, threads, 0, stream>>>(args...);
+}
+#endif
+
+// v2/v3 launch: 16-byte loads get every variant; the 4-byte path exists only for toy shapes (K or G
+// not a multiple of 32), so it is compiled once (no prefetch, passes of up to kMaxRows) to keep the
+// build short, and v3 runs v2's kernel there.
+template <bool SYM>
+void launch_gemm1_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* x,
+                     const Quant& w, const int32_t* ids, const int32_t* offs, bf16* act, int E, int F) {
+  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
+  Kernel k;
+  if (load == 4) {
+    k = gemm1_swiglu_v2<4, SYM, false, kMaxRows>;
+  } else if (prefetch) {
+    k = max_rows == 1   ? gemm1_swiglu_v2<16, SYM, true, 1>
+        : max_rows == 2 ? gemm1_swiglu_v2<16, SYM, true, 2>
+                        : gemm1_swiglu_v2<16, SYM, true, kMaxRows>;
+  } else {
+    k = max_rows == 1   ? gemm1_swiglu_v2<16, SYM, false, 1>
+        : max_rows == 2 ? gemm1_swiglu_v2<16, SYM, false, 2>
+                        : gemm1_swiglu_v2<16, SYM, false, kMaxRows>;
+  }
+  launch(k, grid, kThreads, stream, x, w, ids, offs, act, E, F);
+}
+
+template <bool SYM>
+void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* act,
+                     const Quant& w, const int32_t* slots, const float* rw, const int32_t* offs, float* out, int E) {
+  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int);
+  Kernel k;
+  if (load == 4) {
+    k = gemm2_weighted_v2<4, SYM, false, kMaxRows>;
+  } else if (prefetch) {
+    k = max_rows == 1   ? gemm2_weighted_v2<16, SYM, true, 1>
+        : max_rows == 2 ? gemm2_weighted_v2<16, SYM, true, 2>
+                        : gemm2_weighted_v2<16, SYM, true, kMaxRows>;
+  } else {
+    k = max_rows == 1   ? gemm2_weighted_v2<16, SYM, false, 1>
+        : max_rows == 2 ? gemm2_weighted_v2<16, SYM, false, 2>
+                        : gemm2_weighted_v2<16, SYM, false, kMaxRows>;
+  }
+  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
+}
+
+bool sizes_ok(int E, int H, int F, int num_rows, int num_tokens) {
+  // grid.y is E (v1) or min(E, rows) (v2/v3), and CUDA caps grid.y at 65535.
+  return E > 0 && E <= 65535 && H > 0 && F > 0 && F <= (1 << 29) && num_rows >= 0 && num_tokens >= 0;
+}
+
+int max_rows_per_pass(int num_tokens) { return num_tokens < kMaxRows ? (num_tokens < 1 ? 1 : num_tokens) : kMaxRows; }
+
+}  // namespace
+}  // namespace moe_int4
+
+using namespace moe_int4;
+
+extern "C" int moe_int4_path(int version, int K, int G, const void* packed, const void* activations) {
+  if (version < 1 || version > MOE_INT4_LATEST_VERSION) return 0;
+  if (K <= 0 || G <= 0 || K % 2 || G % 2 || K % G) return 0;
+  if (version == 1) return 1;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(packed), a = reinterpret_cast<uintptr_t>(activations);
+  // Activations are read 8 bf16 (16 bytes) at a time, so rows of K values must stay 16-byte aligned.
+  if (a % 16 == 0 && K % 8 == 0) {
+    if (K % 32 == 0 && G % 32 == 0 && p % 16 == 0) return 16;  // rows of K/2 bytes stay 16-byte aligned
+    if (G % 8 == 0 && p % 4 == 0) return 4;
+  }
+  return 1;  // v2/v3 cannot vectorise this shape: run v1
+}
+
+extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_packed, const void* w13_scales,
+                                             const void* w13_zeros, const int32_t* sorted_token_ids,
+                                             const int32_t* expert_offsets, void* act, int num_tokens, int num_rows,
+                                             int E, int H, int F, int G13, int version, cudaStream_t stream) {
+  if (!sizes_ok(E, H, F, num_rows, num_tokens)) return cudaErrorInvalidValue;
+  const int load = moe_int4_path(version, H, G13, w13_packed, x);
+  if (load == 0) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  const Quant w{w13_packed, static_cast<const bf16*>(w13_scales), static_cast<const bf16*>(w13_zeros), 2 * F, H,
+                G13};
+  const bf16* xb = static_cast<const bf16*>(x);
+  bf16* actb = static_cast<bf16*>(act);
+  if (load == 1) {
+    const dim3 grid(ceil_div(F, kWarps), E);
+    launch(gemm1_swiglu_v1, grid, kThreads, stream, xb, w, sorted_token_ids, expert_offsets, actb, F);
+  } else {
+    const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
+    const bool prefetch = version >= 3;
+    const int max_rows = max_rows_per_pass(num_tokens);
+    if (w13_zeros == nullptr) {
+      launch_gemm1_v2<true>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
+                            F);
+    } else {
+      launch_gemm1_v2<false>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
+                             F);
+    }
+  }
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, const void* w2_scales,
+                                               const void* w2_zeros, const int32_t* sorted_slots,
+                                               const float* sorted_weights, const int32_t* expert_offsets,
+                                               float* out, int num_tokens, int num_rows, int E, int H, int F, int G2,
+                                               int version, cudaStream_t stream) {
+  if (!sizes_ok(E, H, F, num_rows, num_tokens)) return cudaErrorInvalidValue;
+  const int load = moe_int4_path(version, F, G2, w2_packed, act);
+  if (load == 0) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2};
+  const bf16* actb = static_cast<const bf16*>(act);
+  if (load == 1) {
+    const dim3 grid(ceil_div(H, kWarps), E);
+    launch(gemm2_weighted_v1, grid, kThreads, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out);
+  } else {
+    const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);
+    const bool prefetch = version >= 3;
+    const int max_rows = max_rows_per_pass(num_tokens);
+    if (w2_zeros == nullptr) {
+      launch_gemm2_v2<true>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
+                            expert_offsets, out, E);
+    } else {
+      launch_gemm2_v2<false>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
+                             expert_offsets, out, E);
+    }
+  }
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, cudaStream_t stream) {
+  if (T < 0 || top_k <= 0 || H <= 0) return cudaErrorInvalidValue;
+  const size_t n = (size_t)T * H;
+  if (n == 0) return cudaSuccess;
+  const int threads = 256;
+  const size_t blocks = (n + threads - 1) / threads;
+  if (blocks > 0x7FFFFFFFu) return cudaErrorInvalidValue;
+  launch(combine_kernel, (unsigned)blocks, threads, stream, out, static_cast<bf16*>(y), T, top_k, H);
+  return cudaGetLastError();
+}

@@ -1,0 +1,63 @@
+// moe_int4.h: the plain C launcher API of the W4A16 grouped MoE kernels in moe_int4.cu.
+//
+// Everything is a raw device pointer plus sizes, so any host code (the PyTorch binding in
+// moe_int4_binding.cpp, a C test, another framework) can call it; nothing here needs PyTorch.
+// bf16 buffers are passed as void* (they hold __nv_bfloat16) so this header stays plain C.
+// Every function only enqueues work on `stream` (no host sync) and returns the launch error.
+//
+// The INT4 format is the one moe_tut/quant.py specifies (a weight W [E, N, K], K = reduction dim):
+//   packed [E, N, K/2]  uint8  byte j of row n holds k = 2j (low nibble) and k = 2j+1 (high nibble)
+//   scales [E, K/G, N]  bf16
+//   zeros  [E, K/G, N]  bf16, or NULL for symmetric (then zeros = -8 * scales)
+//   W[e, n, k] = bf16(fma(c, scales[e, k/G, n], zeros[e, k/G, n]))  in float32, rounded once
+// Routing (a moe_tut RoutingPlan): rows r = 0..T*k-1 are token slots sorted by expert; expert e
+// owns rows [expert_offsets[e], expert_offsets[e+1]). All index arrays are int32.
+#ifndef MOE_INT4_H
+#define MOE_INT4_H
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + prefetch.
+#define MOE_INT4_LATEST_VERSION 3
+
+// GEMM1 + SwiGLU:  act[r, n] = bf16(silu(gate) * up), gate = W13[e, n, :] . x[tok[r], :],
+// up = W13[e, F + n, :] . x[tok[r], :], for every row r of every expert e, n < F.
+//   x [T, H] bf16; w13 [E, 2F, H] as packed/scales/zeros (K = H, group size G13);
+//   sorted_token_ids [T*k]; expert_offsets [E+1]; act [T*k, F] bf16 (output, rows in sorted order).
+cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_packed, const void* w13_scales,
+                                  const void* w13_zeros, const int32_t* sorted_token_ids,
+                                  const int32_t* expert_offsets, void* act, int num_tokens, int num_rows, int E,
+                                  int H, int F, int G13, int version, cudaStream_t stream);
+
+// GEMM2 + routing weight, scattered to slot order:
+//   out[sorted_slots[r], n] = sorted_weights[r] * (W2[e, n, :] . act[r, :])   (float32), n < H.
+//   act [T*k, F] bf16; w2 [E, H, F] as packed/scales/zeros (K = F, group size G2);
+//   sorted_slots [T*k]; sorted_weights [T*k] float32; out [T*k, H] float32 (every row written).
+cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, const void* w2_scales,
+                                    const void* w2_zeros, const int32_t* sorted_slots, const float* sorted_weights,
+                                    const int32_t* expert_offsets, float* out, int num_tokens, int num_rows, int E,
+                                    int H, int F, int G2, int version, cudaStream_t stream);
+
+// Combine over k in a fixed order:  y[t, h] = bf16(sum_{j < k} out[t*k + j, h]).  y [T, H] bf16.
+cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, cudaStream_t stream);
+
+// num_tokens = T and num_rows = T*k (the length of the sorted arrays); T also bounds the rows of one
+// expert when each token's k experts are distinct, which the v2/v3 launch uses to pick the kernel
+// (results stay correct when they are not). Both GEMMs return cudaErrorInvalidValue for
+// sizes they cannot take (E > 65535, G not even or not dividing K, a version that does not exist).
+
+// Which code path a GEMM with reduction size K and group size G runs for `version`, given the
+// packed-weight and activation pointers (alignment matters), as the bytes per weight load:
+// 1 = the v1 kernel (also what v2/v3 fall back to), 4 or 16 = the v2/v3 kernel, 0 = invalid arguments.
+int moe_int4_path(int version, int K, int G, const void* packed, const void* activations);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // MOE_INT4_H

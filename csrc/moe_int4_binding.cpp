@@ -1,0 +1,195 @@
+// moe_int4_binding.cpp: the PyTorch binding of the C launchers in moe_int4.h (kernels in moe_int4.cu).
+//
+// Thin on purpose: check what the kernels assume (device, dtype, shape, contiguity, group size)
+// with messages that say what was expected, allocate the outputs, and launch on the current CUDA
+// stream of the input's device. Only tensor metadata is read, never tensor data, so there is no host
+// sync and a forward through this binding can be captured in a CUDA graph. The routing arrays'
+// *contents* (ids in range, offsets non-decreasing) are trusted: moe_tut's RoutingPlan.build makes them.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <limits>
+#include <optional>
+
+#include "moe_int4.h"
+
+namespace {
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), "moe_int4: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == device, "moe_int4: ", name, " is on ", t.device(), " but the activations are on ",
+              device);
+  TORCH_CHECK(t.scalar_type() == dtype, "moe_int4: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "moe_int4: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "moe_int4: ", name, " must be contiguous (call .contiguous())");
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* layout) {
+  TORCH_CHECK(t.sizes() == expected, "moe_int4: ", name, " must be ", layout, " = ", expected, ", got ", t.sizes());
+}
+
+int to_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "moe_int4: ", what, " = ", v,
+              " does not fit the kernels' 32-bit sizes");
+  return static_cast<int>(v);
+}
+
+void check_version(int64_t version) {
+  TORCH_CHECK(version >= 1 && version <= MOE_INT4_LATEST_VERSION, "moe_int4: version must be 1..",
+              MOE_INT4_LATEST_VERSION, ", got ", version);
+}
+
+// packed [E, N, K/2] uint8, scales [E, K/G, N] bf16, zeros like scales or None. Returns nothing;
+// raises with the expected layout on any mismatch.
+void check_quant(const at::Tensor& packed, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                 const char* name, int64_t E, int64_t N, int64_t K, int64_t group_size, const at::Device& device) {
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "moe_int4: ", name,
+              " group_size must be even and divide the reduction dim ", K, ", got ", group_size);
+  const std::string p = std::string(name) + "_packed", s = std::string(name) + "_scales",
+                    z = std::string(name) + "_zeros";
+  check_tensor(packed, p.c_str(), at::kByte, 3, device);
+  check_shape(packed, p.c_str(), {E, N, K / 2}, "[E, N, K/2]");
+  check_tensor(scales, s.c_str(), at::kBFloat16, 3, device);
+  check_shape(scales, s.c_str(), {E, K / group_size, N}, "[E, K/G, N]");
+  if (zeros.has_value()) {
+    check_tensor(*zeros, z.c_str(), at::kBFloat16, 3, device);
+    check_shape(*zeros, z.c_str(), {E, K / group_size, N}, "[E, K/G, N]");
+  }
+}
+
+void check_routing_index(const at::Tensor& t, const char* name, int64_t numel, const at::Device& device) {
+  check_tensor(t, name, at::kInt, 1, device);
+  TORCH_CHECK(t.numel() == numel, "moe_int4: ", name, " must have ", numel, " entries, got ", t.numel());
+}
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "moe_int4: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+// act [T*k, F] bf16 = silu(x W1^T) * (x W3^T) per sorted row (see moe_int4.h).
+at::Tensor gemm1_swiglu(const at::Tensor& x, const at::Tensor& w13_packed, const at::Tensor& w13_scales,
+                        const std::optional<at::Tensor>& w13_zeros, const at::Tensor& sorted_token_ids,
+                        const at::Tensor& expert_offsets, int64_t group_size, int64_t version) {
+  check_version(version);
+  TORCH_CHECK(x.dim() == 2, "moe_int4: x must be 2-D [T, H], got shape ", x.sizes());
+  const at::Device device = x.device();
+  check_tensor(x, "x", at::kBFloat16, 2, device);
+  TORCH_CHECK(w13_packed.dim() == 3, "moe_int4: w13_packed must be 3-D [E, 2F, H/2], got shape ", w13_packed.sizes());
+  const int64_t T = x.size(0), H = x.size(1), E = w13_packed.size(0), two_f = w13_packed.size(1);
+  TORCH_CHECK(H % 2 == 0, "moe_int4: the hidden size H must be even (two 4-bit codes per byte), got ", H);
+  TORCH_CHECK(two_f % 2 == 0 && two_f > 0, "moe_int4: w13's row count must be 2F > 0, got ", two_f);
+  check_quant(w13_packed, w13_scales, w13_zeros, "w13", E, two_f, H, group_size, device);
+  const int64_t rows = sorted_token_ids.numel();
+  check_routing_index(sorted_token_ids, "sorted_token_ids", rows, device);
+  check_routing_index(expert_offsets, "expert_offsets", E + 1, device);
+  const int64_t F = two_f / 2;
+  auto act = at::empty({rows, F}, x.options());
+  const c10::cuda::CUDAGuard guard(device);
+  check_launch(moe_int4_gemm1_swiglu(x.data_ptr(), w13_packed.data_ptr<uint8_t>(), w13_scales.data_ptr(),
+                                     ptr_or_null(w13_zeros), sorted_token_ids.data_ptr<int32_t>(),
+                                     expert_offsets.data_ptr<int32_t>(), act.data_ptr(), to_int(T, "T"),
+                                     to_int(rows, "T*k"), to_int(E, "E"), to_int(H, "H"), to_int(F, "F"),
+                                     to_int(group_size, "group_size"), static_cast<int>(version),
+                                     c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+               "moe_int4_gemm1_swiglu");
+  return act;
+}
+
+// out [T*k, H] float32, row = slot: routing weight * (act W2^T) (see moe_int4.h).
+at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, const at::Tensor& w2_scales,
+                          const std::optional<at::Tensor>& w2_zeros, const at::Tensor& sorted_slots,
+                          const at::Tensor& sorted_weights, const at::Tensor& expert_offsets, int64_t num_tokens,
+                          int64_t group_size, int64_t version) {
+  check_version(version);
+  TORCH_CHECK(act.dim() == 2, "moe_int4: act must be 2-D [T*k, F], got shape ", act.sizes());
+  const at::Device device = act.device();
+  check_tensor(act, "act", at::kBFloat16, 2, device);
+  TORCH_CHECK(w2_packed.dim() == 3, "moe_int4: w2_packed must be 3-D [E, H, F/2], got shape ", w2_packed.sizes());
+  const int64_t rows = act.size(0), F = act.size(1), E = w2_packed.size(0), H = w2_packed.size(1);
+  TORCH_CHECK(F % 2 == 0, "moe_int4: the expert size F must be even (two 4-bit codes per byte), got ", F);
+  check_quant(w2_packed, w2_scales, w2_zeros, "w2", E, H, F, group_size, device);
+  check_routing_index(sorted_slots, "sorted_slots", rows, device);
+  check_tensor(sorted_weights, "sorted_weights", at::kFloat, 1, device);
+  TORCH_CHECK(sorted_weights.numel() == rows, "moe_int4: sorted_weights must have ", rows, " entries, got ",
+              sorted_weights.numel());
+  check_routing_index(expert_offsets, "expert_offsets", E + 1, device);
+  TORCH_CHECK(num_tokens >= 0, "moe_int4: num_tokens must be >= 0, got ", num_tokens);
+  auto out = at::empty({rows, H}, act.options().dtype(at::kFloat));
+  const c10::cuda::CUDAGuard guard(device);
+  check_launch(moe_int4_gemm2_weighted(act.data_ptr(), w2_packed.data_ptr<uint8_t>(), w2_scales.data_ptr(),
+                                       ptr_or_null(w2_zeros), sorted_slots.data_ptr<int32_t>(),
+                                       sorted_weights.data_ptr<float>(), expert_offsets.data_ptr<int32_t>(),
+                                       out.data_ptr<float>(), to_int(num_tokens, "T"), to_int(rows, "T*k"),
+                                       to_int(E, "E"), to_int(H, "H"), to_int(F, "F"),
+                                       to_int(group_size, "group_size"), static_cast<int>(version),
+                                       c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+               "moe_int4_gemm2_weighted");
+  return out;
+}
+
+// y [T, H] bf16 = sum over each token's k slot rows of out [T*k, H] float32.
+at::Tensor combine(const at::Tensor& out, int64_t num_tokens, int64_t top_k) {
+  TORCH_CHECK(out.dim() == 2, "moe_int4: out must be 2-D [T*k, H], got shape ", out.sizes());
+  check_tensor(out, "out", at::kFloat, 2, out.device());
+  TORCH_CHECK(top_k > 0 && num_tokens >= 0 && out.size(0) == num_tokens * top_k, "moe_int4: out has ", out.size(0),
+              " rows, expected T*k = ", num_tokens, " * ", top_k);
+  const int64_t H = out.size(1);
+  auto y = at::empty({num_tokens, H}, out.options().dtype(at::kBFloat16));
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_launch(moe_int4_combine(out.data_ptr<float>(), y.data_ptr(), to_int(num_tokens, "T"), to_int(top_k, "top_k"),
+                                to_int(H, "H"), c10::cuda::getCurrentCUDAStream(out.device().index()).stream()),
+               "moe_int4_combine");
+  return y;
+}
+
+// The whole forward: gemm1_swiglu -> gemm2_weighted -> combine, y [T, H] bf16.
+at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::Tensor& w13_scales,
+                   const std::optional<at::Tensor>& w13_zeros, int64_t w13_group_size, const at::Tensor& w2_packed,
+                   const at::Tensor& w2_scales, const std::optional<at::Tensor>& w2_zeros, int64_t w2_group_size,
+                   const at::Tensor& sorted_token_ids, const at::Tensor& sorted_slots,
+                   const at::Tensor& sorted_weights, const at::Tensor& expert_offsets, int64_t top_k,
+                   int64_t version) {
+  TORCH_CHECK(x.dim() == 2, "moe_int4: x must be 2-D [T, H], got shape ", x.sizes());
+  TORCH_CHECK(top_k > 0 && sorted_token_ids.numel() == x.size(0) * top_k, "moe_int4: the routing has ",
+              sorted_token_ids.numel(), " rows, expected T*k = ", x.size(0), " * ", top_k);
+  TORCH_CHECK(w2_packed.dim() == 3 && w13_packed.dim() == 3 && w2_packed.size(0) == w13_packed.size(0) &&
+                  w2_packed.size(1) == x.size(1) && 4 * w2_packed.size(2) == w13_packed.size(1),  // 2F = 2 * (2 * F/2)
+              "moe_int4: w2_packed ", w2_packed.sizes(), " must be [E, H, F/2] to match w13_packed ",
+              w13_packed.sizes(), " = [E, 2F, H/2] and x ", x.sizes());
+  const at::Tensor act =
+      gemm1_swiglu(x, w13_packed, w13_scales, w13_zeros, sorted_token_ids, expert_offsets, w13_group_size, version);
+  const at::Tensor out = gemm2_weighted(act, w2_packed, w2_scales, w2_zeros, sorted_slots, sorted_weights,
+                                        expert_offsets, x.size(0), w2_group_size, version);
+  return combine(out, x.size(0), top_k);
+}
+
+// Bytes per weight load of the path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3), 0 = invalid.
+int64_t path(int64_t version, int64_t K, int64_t group_size, const at::Tensor& packed, const at::Tensor& activations) {
+  return moe_int4_path(static_cast<int>(version), to_int(K, "K"), to_int(group_size, "group_size"),
+                       packed.data_ptr(), activations.data_ptr());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moe_tut W4A16 grouped MoE kernels for decode (csrc/moe_int4.cu)";
+  m.attr("latest_version") = MOE_INT4_LATEST_VERSION;
+  m.def("gemm1_swiglu", &gemm1_swiglu, "act = silu(x W1^T) * (x W3^T) per sorted row", py::arg("x"),
+        py::arg("w13_packed"), py::arg("w13_scales"), py::arg("w13_zeros"), py::arg("sorted_token_ids"),
+        py::arg("expert_offsets"), py::arg("group_size"), py::arg("version"));
+  m.def("gemm2_weighted", &gemm2_weighted, "out[slot] = routing weight * (act W2^T), float32", py::arg("act"),
+        py::arg("w2_packed"), py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("sorted_slots"),
+        py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("num_tokens"), py::arg("group_size"),
+        py::arg("version"));
+  m.def("combine", &combine, "y = sum over k of out, bf16", py::arg("out"), py::arg("num_tokens"), py::arg("top_k"));
+  m.def("forward", &forward, "the whole MoE forward: y [T, H] bf16", py::arg("x"), py::arg("w13_packed"),
+        py::arg("w13_scales"), py::arg("w13_zeros"), py::arg("w13_group_size"), py::arg("w2_packed"),
+        py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("w2_group_size"), py::arg("sorted_token_ids"),
+        py::arg("sorted_slots"), py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("top_k"),
+        py::arg("version"));
+  m.def("path", &path, "bytes per weight load of the kernel path (1 = v1, 4/16 = v2/v3, 0 = invalid)",
+        py::arg("version"), py::arg("K"), py::arg("group_size"), py::arg("packed"), py::arg("activations"));
+}
