@@ -294,8 +294,10 @@ def test_max_row_blocks_bounds_the_block_map(skew, block_m):
 
 
 def test_decode_rule():
-    assert gg.is_decode(1, 2, 8) and gg.is_decode(64, 2, 8) and not gg.is_decode(65, 2, 8)
-    assert gg.is_decode(128, 8, 256) and not gg.is_decode(1024, 8, 256)  # deepseek-v3
+    # decode at <= 8 rows per expert on average (the threshold measured on an H100)
+    assert gg.is_decode(1, 2, 8) and gg.is_decode(32, 2, 8) and not gg.is_decode(33, 2, 8)
+    assert gg.is_decode(128, 8, 128) and not gg.is_decode(128, 8, 64)  # qwen3 T=128: 8 rows; deepseek: 16
+    assert gg.is_decode(256, 8, 256) and not gg.is_decode(1024, 8, 256)  # deepseek-v3
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gate-up"])
@@ -304,11 +306,14 @@ def test_decode_configs_fill_the_sms(fused):
     for N in (4096, 14336):
         cfgs = gg.get_decode_configs(N, est_row_blocks=2, num_sms=132, fused_gate_up=fused,
                                      smem_limit=99 * 1024)
-        assert cfgs and all(c.block_m == 16 for c in cfgs)
-        assert all(c.smem_bytes(2 if fused else 1) <= 99 * 1024 for c in cfgs)
-        assert all(2 * -(-N // c.block_n) >= 132 for c in cfgs)
-    # too few columns to fill the GPU: only the narrowest tiles are kept
-    assert {c.block_n for c in gg.get_decode_configs(64, 1, 132, fused)} == {32}
+        assert len(cfgs) == 1 and cfgs[0].block_m == 16 and cfgs[0].block_k == 128
+        assert cfgs[0].smem_bytes(2 if fused else 1) <= 99 * 1024
+        # 64 wide when that gives a tile per SM (N=14336: 448 tiles), else 32 (N=4096: 128 < 132 tiles)
+        assert cfgs[0].block_n == (64 if 2 * -(-N // 64) >= 132 else 32)
+    # 64-wide tiles would leave SMs idle but 32-wide ones do not: the 32-wide tile
+    assert [c.block_n for c in gg.get_decode_configs(64 * 100, 1, 132, fused)] == [32]
+    # too few columns to fill the GPU either way: the 64-wide tile (fewer, longer weight streams)
+    assert [c.block_n for c in gg.get_decode_configs(64, 1, 132, fused)] == [64]
 
 
 @pytest.mark.parametrize("limit_kb", [99, 163, 227])  # sm_86/89, sm_80, sm_90

@@ -106,8 +106,8 @@ CONFIG2_ENV = "MOE_TUT_TRITON_CONFIG2"  # same format: pins the fast path's GEMM
 TMA_ENV = "MOE_TUT_TRITON_TMA"  # "1": weights (and GEMM2's A) through TMA tensor descriptors where supported
 LOOP_ENV = "MOE_TUT_TRITON_LOOP"  # "flatten", "ws" or "flatten,ws": tl.range options of the persistent loop
 DECODE_ENV = "MOE_TUT_DECODE_MAX_ROWS"  # overrides DECODE_MAX_ROWS_PER_EXPERT (an integer, 0 = never decode)
-DECODE_MAX_ROWS_PER_EXPERT = 16  # at or below this many rows per expert (mean), use the decode configs
-USE_TMA_DEFAULT = False  # TMA weight loads by default on sm_90+ (off until measured on an H100)
+DECODE_MAX_ROWS_PER_EXPERT = 8  # at or below this many rows per expert (mean), use the decode config (H100: see LOG)
+USE_TMA_DEFAULT = True  # TMA loads on sm_90+ for prefill shapes (H100, results/h100/LOG.md: v1)
 CPU_PERSISTENT_PROGRAMS = 4  # "SMs" of the interpreter: small, so each program still loops over tiles
 DEFAULT_SMEM_BYTES = 99 * 1024  # assumed when the GPU's limit cannot be read: sm_86/sm_89, the smallest
 
@@ -204,20 +204,20 @@ def get_autotune_configs(fused_gate_up: bool = False) -> list[TileConfig]:
 
 def get_decode_configs(N: int, est_row_blocks: int, num_sms: int, fused_gate_up: bool = False,
                        smem_limit: int = DEFAULT_SMEM_BYTES, elem_bytes: int = 2) -> list[TileConfig]:
-    """Decode tiles: BLOCK_M = 16, and only the BLOCK_N that give at least one tile per SM.
+    """The decode tile: BLOCK_M = 16, BLOCK_N = 64, BLOCK_K = 128, not autotuned.
 
-    With 1-16 rows per expert the work is streaming the touched experts' weights once; the tiles
-    split each expert's N columns, so est_row_blocks * ceil(N / BLOCK_N) tiles share that stream.
-    If even the narrowest tile leaves SMs idle, the narrowest is all that is kept.
+    With few rows per expert the work is streaming the touched experts' weights once. Measured on an
+    H100 (results/h100/triton_tune_v1), 16x64x128 was the best or within 3% of the best decode tile at
+    every decode point of five presets, while the autotuner, timing 1-16 rows with short repetitions,
+    picked tiles up to 1.8x slower (qwen3-30b-a3b at T=128). Where 64-wide tiles would leave SMs idle
+    (est_row_blocks * ceil(N / 64) < SMs) and a 32-wide one does not, the 32-wide tile is used.
     """
-    cands = []
-    for bn in (32, 64, 128):
-        for bk in (128, 256):
-            cfg = TileConfig(16, bn, bk, 8, 4, 4).fit(smem_limit, 2 if fused_gate_up else 1, elem_bytes)
-            if cfg is not None:
-                cands.append(cfg)
-    busy = [c for c in cands if est_row_blocks * triton.cdiv(N, c.block_n) >= num_sms]
-    return busy or [c for c in cands if c.block_n == min(c.block_n for c in cands)]
+    fitted = [c for c in (TileConfig(16, bn, 128, 8, 4, 4).fit(smem_limit, 2 if fused_gate_up else 1, elem_bytes)
+                          for bn in (64, 32)) if c is not None]
+    if not fitted:
+        raise RuntimeError(f"no decode tile fits {smem_limit // 1024} KB of shared memory per block")
+    busy = [c for c in fitted if est_row_blocks * triton.cdiv(N, c.block_n) >= num_sms]
+    return busy[:1] or fitted[:1]
 
 
 def pinned_config(env: str = CONFIG_ENV) -> TileConfig | None:
@@ -771,6 +771,8 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
         return x.new_zeros(0, H)
     config = config or pinned_config()
     config2 = config2 or pinned_config(CONFIG2_ENV) or config
+    if tma is None and not os.environ.get(TMA_ENV, "").strip() and is_decode(T, k, weights.num_experts):
+        tma = False  # decode tiles were no faster with TMA on the H100 (0-7% slower at T = 1; LOG v1)
     configs1 = configs2 = None
     if config is None or config2 is None:
         if interpreting():
