@@ -18,10 +18,13 @@ a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+
+from .env import interpreting
 
 SKEWS = ("uniform", "zipf", "hot", "all_to_one")
 DEFAULT_ZIPF_ALPHA = 1.2
@@ -153,6 +156,53 @@ class BlockMap:
     max_blocks: int
 
 
+PLAN_METHODS = ("auto", "torch", "kernel")
+
+
+@functools.cache
+def _plan_kernel_module():
+    """moe_tut.kernels.plan, imported on first use (it defines a Triton kernel at import), or None
+    where Triton is not importable."""
+    try:
+        from .kernels import plan
+    except ImportError:
+        return None
+    return plan
+
+
+def _auto_method(topk_ids: torch.Tensor, num_experts: int) -> str:
+    # The kernel only pays off as a real GPU launch; under the interpreter (even with CUDA tensors)
+    # it is slower than the torch ops.
+    if topk_ids.device.type != "cuda" or interpreting():
+        return "torch"
+    plan_kernel = _plan_kernel_module()
+    if plan_kernel is None or not plan_kernel.auto_eligible(topk_ids.numel(), num_experts):
+        return "torch"
+    return "kernel"
+
+
+def _build_torch(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
+    """The plan tensors from torch ops (any size, any device): the reference for the kernel path."""
+    T, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    sorted_slots = torch.sort(flat, stable=True).indices
+    # scatter_add, not bincount: bincount on CUDA syncs with the host to size its output.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    slot_to_sorted = torch.empty_like(sorted_slots)
+    slot_to_sorted[sorted_slots] = torch.arange(T * k, device=flat.device)
+    return dict(
+        sorted_slots=sorted_slots.to(torch.int32),
+        sorted_token_ids=(sorted_slots // k).to(torch.int32),
+        sorted_weights=topk_weights.reshape(-1)[sorted_slots].to(torch.float32),
+        slot_to_sorted=slot_to_sorted.to(torch.int32),
+        expert_counts=counts.to(torch.int32),
+        expert_offsets=offsets.to(torch.int32),
+    )
+
+
 @dataclass(frozen=True)
 class RoutingPlan:
     """Token slots grouped by expert. A slot s = t * k + j is token t's j-th expert choice.
@@ -180,8 +230,18 @@ class RoutingPlan:
 
     @classmethod
     def build(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-              validate: bool = True) -> RoutingPlan:
-        """Group token slots by expert. `validate` checks ids are in range (a host sync: off when timing)."""
+              validate: bool = True, *, method: str = "auto") -> RoutingPlan:
+        """Group token slots by expert. `validate` checks ids are in range (a host sync: off when timing).
+
+        `method` picks how the tensors are built; every method gives bit-identical results:
+          "auto"    the single-launch Triton kernel (moe_tut.kernels.plan) for CUDA tensors with
+                    T*k <= its AUTO_MAX_ROWS, else the torch ops. The CPU always takes the torch ops:
+                    under Triton's interpreter the kernel is far slower.
+          "torch"   ~15 small torch kernels (sort, scatter_add, cumsum, ...): any size, any device.
+          "kernel"  the Triton kernel; on the CPU it needs Triton's interpreter (tests use this).
+        """
+        if method not in PLAN_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PLAN_METHODS)}; got {method!r}")
         if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
             raise ValueError(f"topk_ids and topk_weights must both be [T, k]; got {tuple(topk_ids.shape)} "
                              f"and {tuple(topk_weights.shape)}")
@@ -196,25 +256,20 @@ class RoutingPlan:
             lo, hi = int(topk_ids.min()), int(topk_ids.max())
             if lo < 0 or hi >= num_experts:
                 raise ValueError(f"topk_ids must be in [0, {num_experts}); found values in [{lo}, {hi}]")
-        flat = topk_ids.reshape(-1)
-        sorted_slots = torch.sort(flat, stable=True).indices
-        # scatter_add, not bincount: bincount on CUDA syncs with the host to size its output.
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-        counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
-        offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-        offsets[1:] = torch.cumsum(counts, 0)
-        slot_to_sorted = torch.empty_like(sorted_slots)
-        slot_to_sorted[sorted_slots] = torch.arange(T * k, device=flat.device)
-        return cls(
-            num_tokens=T, top_k=k, num_experts=num_experts,
-            topk_ids=topk_ids, topk_weights=topk_weights,
-            sorted_slots=sorted_slots.to(torch.int32),
-            sorted_token_ids=(sorted_slots // k).to(torch.int32),
-            sorted_weights=topk_weights.reshape(-1)[sorted_slots].to(torch.float32),
-            slot_to_sorted=slot_to_sorted.to(torch.int32),
-            expert_counts=counts.to(torch.int32),
-            expert_offsets=offsets.to(torch.int32),
-        )
+        if method == "auto":
+            method = _auto_method(topk_ids, num_experts)
+        if method == "kernel":
+            plan_kernel = _plan_kernel_module()
+            if plan_kernel is None:
+                raise RuntimeError("method='kernel' needs Triton, which could not be imported")
+            if topk_ids.device.type != "cuda" and not interpreting():
+                raise RuntimeError("method='kernel' on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 "
+                                   "before moe_tut is imported)")
+            fields = plan_kernel.build_plan_tensors(topk_ids, topk_weights, num_experts)
+        else:
+            fields = _build_torch(topk_ids, topk_weights, num_experts)
+        return cls(num_tokens=T, top_k=k, num_experts=num_experts, topk_ids=topk_ids, topk_weights=topk_weights,
+                   **fields)
 
     @property
     def num_rows(self) -> int:
