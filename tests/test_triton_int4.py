@@ -63,8 +63,9 @@ def test_forward_matches_dequantised_reference(case, path):
 
 
 def test_rule_picks_the_regime():
-    assert ig.path_for(1, 2, 8) == "decode" and ig.path_for(64, 2, 8) == "decode"
-    assert ig.path_for(65, 2, 8) == "prefill" and ig.path_for(1024, 8, 256) == "prefill"
+    m = gg.decode_max_rows()  # mean rows per expert at or below which it is decode (8 since triton v2)
+    assert ig.path_for(1, 2, 8) == "decode" and ig.path_for(4 * m, 2, 8) == "decode"
+    assert ig.path_for(4 * m + 1, 2, 8) == "prefill" and ig.path_for(1024, 8, 256) == "prefill"
     # the default (shape-chosen) path on a prefill-sized case, with the backend's own check
     x, q, ids, tw, plan = make_case(*CASES[-1][1:])
     check(get_backend("triton_int4"), x, q, ids, tw, plan)
@@ -132,8 +133,14 @@ def expected_tile(qt: QuantizedTensor, e: int) -> torch.Tensor:
     return (f32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # keep the top 16 bits
 
 
+VARIANTS = [ig.Int4Variant(), ig.Int4Variant(magic=True), ig.Int4Variant(split=True, magic=True),
+            ig.Int4Variant(post_scale=True), ig.Int4Variant(magic=True, post_scale=True, split=True)]
+VARIANT_IDS = [v.label() for v in VARIANTS]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("G,symmetric,block_k", [(32, True, 128), (64, False, 32), (128, True, 64), (32, False, 32)])
-def test_kernel_multiplies_with_exactly_the_dequantised_values(G, symmetric, block_k):
+def test_kernel_multiplies_with_exactly_the_dequantised_values(G, symmetric, block_k, variant):
     # GEMM with A = identity rows: out[r, n] = W[n, r] exactly (one nonzero product, float32
     # accumulator), so the output is the weight tile the kernel built. Expert 1 of 2 gets every row,
     # so the expert stride is exercised; N = 48 leaves a partial column block.
@@ -143,8 +150,57 @@ def test_kernel_multiplies_with_exactly_the_dequantised_values(G, symmetric, blo
     plan = RoutingPlan.build(torch.ones(K, 1, dtype=torch.long, device=DEVICE), torch.ones(K, 1, device=DEVICE), E)
     out = torch.full((K, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     a = torch.eye(K, device=DEVICE, dtype=torch.bfloat16)
-    ig.int4_grouped_gemm(a, qt, plan, out, config=TileConfig(16, 32, block_k, 2, 4, 2))
+    # post_scale: s * (128 + c) + (z - 128 s) with one nonzero product is c * s + z rounded once, as dequantize
+    ig.int4_grouped_gemm(a, qt, plan, out, config=TileConfig(16, 32, block_k, 2, 4, 2), variant=variant)
     assert torch.equal(out.t(), expected_tile(qt, 1))
+
+
+# ---- kernel switches (Int4Variant): the decode experiments of scripts/gpu_triton_int4_tune.py -------
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:], ids=VARIANT_IDS[1:])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]], ids=[CASES[1][0], CASES[4][0], CASES[5][0]])
+def test_variants_match_dequantised_reference(case, variant):
+    x, q, ids, tw, plan = make_case(*case[1:])
+    for path in ("decode", "prefill"):
+        check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path=path, variant=variant)
+
+
+def test_variants_fp16_and_small_tiles():
+    # fp16 activations: the magic constant is 1024 (0x6400); small tiles: many tiles and K steps, a
+    # group spanning 2 K steps with post_scale, per-GEMM configs, more programs per SM than tiles
+    v = ig.Int4Variant(magic=True, post_scale=True, split=True, programs_per_sm=64)
+    x, q, ids, tw, plan = make_case(5, 64, 128, 2, 11, "uniform", 64, False, dtype=torch.float16)
+    check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="decode", variant=v)
+    x, q, ids, tw, plan = make_case(4, 64, 128, 2, 13, "zipf", 64, True)
+    check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, variant=v, config=TileConfig(16, 32, 32, 2, 4, 2),
+          config2=TileConfig(32, 16, 64, 2, 4, 2))
+
+
+def test_variant_text_and_environment(monkeypatch):
+    v = ig.Int4Variant.parse("magic, post,split,ppsm=8")
+    assert v == ig.Int4Variant(True, True, True, 8) and ig.Int4Variant.parse(v.label()) == v
+    assert ig.Int4Variant.parse("v0") == ig.Int4Variant() == ig.Int4Variant.parse("")
+    with pytest.raises(ValueError, match="unknown"):
+        ig.Int4Variant.parse("magic,fast")
+    monkeypatch.setenv(ig.VARIANT_ENV, "magic,post")
+    assert ig.pinned_variant() == ig.Int4Variant(magic=True, post_scale=True)
+    x, q, ids, tw, plan = make_case(*CASES[0][1:])
+    check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
+    monkeypatch.setenv(ig.VARIANT_ENV, "bogus")
+    with pytest.raises(ValueError, match=ig.VARIANT_ENV):
+        ig.moe_forward_triton_int4(x, q, plan)
+
+
+def test_post_scale_lowers_block_k_to_the_group():
+    post = ig.Int4Variant(post_scale=True)
+    cfg, v = ig.adapt_to_variant(TileConfig(16, 64, 256), 128, post)
+    assert cfg.block_k == 128 and v.post_scale
+    cfg, v = ig.adapt_to_variant(TileConfig(16, 64, 128), 96, post)
+    assert cfg.block_k == 32 and v.post_scale
+    cfg, v = ig.adapt_to_variant(TileConfig(16, 64, 128), 8, post)  # no BLOCK_K >= 16 inside a group of 8
+    assert cfg.block_k == 128 and not v.post_scale
+    assert ig.adapt_to_variant(TileConfig(16, 64, 256), 128, ig.Int4Variant())[0].block_k == 256
 
 
 # ---- clear errors before any kernel runs ------------------------------------------------------------
@@ -248,14 +304,18 @@ from moe_tut.kernels import int4_gemm as ig
 
 fn = ig._moe_int4_kernel.fn
 names = ("GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C")
-roles = {  # role: flags, config, group size, zeros
-    "decode-gemm1": ((1, 1, 0, 0), ig.DECODE_CONFIGS[3], 128, False),  # 2 groups per K step
-    "prefill-gemm2": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 64, True),  # 1 group per K step
+pms = dict(MAGIC=True, POST_SCALE=True, SPLIT=True)
+roles = {  # role: flags, config, group size, zeros, switches
+    "decode-gemm1": ((1, 1, 0, 0), ig.DECODE_CONFIGS[3], 128, False, {}),  # 2 groups per K step
+    "prefill-gemm2": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 64, True, {}),  # 1 group per K step
+    "decode-gemm1-pms": ((1, 1, 0, 0), ig.DECODE_CONFIGS[1], 128, False, pms),  # post-scale, split, magic
+    "decode-gemm2-pms-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[1], 128, True, pms),
 }
 out = []
 for cc in (80, 90):
-    for role, (flags, cfg, G, hz) in roles.items():
+    for role, (flags, cfg, G, hz, switches) in roles.items():
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
+                     **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False), **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
         sig = {}
@@ -298,7 +358,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 4
+    assert len(results) == 8
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 

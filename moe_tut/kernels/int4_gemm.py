@@ -68,6 +68,14 @@ expert on average):
              hundreds to thousands of tiles at T = 1, GEMM1's SwiGLU needs the full sum before its
              epilogue, and a split GEMM2 would need float32 atomics or a second pass.
 
+Experimental switches (Int4Variant; argument `variant` or MOE_TUT_TRITON_INT4_VARIANT, default off,
+measured by scripts/gpu_triton_int4_tune.py): `magic` turns codes into floats with an integer OR into
+a float's mantissa instead of I2F; `post` multiplies the raw codes in the dot and applies scale and
+zero to each K step's [BLOCK_N, BLOCK_M] partial sum; `split` feeds low and high nibbles to two dots
+against the even / odd rows of the A tile instead of interleaving them; `ppsm=N` sets the persistent
+programs per SM. v0's decode loop is bound by its two conversions per weight value (I2F, F2F; see
+results/h100/LOG.md, section triton_int4), which magic + post remove.
+
 A pinned config (argument `config`, or MOE_TUT_TRITON_INT4_CONFIG="BM,BN,BK,GROUP_M,warps,stages")
 overrides both; `path="decode"/"prefill"` forces a regime (tests use it). Under Triton's CPU
 interpreter each regime runs one large config (cost there grows with programs x K steps).
@@ -79,7 +87,7 @@ dequantised weights, one expert at a time (so glm5-size weights never exist dequ
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -107,6 +115,7 @@ from .grouped_gemm import (
 )
 
 CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
+VARIANT_ENV = "MOE_TUT_TRITON_INT4_VARIANT"
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)  # tl.dot operands; fp32 would run as TF32 on a GPU
 # Under the interpreter: one large tile per regime (64 x 128 x 128 is the notes' measured sweet spot).
 INTERPRETER_CONFIG = TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=2)
@@ -212,6 +221,88 @@ def get_decode_configs(N: int, est_row_blocks: int, sms: int, fused_gate_up: boo
     return busy or [c for c in cands if c.block_n == min(c.block_n for c in cands)]
 
 
+@dataclass(frozen=True)
+class Int4Variant:
+    """Kernel switches beyond the tile shape (constexprs of _int4_step, and the grid size).
+
+    magic            codes -> float by OR-ing them into a float's mantissa (one integer op) instead of
+                     an int -> float conversion (I2F, quarter rate on sm_90: ~1 per weight value in v0)
+    post_scale       the dot multiplies the raw codes; scales/zeros are applied to the [BLOCK_N, BLOCK_M]
+                     partial sum of each K step (needs BLOCK_K <= group size; lowered if not): no per-value
+                     float math, no float32 -> bf16 rounding of the tile. Numerics: exact products c * x
+                     summed in float32, then * s, instead of bf16(c * s + z) * x (not bit-identical to
+                     dequantize-then-multiply, within a few bf16 ulp of it)
+    split            no interleave: the low nibbles (even k) and high nibbles (odd k) go to two dots
+                     of K = BLOCK_K / 2 against the even / odd rows of the A tile
+    programs_per_sm  persistent programs per SM (0: grouped_gemm.persistent_programs_per_sm's rule; a
+                     large number means one program per tile)
+
+    Text form (MOE_TUT_TRITON_INT4_VARIANT): comma-separated flags, e.g. "magic,post,split,ppsm=8";
+    "" or "v0" is the default (all off).
+    """
+
+    magic: bool = False
+    post_scale: bool = False
+    split: bool = False
+    programs_per_sm: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Int4Variant:
+        kw: dict = {}
+        for item in (t.strip() for t in text.split(",")):
+            if item in ("", "v0"):
+                continue
+            if item == "magic":
+                kw["magic"] = True
+            elif item in ("post", "post_scale"):
+                kw["post_scale"] = True
+            elif item == "split":
+                kw["split"] = True
+            elif item.startswith("ppsm="):
+                kw["programs_per_sm"] = int(item[5:])
+            else:
+                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, ppsm=N)")
+        return cls(**kw)
+
+    def label(self) -> str:
+        parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split)) if on]
+        if self.programs_per_sm:
+            parts.append(f"ppsm={self.programs_per_sm}")
+        return ",".join(parts) or "v0"
+
+
+# The switches each regime runs with unless a variant is passed or pinned (MOE_TUT_TRITON_INT4_VARIANT).
+# All off = v0 (results/h100/triton_int4_v0) until scripts/gpu_triton_int4_tune.py has measured them.
+# H100 (results/h100/triton_int4_tune_v1): magic + post-scaling + split nibbles with 64 persistent programs
+# per SM was the fastest decode variant or within 2% of it at every point: mixtral T=16 0.66 -> 0.51 ms,
+# deepseek-v3 T=16 1.95 -> 1.50 ms, qwen3 T=128 0.30 -> 0.24 ms. Prefill: no variant beat v0.
+DECODE_VARIANT = Int4Variant.parse("magic,post,split,ppsm=64")
+PREFILL_VARIANT = Int4Variant()
+
+
+def pinned_variant() -> Int4Variant | None:
+    """The variant named by MOE_TUT_TRITON_INT4_VARIANT, if set."""
+    text = os.environ.get(VARIANT_ENV)
+    if text is None:
+        return None
+    try:
+        return Int4Variant.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{VARIANT_ENV}: {exc}") from None
+
+
+def adapt_to_variant(cfg: TileConfig, group_size: int, variant: Int4Variant) -> tuple[TileConfig, Int4Variant]:
+    """post_scale needs one group per K step: BLOCK_K lowered to divide the group (or post_scale dropped
+    where no power of two >= 16 divides it)."""
+    cfg = adapt_to_group(cfg, group_size)
+    if variant.post_scale and group_size % cfg.block_k:
+        bk = group_size & -group_size
+        if bk < 16:
+            return cfg, replace(variant, post_scale=False)
+        cfg = replace(cfg, block_k=bk)
+    return cfg, variant
+
+
 def pinned_config() -> TileConfig | None:
     """The config named by MOE_TUT_TRITON_INT4_CONFIG, if set."""
     text = os.environ.get(CONFIG_ENV, "").strip()
@@ -253,22 +344,91 @@ def _group_params(s_ptrs, z_ptrs, k0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE:
 
 
 @triton.jit
-def _dequant_tile(q_ptrs, s, z, k0, K, n_ok, offs_kb, GROUP_SIZE: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """One [BLOCK_N, BLOCK_K] weight tile in OUT_DTYPE from its packed bytes [BLOCK_N, BLOCK_K/2] (q_ptrs)
-    and this K step's group parameters s, z (from _group_params)."""
+def _codes(nib, MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """4-bit codes (uint8 0..15) as OUT_DTYPE values for the post-scale dot: c itself, or with MAGIC the
+    code OR-ed into the mantissa of a power of two (bf16 0x4300 = 128, fp16 0x6400 = 1024), i.e.
+    MAGIC_OFFSET + c exactly, with one integer op instead of an int -> float conversion."""
+    if MAGIC:
+        if OUT_DTYPE == tl.bfloat16:
+            v = (nib.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        else:
+            v = (nib.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    else:  # via float32 (what a GPU does anyway; Triton's interpreter gets uint8 -> bf16 wrong)
+        v = nib.to(tl.float32).to(OUT_DTYPE)
+    return v
+
+
+@triton.jit
+def _codes_f32(nib, MAGIC: tl.constexpr):
+    """4-bit codes as exact float32 c: I2F, or (MAGIC) 2**23 + c by OR-ing c into 2**23's mantissa, minus 2**23."""
+    if MAGIC:
+        c = (nib.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        c = nib.to(tl.float32)
+    return c
+
+
+@triton.jit
+def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE: tl.constexpr,
+               GROUPS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               OUT_DTYPE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr, SPLIT: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += this K step's weight tile (packed bytes at q_ptrs) @ its A tile.
+
+    a        [BLOCK_K, BLOCK_M] A^T tile (used unless SPLIT)
+    a_even/a_odd  [BLOCK_K/2, BLOCK_M]: its rows k0+2j / k0+2j+1 (SPLIT: the low / high nibbles' rows, so
+             no interleave of the codes: two dots of K = BLOCK_K/2)
+    xsum     [BLOCK_M] float32 sum of the A tile over K (POST_SCALE only)
+    POST_SCALE: the dot multiplies the codes themselves (exact in bf16/fp16, or MAGIC_OFFSET + c) and
+             the group's scale and zero are applied to the [BLOCK_N, BLOCK_M] partial sum:
+             sum_k (c s + z) x = s * sum_k v x + (z - OFFSET s) * sum_k x. Needs BLOCK_K <= GROUP_SIZE.
+    MAGIC    codes -> float by integer OR into a float's mantissa instead of I2F (a quarter-rate op).
+    """
     q_mask = n_ok[:, None]
-    if not EVEN_K:  # the last K step of a K that BLOCK_K does not divide (BLOCK_K > G only)
+    if not EVEN_K:
         q_mask = q_mask & (offs_kb[None, :] < (K - k0) // 2)
     b = tl.load(q_ptrs, mask=q_mask, other=0)
-    # Low nibble = even k, high nibble = odd k: interleaving along the last dim restores k order.
-    c = tl.interleave(b & 0xF, b >> 4).to(tl.float32)
-    if GROUPS_PER_TILE == 1:
-        w = c * s[:, None] + z[:, None]
-    else:  # the K step covers whole groups: view the codes as [BLOCK_N, groups, G]
-        c3 = tl.reshape(c, (BLOCK_N, GROUPS_PER_TILE, GROUP_SIZE))
-        w = tl.reshape(c3 * s[:, :, None] + z[:, :, None], (BLOCK_N, BLOCK_K))
-    return w.to(OUT_DTYPE)  # one rounding, as quant.dequantize
+    lo = b & 0xF
+    hi = b >> 4
+    if POST_SCALE:
+        tl.static_assert(GROUPS_PER_TILE == 1)
+        v_lo = _codes(lo, MAGIC, OUT_DTYPE)
+        v_hi = _codes(hi, MAGIC, OUT_DTYPE)
+        if SPLIT:
+            part = tl.dot(v_lo, a_even)
+            part = tl.dot(v_hi, a_odd, part)
+        else:
+            part = tl.dot(tl.interleave(v_lo, v_hi), a)
+        if MAGIC:
+            if OUT_DTYPE == tl.bfloat16:
+                zc = z - 128.0 * s
+            else:
+                zc = z - 1024.0 * s
+        else:
+            zc = z
+        acc = acc + s[:, None] * part + zc[:, None] * xsum[None, :]
+    elif SPLIT:
+        c_lo = _codes_f32(lo, MAGIC)
+        c_hi = _codes_f32(hi, MAGIC)
+        if GROUPS_PER_TILE == 1:
+            w_lo = c_lo * s[:, None] + z[:, None]
+            w_hi = c_hi * s[:, None] + z[:, None]
+        else:  # a byte's two codes are in the same group: view [BLOCK_N, groups, G/2]
+            HALF_G: tl.constexpr = GROUP_SIZE // 2
+            w_lo = tl.reshape(tl.reshape(c_lo, (BLOCK_N, GROUPS_PER_TILE, HALF_G)) * s[:, :, None] + z[:, :, None],
+                              (BLOCK_N, BLOCK_K // 2))
+            w_hi = tl.reshape(tl.reshape(c_hi, (BLOCK_N, GROUPS_PER_TILE, HALF_G)) * s[:, :, None] + z[:, :, None],
+                              (BLOCK_N, BLOCK_K // 2))
+        acc = tl.dot(w_lo.to(OUT_DTYPE), a_even, acc)
+        acc = tl.dot(w_hi.to(OUT_DTYPE), a_odd, acc)
+    else:  # v0: interleave the codes (k = 2j low, 2j+1 high), float32 c * s + z, one rounding
+        c = _codes_f32(tl.interleave(lo, hi), MAGIC)
+        if GROUPS_PER_TILE == 1:
+            w = c * s[:, None] + z[:, None]
+        else:
+            c3 = tl.reshape(c, (BLOCK_N, GROUPS_PER_TILE, GROUP_SIZE))
+            w = tl.reshape(c3 * s[:, :, None] + z[:, :, None], (BLOCK_N, BLOCK_K))
+        acc = tl.dot(w.to(OUT_DTYPE), a, acc)
+    return acc
 
 
 @triton.jit
@@ -280,7 +440,8 @@ def _int4_tile(tile, num_pid_m, num_pid_n,
                GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr,
                SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-               GROUPS_PER_TILE: tl.constexpr):
+               GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
+               SPLIT: tl.constexpr):
     """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T."""
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     # Row blocks from expert_offsets (the BlockMap arguments are unused on that path).
@@ -321,16 +482,24 @@ def _int4_tile(tile, num_pid_m, num_pid_n,
         if not EVEN_K:
             a_mask = a_mask & (offs_k[:, None] < K - k0)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        w = _dequant_tile(q_ptrs, s, z, k0, K, n_ok, offs_kb, GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K,
-                          EVEN_K, a_ptr.dtype.element_ty)
-        acc = tl.dot(w, a, acc)
+        if SPLIT:  # rows 2j / 2j+1 of the A^T tile: the K positions of the low / high nibbles
+            a_even, a_odd = tl.split(tl.permute(tl.reshape(a, (BLOCK_K // 2, 2, BLOCK_M)), (0, 2, 1)))
+        else:
+            a_even = a
+            a_odd = a
+        if POST_SCALE:
+            xsum = tl.sum(a.to(tl.float32), axis=0)
+        else:
+            xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE,
+                         GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT)
         s, z = s_next, z_next
         if SWIGLU:
             s_up_next, z_up_next = _group_params(up_s_ptrs, up_z_ptrs, k0 + BLOCK_K, K, n_ok, stride_sg, stride_zg,
                                                  GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE)
-            w_up = _dequant_tile(up_q_ptrs, s_up, z_up, k0, K, n_ok, offs_kb, GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N,
-                                 BLOCK_K, EVEN_K, a_ptr.dtype.element_ty)
-            acc_up = tl.dot(w_up, a, acc_up)
+            acc_up = _int4_step(acc_up, up_q_ptrs, s_up, z_up, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb,
+                                GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty,
+                                MAGIC, POST_SCALE, SPLIT)
             s_up, z_up = s_up_next, z_up_next
             up_q_ptrs += (BLOCK_K // 2) * stride_qk
         a_ptrs += BLOCK_K * stride_ak
@@ -360,7 +529,8 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr,
                      SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                     GROUPS_PER_TILE: tl.constexpr):
+                     GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
+                     SPLIT: tl.constexpr = False):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Row blocks per expert are only known on the device (they depend on the routing).
@@ -372,11 +542,11 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                    row_scale_ptr, offsets_ptr, N, K, stride_am, stride_ak, stride_qe, stride_qn, stride_qk,
                    stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn,
                    E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE)
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
-                "SCATTER_C"]
+                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -424,7 +594,7 @@ def check_quantized(qt, name: str) -> None:
 def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, out: torch.Tensor, *,
                       gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                       scatter_rows: bool = False, config: TileConfig | None = None,
-                      configs: list[TileConfig] | None = None) -> torch.Tensor:
+                      configs: list[TileConfig] | None = None, variant: Int4Variant | None = None) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows with INT4 weights; returns out.
 
     a        [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -432,6 +602,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     out      [T*k, N]: row r in sorted order, or at its token slot sorted_slots[r] with scatter_rows
     config   one tile config (no autotuning; must fit the group size), else the autotuner over
              `configs` (required then)
+    variant  kernel switches (Int4Variant; default all off); with post_scale, BLOCK_K is lowered to
+             divide the group size (adapt_to_variant)
     """
     check_quantized(qt, "weights")
     E, n_w, K = qt.shape
@@ -455,6 +627,13 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
         raise ValueError("int4_grouped_gemm needs a config or a list of configs to autotune over")
     if rows == 0:
         return out
+    variant = variant or Int4Variant()
+    if config is not None:
+        config, variant = adapt_to_variant(config, G, variant)
+    else:
+        adapted = [adapt_to_variant(c, G, variant) for c in configs]
+        configs = list(dict.fromkeys(c for c, _ in adapted))
+        variant = adapted[0][1]
     if config is None and len(configs) == 1:
         config = configs[0]
 
@@ -463,7 +642,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn)
-        per_sm = persistent_programs_per_sm(bm, bn * (2 if swiglu else 1)) if on_gpu else 1
+        per_sm = (variant.programs_per_sm or persistent_programs_per_sm(bm, bn * (2 if swiglu else 1))
+                  if on_gpu else 1)
         return (min(tiles, sms * per_sm),)
 
     z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
@@ -472,7 +652,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
             a.stride(0), a.stride(1), *qt.packed.stride(), *qt.scales.stride(), *z.stride(),
             out.stride(0), out.stride(1))
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=G, HAS_ZEROS=qt.zeros is not None,
-                 GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows)
+                 GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
+                 MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split)
     if config is not None:
         _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -528,11 +709,15 @@ def fast_path_configs(x: torch.Tensor, weights, plan: RoutingPlan, path: str | N
 
 @torch.no_grad()
 def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, config: TileConfig | None = None,
-                            path: str | None = None) -> torch.Tensor:
+                            path: str | None = None, variant: Int4Variant | None = None,
+                            config2: TileConfig | None = None) -> torch.Tensor:
     """y [T, H]: the MoE forward with INT4 weights dequantised in registers (see the module docstring).
 
     config  pins one tile config for both GEMMs (it must fit both group sizes)
+    config2 pins GEMM2's tile config alone (with config: config is GEMM1's)
     path    'decode' or 'prefill' forces a regime; default: chosen by shape (path_for)
+    variant kernel switches (Int4Variant); default MOE_TUT_TRITON_INT4_VARIANT if set, else the
+            regime's DECODE_VARIANT / PREFILL_VARIANT
     """
     check_int4_inputs(x, weights, plan)
     if path not in (None, "decode", "prefill"):
@@ -541,28 +726,33 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     F, k, rows = weights.ffn_size, plan.top_k, plan.num_rows
     if config is None:
         config = pinned_config()
-    if config is not None:
-        for name, qt in (("w13", weights.w13), ("w2", weights.w2)):
-            if not block_k_fits_group(config.block_k, qt.group_size):
-                raise ValueError(f"pinned config {config}: BLOCK_K={config.block_k} neither divides nor is a "
+    for cfg, names in ((config, ("w13", "w2") if config2 is None else ("w13",)), (config2, ("w2",))):
+        for name in names if cfg is not None else ():
+            qt = getattr(weights, name)
+            if not block_k_fits_group(cfg.block_k, qt.group_size):
+                raise ValueError(f"pinned config {cfg}: BLOCK_K={cfg.block_k} neither divides nor is a "
                                  f"multiple of {name}'s group size {qt.group_size}")
     if T == 0:
         return x.new_zeros(0, H)
+    regime = path or path_for(T, k, weights.num_experts)
+    if variant is None:
+        variant = pinned_variant() or (DECODE_VARIANT if regime == "decode" else PREFILL_VARIANT)
     configs1 = configs2 = None
-    config1 = config2 = config
+    config1, config2 = config, (config2 if config2 is not None else config)
+    if config1 is None and config2 is not None:
+        raise ValueError("config2 pins GEMM2's tile; pass config (GEMM1's) with it")
     if config is None:
         if interpreting():
-            decode = (path or path_for(T, k, weights.num_experts)) == "decode"
-            base = INTERPRETER_DECODE_CONFIG if decode else INTERPRETER_CONFIG
+            base = INTERPRETER_DECODE_CONFIG if regime == "decode" else INTERPRETER_CONFIG
             config1, config2 = adapt_to_group(base, weights.w13.group_size), adapt_to_group(base, weights.w2.group_size)
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan, path)
     act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                            config=config1, configs=configs1)
+                            config=config1, configs=configs1, variant=variant)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     int4_grouped_gemm(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2,
-                      configs=configs2)
+                      configs=configs2, variant=variant)
     if k == 1:
         return out
     # torch's sum over a half-precision dim accumulates in float32 and rounds once; deterministic.
