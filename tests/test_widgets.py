@@ -41,7 +41,10 @@ def test_environment_and_fits_tables():
     env_rows = {r["what"]: r["value"] for r in mw.environment_table()}
     assert env_rows["torch"] == torch.__version__
     assert env_rows["SMs"] != "" and "shared memory per block (opt-in)" in env_rows
-    fits = {r["preset"]: r for r in mw.fits_table(8192)}
+    fits_rows = mw.fits_table(8192)
+    html = mw.table(fits_rows).to_html()  # what the notebook displays: every preset, no truncation
+    assert "bf16 fits (T=8192)" in html and all(name in html for name in moe_tut.PRESETS)
+    fits = {r["preset"]: r for r in fits_rows}
     assert set(fits) == set(moe_tut.PRESETS)
     assert fits["debug"]["bf16 GB"] == pytest.approx(moe_tut.get_preset("debug").weight_bytes() / 1e9, abs=1e-3)
     if not ON_GPU:
