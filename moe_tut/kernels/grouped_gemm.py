@@ -555,10 +555,15 @@ def _autotuned_kernel(configs: tuple[TileConfig, ...]):
 
 def autotune_report() -> list[str]:
     """One line per tuned (GEMM role, shape): the key and the config the autotuner chose."""
+    return describe_tuners(_TUNERS.values(), AUTOTUNE_KEY)
+
+
+def describe_tuners(tuners, key_names) -> list[str]:
+    """The autotuners' choices as lines "key=value ... -> BM..-BN..-BK..-G..-w..-s.." (shared with int4)."""
     lines = []
-    for tuner in _TUNERS.values():
+    for tuner in tuners:
         for key, cfg in tuner.cache.items():
-            named = " ".join(f"{k}={v}" for k, v in zip(AUTOTUNE_KEY, key, strict=False))
+            named = " ".join(f"{k}={v}" for k, v in zip(key_names, key, strict=False))
             kw = cfg.kwargs
             lines.append(f"{named} -> BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}-BK{kw['BLOCK_K']}-G{kw['GROUP_M']}"
                          f"-w{cfg.num_warps}-s{cfg.num_stages}")

@@ -107,6 +107,7 @@ from .grouped_gemm import (
     _interpreter_bench,
     _locate_row_block,
     _tile_coords,
+    describe_tuners,
     is_decode,
     max_row_blocks,
     num_sms,
@@ -562,14 +563,7 @@ def _autotuned_kernel(configs: tuple[TileConfig, ...]):
 
 def autotune_report() -> list[str]:
     """One line per tuned (GEMM role, shape): the key and the config the autotuner chose."""
-    lines = []
-    for tuner in _TUNERS.values():
-        for key, cfg in tuner.cache.items():
-            named = " ".join(f"{k}={v}" for k, v in zip(AUTOTUNE_KEY, key, strict=False))
-            kw = cfg.kwargs
-            lines.append(f"{named} -> BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}-BK{kw['BLOCK_K']}-G{kw['GROUP_M']}"
-                         f"-w{cfg.num_warps}-s{cfg.num_stages}")
-    return lines
+    return describe_tuners(_TUNERS.values(), AUTOTUNE_KEY)
 
 
 # --------------------------------------------------------------------------------------------------
