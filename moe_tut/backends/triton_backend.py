@@ -31,8 +31,11 @@ except ImportError as exc:  # triton (or numpy, which its interpreter needs) is 
 
 
 def triton_unavailable(cfg, device) -> str | None:
-    if _IMPORT_ERROR:
-        return _IMPORT_ERROR
+    return _IMPORT_ERROR or triton_device_problem(device)
+
+
+def triton_device_problem(device) -> str | None:
+    """Why Triton kernels cannot run on `device` (shared by every Triton backend), or None."""
     device = torch.device(device)
     if device.type == "cpu" and not interpreting():
         return ("Triton kernels on the CPU need its interpreter: TRITON_INTERPRET=1 set before moe_tut is "

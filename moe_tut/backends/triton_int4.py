@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..env import interpreting
 from ..quant import DEFAULT_GROUP_SIZE, Int4ExpertWeights
 from .base import Backend, BackendUnavailable
+from .triton_backend import fast_path_extra_bytes, triton_device_problem
 
 try:
     from ..kernels.int4_gemm import check_group_size, int4_extra_bytes, moe_forward_triton_int4
@@ -24,23 +24,17 @@ except ImportError as exc:  # triton (or numpy, which its interpreter needs) is 
     def moe_forward_triton_int4(x, weights, plan):
         raise BackendUnavailable(f"backend 'triton_int4' is unavailable: {_IMPORT_ERROR}")
 
-    def int4_extra_bytes(T, top_k, H, F, elem_bytes=2):
-        rows = T * top_k
-        return rows * F * elem_bytes + (rows * H * elem_bytes if top_k > 1 else 0)
+    int4_extra_bytes = fast_path_extra_bytes  # the same temporaries as the bf16 fast path
 
     def check_group_size(group_size, name="weights"):
         return None
 
 
 def triton_int4_unavailable(cfg, device) -> str | None:
-    if _IMPORT_ERROR:
-        return _IMPORT_ERROR
+    problem = _IMPORT_ERROR or triton_device_problem(device)
+    if problem:
+        return problem
     device = torch.device(device)
-    if device.type == "cpu" and not interpreting():
-        return ("Triton kernels on the CPU need its interpreter: TRITON_INTERPRET=1 set before moe_tut is "
-                "imported (`import moe_tut` sets it on machines without CUDA)")
-    if device.type not in ("cpu", "cuda"):
-        return f"the Triton kernels are written and tested for CUDA GPUs, not {device.type}"
     if cfg.H % DEFAULT_GROUP_SIZE or cfg.F % DEFAULT_GROUP_SIZE:
         return (f"prepare() quantises with group size {DEFAULT_GROUP_SIZE}, which must divide H and F; got "
                 f"H={cfg.H}, F={cfg.F} (call moe_forward_triton_int4 with Int4ExpertWeights of another group "
