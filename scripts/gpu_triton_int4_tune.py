@@ -68,6 +68,17 @@ DECODE_VARIANTS = {
                   "+0-10%: more programs per SM where tiles allow (deepseek-v3, T=16)"),
     "pms-ppsm64": (V(magic=True, post_scale=True, split=True, programs_per_sm=64), D64, D64,
                    "one program per tile: better balance at mixtral T=1 G2, +-5% elsewhere"),
+    # session 3 (predictions written before the run; GEMM-by-GEMM probe: scripts/gpu_int4_probe.py)
+    "pms-s1": (V(magic=True, post_scale=True, split=True, split_k=1, programs_per_sm=64), D64, D64,
+               "= the previous default (pms-ppsm64): 0.193 ms at mixtral T=1"),
+    "auto": (V(magic=True, post_scale=True, split=True, programs_per_sm=64), D64, D64,
+             "split-K by decode_split_k (mixtral T=1: 4 and 8 slices): 0.11-0.13 ms at mixtral T=1"),
+    "auto-asm": (V(magic=True, post_scale=True, split=True, asm=True, programs_per_sm=64), D64, D64,
+                 "auto -0-8% (asm helped GEMM1 2-15% in the probe)"),
+    "s2": (V(magic=True, post_scale=True, split=True, split_k=2, programs_per_sm=64), D64, D64, "between"),
+    "s4": (V(magic=True, post_scale=True, split=True, split_k=4, programs_per_sm=64), D64, D64, "near auto"),
+    "s8": (V(magic=True, post_scale=True, split=True, split_k=8, programs_per_sm=64), D64, D64,
+           "= auto at T=1; worse at T=16 (partial sums: 8 x [rows, 2F] float32)"),
 }
 PREFILL_VARIANTS = {
     "v0-auto": (V(), None, None, "v0: mixtral T=8192 ~19.6 ms"),

@@ -6,6 +6,8 @@ where there is a GPU. The interpreter truncates float32 -> bf16 (a GPU rounds to
 about doubles the bf16 error: ~1.2e-2 here against the 2e-2 bound, where the bf16 kernel shows ~6e-3.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -108,6 +110,45 @@ def test_every_output_element_is_written(monkeypatch):
         assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("splitk", [2, 4])
+@pytest.mark.parametrize("T", [1, 9])
+def test_decode_split_k_matches_reference(T, splitk, symmetric, monkeypatch):
+    # K slices write float32 partials that a finisher adds up (GEMM1 with the SwiGLU): every partial
+    # element must be written (NaN-filled buffers), and the result must match the unsplit kernel.
+    def nan_alloc(shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(ig, "_alloc", nan_alloc)
+    x, q, ids, tw, plan = make_case(4, 256, 512, 2, T, "zipf", 64, symmetric)
+    v = ig.Int4Variant(magic=True, post_scale=True, split=True, split_k=splitk)
+    assert ig.gemm_split_k(v, q.w13, 512, plan.num_rows, ig.adapt_to_group(ig.INTERPRETER_DECODE_CONFIG, 64), None,
+                           x.device) == splitk
+    y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="decode", variant=v)
+    y1 = ig.moe_forward_triton_int4(x, q, plan, path="decode", variant=replace(v, split_k=1))
+    assert relative_error(y, y1.float()) < 1e-2
+
+
+def test_decode_split_k_rule():
+    # H100 (132 SMs), decode tile 16x64x128: mixtral T=1 GEMM1 has 448 tiles, GEMM2 128 (K = 14336)
+    assert ig.decode_split_k(448, 4096, 128, 132) == 1
+    assert ig.decode_split_k(128, 14336, 128, 132) == 2
+    assert ig.decode_split_k(16, 14336, 128, 132) == 8  # at most SPLIT_K_MAX
+    assert ig.decode_split_k(2000, 4096, 128, 132) == 1  # enough tiles already
+    assert ig.decode_split_k(96, 2048, 128, 132) == 4  # slices stay >= 512 long
+    assert ig.decode_split_k(10, 384, 128, 132) == 1  # K = 3 steps cannot be split in two
+    with pytest.raises(ValueError, match="power of two"):
+        ig.Int4Variant(split_k=3)
+
+
+def test_swiglu_slices_matches_torch():
+    part = torch.randn(3, 5, 2 * 40)
+    g, u = part.sum(0).split(40, dim=1)
+    ref = torch.nn.functional.silu(g) * u
+    out = ig.swiglu_slices(part.to(DEVICE), torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and relative_error(out, ref.to(DEVICE)) < 1e-2
+
+
 def test_zero_tokens():
     E, H, F, k = 3, 64, 64, 2
     q = Int4ExpertWeights.from_bf16(ExpertWeights.random(custom(E, H, F, k), device=DEVICE), 64)
@@ -179,7 +220,12 @@ def test_variants_fp16_and_small_tiles():
 
 def test_variant_text_and_environment(monkeypatch):
     v = ig.Int4Variant.parse("magic, post,split,ppsm=8")
-    assert v == ig.Int4Variant(True, True, True, 8) and ig.Int4Variant.parse(v.label()) == v
+    assert v == ig.Int4Variant(magic=True, post_scale=True, split=True, programs_per_sm=8)
+    assert ig.Int4Variant.parse(v.label()) == v
+    w = ig.Int4Variant.parse("magic,post,split,asm,pipe")
+    assert w.asm and w.pipe_scales and ig.Int4Variant.parse(w.label()) == w
+    with pytest.raises(ValueError, match="needs 'magic', 'post' and 'split'"):
+        ig.Int4Variant.parse("magic,asm")
     assert ig.Int4Variant.parse("v0") == ig.Int4Variant() == ig.Int4Variant.parse("")
     with pytest.raises(ValueError, match="unknown"):
         ig.Int4Variant.parse("magic,fast")
@@ -310,12 +356,18 @@ roles = {  # role: flags, config, group size, zeros, switches
     "prefill-gemm2": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 64, True, {}),  # 1 group per K step
     "decode-gemm1-pms": ((1, 1, 0, 0), ig.DECODE_CONFIGS[1], 128, False, pms),  # post-scale, split, magic
     "decode-gemm2-pms-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[1], 128, True, pms),
+    # inline-PTX unpack (GPU only: the interpreter cannot run it); scales as int32 words in the pipeline
+    "decode-gemm1-asm-pipe": ((1, 1, 0, 0), ig.DECODE_CONFIGS[1], 128, False,
+                              {**pms, "ASM": True, "PIPE_SCALES": True}),
+    "decode-gemm2-pipe-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[1], 128, True, {**pms, "PIPE_SCALES": True}),
+    "decode-gemm1-splitk4": ((1, 1, 0, 0), ig.DECODE_CONFIGS[1], 128, False, {**pms, "SPLIT_K": 4}),
 }
 out = []
 for cc in (80, 90):
     for role, (flags, cfg, G, hz, switches) in roles.items():
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
-                     **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False), **switches},
+                     **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False, ASM=False, PIPE_SCALES=False, SPLIT_K=1),
+                        **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
         sig = {}
@@ -358,7 +410,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 14
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 

@@ -235,6 +235,17 @@ class Int4Variant:
                      dequantize-then-multiply, within a few bf16 ulp of it)
     split            no interleave: the low nibbles (even k) and high nibbles (odd k) go to two dots
                      of K = BLOCK_K / 2 against the even / odd rows of the A tile
+    asm              (GPU only; needs magic, post and split) the codes of 4 packed bytes become 8 magic
+                     bf16/fp16 values in 8 integer ops (2 prmt, 2 shr, 4 lop3 on 32-bit words, two
+                     16-bit values per op) by inline PTX, instead of ~3 ops per value on 8/16-bit lanes.
+                     Same values as magic, so the same results; the interpreter runs magic instead
+    pipe_scales      scales (and zeros) loaded as int32 pairs of bf16 (4 bytes per thread, so Triton's
+                     cp.async pipeline takes them like the A and packed tiles) in the step that uses
+                     them; off: loaded one K step ahead into registers, so every short decode step
+                     waits for a scale load issued one step earlier (a loaded memory latency). Needs
+                     bf16 scales/zeros, even N and one group per K step; dropped where these fail
+    split_k          K slices per decode GEMM tile (0: automatic, decode_split_k; 1: off), each slice's
+                     float32 partial sums added up by a finisher (GEMM1: with the SwiGLU)
     programs_per_sm  persistent programs per SM (0: grouped_gemm.persistent_programs_per_sm's rule; a
                      large number means one program per tile)
 
@@ -245,7 +256,16 @@ class Int4Variant:
     magic: bool = False
     post_scale: bool = False
     split: bool = False
+    asm: bool = False
+    pipe_scales: bool = False
+    split_k: int = 0
     programs_per_sm: int = 0
+
+    def __post_init__(self):
+        if self.split_k < 0 or self.split_k & (self.split_k - 1):
+            raise ValueError(f"split_k must be 0 (automatic) or a power of two, got {self.split_k}")
+        if self.asm and not (self.magic and self.post_scale and self.split):
+            raise ValueError("the INT4 switch 'asm' needs 'magic', 'post' and 'split' too")
 
     @classmethod
     def parse(cls, text: str) -> Int4Variant:
@@ -259,14 +279,24 @@ class Int4Variant:
                 kw["post_scale"] = True
             elif item == "split":
                 kw["split"] = True
+            elif item == "asm":
+                kw["asm"] = True
+            elif item == "pipe":
+                kw["pipe_scales"] = True
+            elif item.startswith("splitk="):
+                kw["split_k"] = int(item[7:])
             elif item.startswith("ppsm="):
                 kw["programs_per_sm"] = int(item[5:])
             else:
-                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, ppsm=N)")
+                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} "
+                                 "(magic, post, split, asm, pipe, splitk=N, ppsm=N)")
         return cls(**kw)
 
     def label(self) -> str:
-        parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split)) if on]
+        parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split),
+                                              ("asm", self.asm), ("pipe", self.pipe_scales)) if on]
+        if self.split_k:
+            parts.append(f"splitk={self.split_k}")
         if self.programs_per_sm:
             parts.append(f"ppsm={self.programs_per_sm}")
         return ",".join(parts) or "v0"
@@ -277,7 +307,9 @@ class Int4Variant:
 # H100 (results/h100/triton_int4_tune_v1): magic + post-scaling + split nibbles with 64 persistent programs
 # per SM was the fastest decode variant or within 2% of it at every point: mixtral T=16 0.66 -> 0.51 ms,
 # deepseek-v3 T=16 1.95 -> 1.50 ms, qwen3 T=128 0.30 -> 0.24 ms. Prefill: no variant beat v0.
-DECODE_VARIANT = Int4Variant.parse("magic,post,split,ppsm=64")
+# H100 (results/h100/triton_int4_tune_v2): + the inline-PTX unpack (asm) was 1-4% faster at every decode point
+# (mixtral T=1 0.152 -> 0.148 ms with split-K); split-K is automatic (decode_split_k).
+DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64")
 PREFILL_VARIANT = Int4Variant()
 
 
@@ -299,7 +331,7 @@ def adapt_to_variant(cfg: TileConfig, group_size: int, variant: Int4Variant) -> 
     if variant.post_scale and group_size % cfg.block_k:
         bk = group_size & -group_size
         if bk < 16:
-            return cfg, replace(variant, post_scale=False)
+            return cfg, replace(variant, post_scale=False, asm=False)
         cfg = replace(cfg, block_k=bk)
     return cfg, variant
 
@@ -322,10 +354,27 @@ def pinned_config() -> TileConfig | None:
 
 @triton.jit
 def _group_params(s_ptrs, z_ptrs, k0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE: tl.constexpr,
-                  HAS_ZEROS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr):
+                  HAS_ZEROS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, PAIRED: tl.constexpr = False,
+                  BLOCK_N: tl.constexpr = 16):
     """Scales and zeros (float32) of the K step starting at k0: [BLOCK_N] when the step lies inside one
-    group, else [BLOCK_N, GROUPS_PER_TILE]. Masked to 0 past K (the prefetch of the last step)."""
-    if GROUPS_PER_TILE == 1:
+    group, else [BLOCK_N, GROUPS_PER_TILE]. Masked to 0 past K (the prefetch of the last step).
+
+    PAIRED: s_ptrs / z_ptrs are int32 pointers [BLOCK_N / 2] to bf16 pairs (columns 2i, 2i+1), n_ok is
+    per pair and the strides count int32 words; a bf16 becomes float32 by a 16-bit shift."""
+    if PAIRED:
+        tl.static_assert(GROUPS_PER_TILE == 1)
+        g = k0 // GROUP_SIZE
+        mask = n_ok & (g < K // GROUP_SIZE)
+        w = tl.load(s_ptrs + g * stride_sg, mask=mask, other=0)
+        s = tl.reshape(tl.join((w << 16).to(tl.float32, bitcast=True),
+                               (w & -65536).to(tl.float32, bitcast=True)), (BLOCK_N,))
+        if HAS_ZEROS:
+            w = tl.load(z_ptrs + g * stride_zg, mask=mask, other=0)
+            z = tl.reshape(tl.join((w << 16).to(tl.float32, bitcast=True),
+                                   (w & -65536).to(tl.float32, bitcast=True)), (BLOCK_N,))
+        else:
+            z = -8.0 * s
+    elif GROUPS_PER_TILE == 1:
         g = k0 // GROUP_SIZE
         mask = n_ok & (g < K // GROUP_SIZE)
         s = tl.load(s_ptrs + g * stride_sg, mask=mask, other=0.0).to(tl.float32)
@@ -345,6 +394,21 @@ def _group_params(s_ptrs, z_ptrs, k0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE:
 
 
 @triton.jit
+def _step_params(s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, SWIGLU: tl.constexpr, PAIRED: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """(s, z, s_up, z_up) of the K step at k0 (_group_params); without SWIGLU the up pair repeats (s, z)."""
+    s, z = _group_params(s_ptrs, z_ptrs, k0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE,
+                         PAIRED, BLOCK_N)
+    if SWIGLU:
+        s_up, z_up = _group_params(up_s_ptrs, up_z_ptrs, k0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS,
+                                   GROUPS_PER_TILE, PAIRED, BLOCK_N)
+    else:
+        s_up, z_up = s, z
+    return s, z, s_up, z_up
+
+
+@triton.jit
 def _codes(nib, MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """4-bit codes (uint8 0..15) as OUT_DTYPE values for the post-scale dot: c itself, or with MAGIC the
     code OR-ed into the mantissa of a power of two (bf16 0x4300 = 128, fp16 0x6400 = 1024), i.e.
@@ -357,6 +421,38 @@ def _codes(nib, MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
     else:  # via float32 (what a GPU does anyway; Triton's interpreter gets uint8 -> bf16 wrong)
         v = nib.to(tl.float32).to(OUT_DTYPE)
     return v
+
+
+# Four packed bytes b3 b2 b1 b0 (one 32-bit register: Triton packs 4 uint8 per register with pack=4) ->
+# low nibbles as two registers of two 16-bit magic values each (element i = byte i, low half first), high
+# nibbles likewise. prmt spreads bytes (0, 1) and (2, 3) to the two 16-bit halves of a word; lop3 computes
+# (t & 0x000F000F) | MAGIC in one op (lut 0xEA = (a & b) | c); shr moves the high nibbles down.
+_UNPACK_PTX = """{
+.reg .b32 t0, t1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, MAGIC2, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, MAGIC2, 0xEA;
+shr.u32 t0, t0, 4;
+shr.u32 t1, t1, 4;
+lop3.b32 $2, t0, 0x000F000F, MAGIC2, 0xEA;
+lop3.b32 $3, t1, 0x000F000F, MAGIC2, 0xEA;
+}"""
+UNPACK_PTX_BF16 = tl.constexpr(_UNPACK_PTX.replace("MAGIC2", "0x43004300"))
+UNPACK_PTX_FP16 = tl.constexpr(_UNPACK_PTX.replace("MAGIC2", "0x64006400"))
+
+
+@triton.jit
+def _codes_asm(b, OUT_DTYPE: tl.constexpr):
+    """Packed bytes [.., n] -> (low-nibble, high-nibble) magic values [.., n] of OUT_DTYPE (see _codes), by
+    inline PTX working on whole 32-bit words."""
+    if OUT_DTYPE == tl.bfloat16:
+        v_lo, v_hi = tl.inline_asm_elementwise(UNPACK_PTX_BF16, "=r,=r,=r,=r,r", [b],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        v_lo, v_hi = tl.inline_asm_elementwise(UNPACK_PTX_FP16, "=r,=r,=r,=r,r", [b],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return v_lo, v_hi
 
 
 @triton.jit
@@ -372,7 +468,8 @@ def _codes_f32(nib, MAGIC: tl.constexpr):
 @triton.jit
 def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               OUT_DTYPE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr, SPLIT: tl.constexpr):
+               OUT_DTYPE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr, SPLIT: tl.constexpr,
+               ASM: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] += this K step's weight tile (packed bytes at q_ptrs) @ its A tile.
 
     a        [BLOCK_K, BLOCK_M] A^T tile (used unless SPLIT)
@@ -383,6 +480,7 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
              the group's scale and zero are applied to the [BLOCK_N, BLOCK_M] partial sum:
              sum_k (c s + z) x = s * sum_k v x + (z - OFFSET s) * sum_k x. Needs BLOCK_K <= GROUP_SIZE.
     MAGIC    codes -> float by integer OR into a float's mantissa instead of I2F (a quarter-rate op).
+    ASM      MAGIC + POST_SCALE + SPLIT with the unpack done by inline PTX on 32-bit words (_codes_asm).
     """
     q_mask = n_ok[:, None]
     if not EVEN_K:
@@ -392,8 +490,12 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
     hi = b >> 4
     if POST_SCALE:
         tl.static_assert(GROUPS_PER_TILE == 1)
-        v_lo = _codes(lo, MAGIC, OUT_DTYPE)
-        v_hi = _codes(hi, MAGIC, OUT_DTYPE)
+        if ASM:
+            tl.static_assert(MAGIC and SPLIT)
+            v_lo, v_hi = _codes_asm(b, OUT_DTYPE)
+        else:
+            v_lo = _codes(lo, MAGIC, OUT_DTYPE)
+            v_hi = _codes(hi, MAGIC, OUT_DTYPE)
         if SPLIT:
             part = tl.dot(v_lo, a_even)
             part = tl.dot(v_hi, a_odd, part)
@@ -433,17 +535,21 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
 
 
 @triton.jit
-def _int4_tile(tile, num_pid_m, num_pid_n,
+def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr, offsets_ptr,
                N, K, stride_am, stride_ak, stride_qe, stride_qn, stride_qk,
-               stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn,
+               stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn, stride_cs,
                E: tl.constexpr, E_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr,
                SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
-               SPLIT: tl.constexpr):
-    """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T."""
+               SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T.
+
+    SPLIT_K > 1: only K slice `k_slice` (K / SPLIT_K long, whole BLOCK_K steps); the tile's float32 partial
+    sums go to c[k_slice] (with SWIGLU, gate at column n and up at N + n, no activation): the forward's
+    finisher adds the slices up. More programs stream weights at once: decode GEMMs have too few tiles."""
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     # Row blocks from expert_offsets (the BlockMap arguments are unused on that path).
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, offsets_ptr, offsets_ptr,
@@ -456,32 +562,57 @@ def _int4_tile(tile, num_pid_m, num_pid_n,
         a_rows = rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kb = tl.arange(0, BLOCK_K // 2)
+    # Written as multiples of BLOCK_K so the compiler knows the slice's loads stay aligned (vectorised,
+    # cp.async-pipelined); the host makes K a multiple of SPLIT_K * BLOCK_K when SPLIT_K > 1.
+    k_len = (K // (SPLIT_K * BLOCK_K)) * BLOCK_K if SPLIT_K > 1 else K
+    k_begin = k_slice * k_len
+    offs_k = k_begin + tl.arange(0, BLOCK_K)
+    offs_kb = k_begin // 2 + tl.arange(0, BLOCK_K // 2)
     e64 = expert.to(tl.int64)  # all experts' bytes (glm5: 6.7e9 per tensor) pass 2**31
     # A^T tile [BLOCK_K, BLOCK_M]: the right operand of the dot.
     a_ptrs = a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + offs_k[:, None] * stride_ak
     q_ptrs = q_ptr + e64 * stride_qe + offs_n[:, None] * stride_qn + offs_kb[None, :] * stride_qk
-    s_ptrs = s_ptr + e64 * stride_se + offs_n * stride_sn
-    z_ptrs = z_ptr + e64 * stride_ze + offs_n * stride_zn  # z_ptr is s_ptr when symmetric: never loaded
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    # Scales are loaded one K step ahead, in registers: they are too narrow per thread (2 bytes) for
-    # Triton's cp.async pipeline, which streams only the A and packed tiles, so a scale load issued in
-    # the step that uses it would stall every step for a full memory latency.
-    s, z = _group_params(s_ptrs, z_ptrs, 0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE)
-    if SWIGLU:  # up rows N + n of the same columns, with their own scales, in a second accumulator
-        up_q_ptrs = q_ptrs + N * stride_qn
+    offs_kb = tl.arange(0, BLOCK_K // 2)  # relative, for _int4_step's ragged-K mask
+    up_q_ptrs = q_ptrs + N * stride_qn  # SWIGLU: up rows N + n of the same columns, own scales
+    if PIPE_SCALES:  # int32 words = bf16 pairs (2i, 2i+1) of the tile's columns; strides in words
+        n_pair = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
+        p_ok = n_pair < N
+        s_row = (s_ptr + e64 * stride_se + pid_n * BLOCK_N).to(tl.pointer_type(tl.int32))
+        z_row = (z_ptr + e64 * stride_ze + pid_n * BLOCK_N).to(tl.pointer_type(tl.int32))
+        s_ptrs = s_row + tl.arange(0, BLOCK_N // 2)
+        z_ptrs = z_row + tl.arange(0, BLOCK_N // 2)
+        up_s_ptrs = s_ptrs + N // 2
+        up_z_ptrs = z_ptrs + N // 2
+        p_stride_sg = stride_sg // 2
+        p_stride_zg = stride_zg // 2
+    else:
+        p_ok = n_ok
+        s_ptrs = s_ptr + e64 * stride_se + offs_n * stride_sn
+        z_ptrs = z_ptr + e64 * stride_ze + offs_n * stride_zn  # z_ptr is s_ptr when symmetric: never loaded
         up_s_ptrs = s_ptrs + N * stride_sn
         up_z_ptrs = z_ptrs + N * stride_zn
-        s_up, z_up = _group_params(up_s_ptrs, up_z_ptrs, 0, K, n_ok, stride_sg, stride_zg, GROUP_SIZE, HAS_ZEROS,
-                                   GROUPS_PER_TILE)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        s_next, z_next = _group_params(s_ptrs, z_ptrs, k0 + BLOCK_K, K, n_ok, stride_sg, stride_zg, GROUP_SIZE,
-                                       HAS_ZEROS, GROUPS_PER_TILE)
+        p_stride_sg = stride_sg
+        p_stride_zg = stride_zg
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # Without PIPE_SCALES, scales are loaded one K step ahead, in registers: 2 bytes per thread is too
+    # narrow for Triton's cp.async pipeline (which streams the A and packed tiles), so a load issued in the
+    # step that uses it would stall every step for a full memory latency. One step ahead still stalls a
+    # short (decode) step; PIPE_SCALES loads them as 4-byte words the pipeline takes, in the step itself.
+    s, z, s_up, z_up = _step_params(s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k_begin, K, p_ok, p_stride_sg,
+                                    p_stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE, SWIGLU, PIPE_SCALES, BLOCK_N)
+    for k0 in range(k_begin, k_begin + k_len, BLOCK_K):
+        if PIPE_SCALES:
+            s, z, s_up, z_up = _step_params(s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k0, K, p_ok, p_stride_sg,
+                                            p_stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE, SWIGLU, True,
+                                            BLOCK_N)
+        else:
+            s_next, z_next, s_up_next, z_up_next = _step_params(
+                s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k0 + BLOCK_K, K, p_ok, p_stride_sg, p_stride_zg, GROUP_SIZE,
+                HAS_ZEROS, GROUPS_PER_TILE, SWIGLU, False, BLOCK_N)
         a_mask = row_ok[None, :]
         if not EVEN_K:
-            a_mask = a_mask & (offs_k[:, None] < K - k0)
+            a_mask = a_mask & (offs_k[:, None] - k_begin < K - k0)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if SPLIT:  # rows 2j / 2j+1 of the A^T tile: the K positions of the low / high nibbles
             a_even, a_odd = tl.split(tl.permute(tl.reshape(a, (BLOCK_K // 2, 2, BLOCK_M)), (0, 2, 1)))
@@ -493,19 +624,18 @@ def _int4_tile(tile, num_pid_m, num_pid_n,
         else:
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE,
-                         GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT)
-        s, z = s_next, z_next
+                         GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT,
+                         ASM)
         if SWIGLU:
-            s_up_next, z_up_next = _group_params(up_s_ptrs, up_z_ptrs, k0 + BLOCK_K, K, n_ok, stride_sg, stride_zg,
-                                                 GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE)
             acc_up = _int4_step(acc_up, up_q_ptrs, s_up, z_up, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb,
                                 GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty,
-                                MAGIC, POST_SCALE, SPLIT)
-            s_up, z_up = s_up_next, z_up_next
+                                MAGIC, POST_SCALE, SPLIT, ASM)
             up_q_ptrs += (BLOCK_K // 2) * stride_qk
+        if not PIPE_SCALES:
+            s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
         a_ptrs += BLOCK_K * stride_ak
         q_ptrs += (BLOCK_K // 2) * stride_qk
-    if SWIGLU:
+    if SWIGLU and SPLIT_K == 1:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
     if SCALE_ROWS:
         acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
@@ -513,8 +643,10 @@ def _int4_tile(tile, num_pid_m, num_pid_n,
         c_rows = tl.load(c_rows_ptr + rows, mask=row_ok, other=0)
     else:
         c_rows = rows
-    c_ptrs = c_ptr + c_rows.to(tl.int64)[None, :] * stride_cm + offs_n[:, None] * stride_cn
+    c_ptrs = c_ptr + k_slice * stride_cs + c_rows.to(tl.int64)[None, :] * stride_cm + offs_n[:, None] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
+    if SWIGLU and SPLIT_K > 1:
+        tl.store(c_ptrs + N * stride_cn, acc_up.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
 
 
 @triton.heuristics({
@@ -526,28 +658,31 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      N, K, M_BUCKET,  # M_BUCKET: rows per expert (power of 2), an autotune key only
                      stride_am, stride_ak, stride_qe, stride_qn, stride_qk,
                      stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn,
+                     stride_cs,  # the output's K-slice stride (SPLIT_K > 1)
                      E: tl.constexpr, E_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, SCALE_ROWS: tl.constexpr,
                      SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
-                     SPLIT: tl.constexpr = False):
+                     SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
+                     SPLIT_K: tl.constexpr = 1):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Row blocks per expert are only known on the device (they depend on the routing).
     _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
     num_pid_m = tl.sum(blocks, 0)
-    num_tiles = num_pid_m * num_pid_n
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        _int4_tile(tile, num_pid_m, num_pid_n, a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
-                   row_scale_ptr, offsets_ptr, N, K, stride_am, stride_ak, stride_qe, stride_qn, stride_qk,
-                   stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_cm, stride_cn,
-                   E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
-                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT)
+    num_mn = num_pid_m * num_pid_n
+    for tile in range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
+        _int4_tile(tile % num_mn, tile // num_mn, num_pid_m, num_pid_n, a_ptr, q_ptr, s_ptr, z_ptr, c_ptr,
+                   a_rows_ptr, c_rows_ptr, row_scale_ptr, offsets_ptr, N, K, stride_am, stride_ak, stride_qe,
+                   stride_qn, stride_qk, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn,
+                   stride_cm, stride_cn, stride_cs, E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS,
+                   SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT,
+                   ASM, PIPE_SCALES, SPLIT_K)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
-                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT"]
+                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -585,10 +720,17 @@ def check_quantized(qt, name: str) -> None:
         raise ValueError(f"{name}'s packed codes, scales and zeros are on different devices: {devices}")
 
 
+def pairable_scales(qt: QuantizedTensor, z: torch.Tensor) -> bool:
+    """Scales/zeros can be read as int32 pairs of bf16: bf16, unit column stride, even strides and offsets."""
+    return all(t.dtype == torch.bfloat16 and t.stride(2) == 1 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
+               and t.data_ptr() % 4 == 0 for t in (qt.scales, z)) and qt.shape[1] % 2 == 0
+
+
 def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, out: torch.Tensor, *,
                       gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                       scatter_rows: bool = False, config: TileConfig | None = None,
-                      configs: list[TileConfig] | None = None, variant: Int4Variant | None = None) -> torch.Tensor:
+                      configs: list[TileConfig] | None = None, variant: Int4Variant | None = None,
+                      split_k: int = 1) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows with INT4 weights; returns out.
 
     a        [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -598,6 +740,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
              `configs` (required then)
     variant  kernel switches (Int4Variant; default all off); with post_scale, BLOCK_K is lowered to
              divide the group size (adapt_to_variant)
+    split_k  K slices (K must be a multiple of split_k * BLOCK_K): out is then float32
+             [split_k, T*k, N] (swiglu: [split_k, T*k, 2N], gate then up, no activation) of partial sums
     """
     check_quantized(qt, "weights")
     E, n_w, K = qt.shape
@@ -606,12 +750,15 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     G = qt.group_size
     if swiglu and n_w % 2:
         raise ValueError(f"swiglu needs weights [E, 2N, K], got {qt.shape}")
-    if a.dim() != 2 or a.shape[1] != K or out.shape != (rows, N) or E != plan.num_experts:
+    out_shape = (rows, N) if split_k == 1 else (split_k, rows, 2 * N if swiglu else N)
+    if a.dim() != 2 or a.shape[1] != K or out.shape != out_shape or E != plan.num_experts:
         raise ValueError(f"shapes do not fit: a {tuple(a.shape)}, weights {qt.shape}, out {tuple(out.shape)}, "
                          f"plan with E={plan.num_experts} and {rows} rows (swiglu={swiglu})")
     if a.shape[0] != (plan.num_tokens if gather_rows else rows):
         raise ValueError(f"a has {a.shape[0]} rows; expected {plan.num_tokens if gather_rows else rows}")
-    if a.dtype not in ACTIVATION_DTYPES or out.dtype != a.dtype:
+    if split_k != 1 and out.dtype != torch.float32:
+        raise TypeError(f"with split_k={split_k} the output holds float32 partial sums, got {out.dtype}")
+    if a.dtype not in ACTIVATION_DTYPES or (split_k == 1 and out.dtype != a.dtype):
         raise TypeError(f"activations and output must both be one of {ACTIVATION_DTYPES}, got {a.dtype} and "
                         f"{out.dtype}")
     if config is not None and not block_k_fits_group(config.block_k, G):
@@ -630,24 +777,31 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
         variant = adapted[0][1]
     if config is None and len(configs) == 1:
         config = configs[0]
+    if split_k < 1 or (split_k > 1 and K % (split_k * (config.block_k if config is not None
+                                                        else max(c.block_k for c in configs)))):
+        raise ValueError(f"split_k={split_k}: K={K} must be a multiple of split_k * BLOCK_K")
 
     sms, on_gpu = num_sms(a.device), a.device.type == "cuda"
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn)
+        tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn) * split_k
         per_sm = (variant.programs_per_sm or persistent_programs_per_sm(bm, bn * (2 if swiglu else 1))
                   if on_gpu else 1)
         return (min(tiles, sms * per_sm),)
 
     z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
+    pipe_scales = variant.pipe_scales and pairable_scales(qt, z) and (
+        (config.block_k if config is not None else max(c.block_k for c in configs)) <= G)
     args = (a, qt.packed, qt.scales, z, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
             plan.expert_offsets, N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))),
             a.stride(0), a.stride(1), *qt.packed.stride(), *qt.scales.stride(), *z.stride(),
-            out.stride(0), out.stride(1))
+            out.stride(-2), out.stride(-1), out.stride(0) if split_k > 1 else 0)
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=G, HAS_ZEROS=qt.zeros is not None,
                  GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
-                 MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split)
+                 MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
+                 ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
+                 PIPE_SCALES=pipe_scales, SPLIT_K=split_k)
     if config is not None:
         _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -741,8 +895,21 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
             config1, config2 = adapt_to_group(base, weights.w13.group_size), adapt_to_group(base, weights.w2.group_size)
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan, path)
-    act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                            config=config1, configs=configs1, variant=variant)
+    split1 = split2 = 1
+    if regime == "decode":
+        split1 = gemm_split_k(variant, weights.w13, F, rows, config1, configs1, x.device)
+        split2 = gemm_split_k(variant, weights.w2, H, rows, config2, configs2, x.device)
+    if split1 == 1:
+        act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
+                                config=config1, configs=configs1, variant=variant)
+    else:
+        part = int4_grouped_gemm(x, weights.w13, plan, _alloc_f32((split1, rows, 2 * F), x), gather_rows=True,
+                                 swiglu=True, config=config1, configs=configs1, variant=variant, split_k=split1)
+        act = swiglu_slices(part, x.dtype)
+    if split2 > 1:  # slices of every token slot: y = sum over slices and slots, float32, fixed order
+        part = int4_grouped_gemm(act, weights.w2, plan, _alloc_f32((split2, rows, H), x), scale_rows=True,
+                                 scatter_rows=True, config=config2, configs=configs2, variant=variant, split_k=split2)
+        return part.view(split2, T, k, H).sum(dim=(0, 2)).to(x.dtype)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     int4_grouped_gemm(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2,
@@ -751,6 +918,76 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
         return out
     # torch's sum over a half-precision dim accumulates in float32 and rounds once; deterministic.
     return out.view(T, k, H).sum(dim=1)
+
+
+def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A float32 buffer of partial sums, from _alloc (so the tests' NaN-filled allocator covers it)."""
+    return _alloc(shape, torch.empty(0, dtype=torch.float32, device=like.device))
+
+
+# Decode split-K (measured on an H100, results/h100/LOG.md): ncu showed GEMM2 of mixtral T=1 with 128 tiles,
+# i.e. one 4-warp program per SM and 0.32 instructions issued per cycle per scheduler. Two slices took
+# mixtral T=1 from 0.181 to 0.150 ms; more slices, or splitting GEMMs that already have >= 1.5 tiles per
+# SM (deepseek-v3 T=1: 256 and 896 tiles; qwen3 T=4), cost 3-15% (partial sums, finisher).
+SPLIT_K_PROGRAMS_PER_SM = 1.5
+SPLIT_K_MAX = 8
+SPLIT_K_MIN_SLICE = 512  # K per slice: shorter slices spend more on partial sums than they win
+
+
+def decode_split_k(tiles: int, K: int, block_k: int, sms: int) -> int:
+    """K slices for a decode GEMM of `tiles` output tiles: the smallest power of two that gives at least
+    SPLIT_K_PROGRAMS_PER_SM programs per SM, within SPLIT_K_MAX, whole BLOCK_K steps and SPLIT_K_MIN_SLICE."""
+    s = 1
+    while (tiles * s < SPLIT_K_PROGRAMS_PER_SM * sms and s < SPLIT_K_MAX and K % (2 * s * block_k) == 0
+           and K // (2 * s) >= SPLIT_K_MIN_SLICE):
+        s *= 2
+    return s
+
+
+def gemm_split_k(variant: Int4Variant, qt: QuantizedTensor, N: int, rows: int, config: TileConfig | None,
+                 configs: list[TileConfig] | None, device: torch.device) -> int:
+    """The split_k one decode GEMM runs with: variant.split_k if set (lowered until K allows it), else
+    decode_split_k on the tile the kernel will use (after adapt_to_variant)."""
+    E, _, K = qt.shape
+    tiles_cfgs = [config] if config is not None else list(configs)
+    adapted = [adapt_to_variant(c, qt.group_size, variant)[0] for c in tiles_cfgs]
+    bk = max(c.block_k for c in adapted)
+    if variant.split_k:
+        s = variant.split_k
+        while s > 1 and K % (s * bk):
+            s //= 2
+        return s
+    first = adapted[0]
+    tiles = max_row_blocks(rows, E, first.block_m) * triton.cdiv(N, first.block_n)
+    return decode_split_k(tiles, K, bk, num_sms(device))
+
+
+@triton.jit
+def _swiglu_slices_kernel(p_ptr, out_ptr, n_elem, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_elem
+    m = offs // N
+    n = offs % N
+    gate = tl.zeros((BLOCK,), dtype=tl.float32)
+    up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT_K):  # fixed order: deterministic
+        base = p_ptr + sl * stride_ps + m * stride_pm + n
+        gate += tl.load(base, mask=ok, other=0.0)
+        up += tl.load(base + N, mask=ok, other=0.0)
+    tl.store(out_ptr + m * stride_om + n, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def swiglu_slices(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, rows, 2F] float32 partial sums (gate | up) -> silu(sum gate) * (sum up) [rows, F] in dtype."""
+    S, rows, two_f = part.shape
+    F = two_f // 2
+    out = _alloc((rows, F), torch.empty(0, dtype=dtype, device=part.device))
+    block = 1024
+    if rows:
+        _swiglu_slices_kernel[(triton.cdiv(rows * F, block),)](part, out, rows * F, F, part.stride(0),
+                                                               part.stride(1), out.stride(0), SPLIT_K=S, BLOCK=block)
+    return out
 
 
 def _expert_slice(qt: QuantizedTensor, e: int) -> QuantizedTensor:
