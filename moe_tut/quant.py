@@ -86,6 +86,7 @@ from dataclasses import dataclass
 import torch
 
 from .presets import MoEConfig
+from .reference import expert_ffn_fp32
 from .weights import ExpertWeights
 
 DEFAULT_GROUP_SIZE = 128
@@ -459,3 +460,32 @@ def quantization_error(weights: ExpertWeights, group_size: int = DEFAULT_GROUP_S
     out = {name: rel(*s) for name, s in sums.items()}
     out["total"] = rel(sums["w13"][0] + sums["w2"][0], sums["w13"][1] + sums["w2"][1])
     return out
+
+
+def expert_slice(qt: QuantizedTensor, e: int) -> QuantizedTensor:
+    z = None if qt.zeros is None else qt.zeros[e:e + 1]
+    return QuantizedTensor(qt.packed[e:e + 1], qt.scales[e:e + 1], z, qt.group_size, qt.symmetric,
+                           (1, *qt.shape[1:]))
+
+
+@torch.no_grad()
+def int4_moe_reference(x: torch.Tensor, weights, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: what moe_forward_triton_int4 computes, in float32 (returns float32 [T, H]).
+
+    Equal to moe_reference(x, weights.dequantize(), topk_ids, topk_weights), but dequantises one
+    touched expert at a time, so it also runs where the whole dequantised model would not fit.
+    """
+    T, H = x.shape
+    y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # true float32 for the ground truth
+    try:
+        for e in torch.unique(topk_ids).tolist():
+            tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+            w13 = dequantize(expert_slice(weights.w13, e), weights.dtype)[0]
+            w2 = dequantize(expert_slice(weights.w2, e), weights.dtype)[0]
+            out = expert_ffn_fp32(x[tok], w13, w2)
+            y.index_add_(0, tok, out * topk_weights[tok, slot].float()[:, None])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return y

@@ -58,6 +58,34 @@ def test_run_point_rows():
     assert "naive" in format_table(rows)
 
 
+def test_int4_rows_quantise_once_and_check_against_the_expert_by_expert_reference(monkeypatch):
+    # prepared_cache: one quantisation for every T and both INT4 backends; the tight check uses the
+    # backend's `reference` (dequantises one touched expert at a time), not a dequantised copy of all
+    from moe_tut import backends
+    from moe_tut.quant import Int4ExpertWeights
+
+    calls = []
+    real = Int4ExpertWeights.from_bf16.__func__
+
+    def counting(cls, *a, **kw):
+        calls.append(1)
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(Int4ExpertWeights, "from_bf16", classmethod(counting))
+    monkeypatch.setattr(Int4ExpertWeights, "dequantize", lambda self, *a: pytest.fail("full dequantise"))
+    cfg = custom(4, 128, 256, 2)
+    w = ExpertWeights.random(cfg)
+    ceilings = measure_ceilings("cpu", gemm_size=64, copy_bytes=1 << 20)
+    cache = {}
+    rows = []
+    for T in (1, 5):
+        rows += run_point(cfg, T, w, ["triton_int4", "naive"], ceilings, prepared_cache=cache)
+    assert len(calls) == 1 and list(cache) == ["int4"]
+    int4 = [r for r in rows if r.backend == "triton_int4"]
+    assert all(r.status == "ok" and r.rel_err < 1e-2 and r.rel_err_vs_bf16 > r.rel_err for r in int4), int4
+    assert backends.get_backend("cuda_int4").reference is backends.get_backend("triton_int4").reference
+
+
 def test_failing_backend_is_reported_not_timed(monkeypatch):
     from moe_tut import backends
 

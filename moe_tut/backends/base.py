@@ -69,6 +69,9 @@ class Backend:
     dequantized        prepared weights -> ExpertWeights holding exactly the values the backend
                        computes with (INT4: the dequantised weights), for the tight correctness check;
                        None when prepare() does not change the values
+    reference          (x, prepared, topk_ids, topk_weights) -> float32 y computed from the prepared
+                       weights expert by expert; the harness uses it instead of `dequantized` where
+                       set, so the tight check needs no dequantised copy of every expert (glm5: 54 GB)
     graph_safe         no host sync inside forward, so small-T timing can use CUDA-graph replay
     """
 
@@ -79,6 +82,7 @@ class Backend:
     unavailable: Callable[[MoEConfig, torch.device], str | None] = lambda cfg, device: None
     prepare: Callable[[ExpertWeights], object] = lambda w: w
     dequantized: Callable[[object], ExpertWeights] | None = None
+    reference: Callable[[torch.Tensor, object, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     graph_safe: bool = True
     weight_format: str = "bf16"
     tags: tuple[str, ...] = field(default_factory=tuple)

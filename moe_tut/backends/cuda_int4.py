@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant import DEFAULT_GROUP_SIZE, Int4ExpertWeights
+from ..quant import DEFAULT_GROUP_SIZE, Int4ExpertWeights, int4_moe_reference
 from ..routing import RoutingPlan
 from .base import Backend, BackendUnavailable, check_inputs
 
@@ -253,7 +253,8 @@ def _register() -> None:
                      "CUDA C++ W4A16 decode kernel (csrc/moe_int4.cu): INT4 weights dequantised in registers",
                      extra_bytes=cuda_int4_extra_bytes, unavailable=cuda_int4_unavailable,
                      prepare=lambda w: Int4ExpertWeights.from_bf16(w),
-                     dequantized=lambda q: q.dequantize(), graph_safe=True, weight_format="int4"))
+                     dequantized=lambda q: q.dequantize(), reference=int4_moe_reference, graph_safe=True,
+                     weight_format="int4"))
 
 
 _register()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import DEFAULT_GROUP_SIZE, Int4ExpertWeights
+from ..quant import DEFAULT_GROUP_SIZE, Int4ExpertWeights, int4_moe_reference
 from .base import Backend, BackendUnavailable
 from .triton_backend import fast_path_extra_bytes, triton_device_problem
 
@@ -66,8 +66,8 @@ def _register() -> None:
     register(Backend("triton_int4", moe_forward_triton_int4,
                      "Triton W4A16: the fused grouped GEMM with INT4 weights dequantised in registers",
                      extra_bytes=triton_int4_extra_bytes, unavailable=triton_int4_unavailable,
-                     prepare=prepare, dequantized=lambda q: q.dequantize(), graph_safe=True,
-                     weight_format="int4"))
+                     prepare=prepare, dequantized=lambda q: q.dequantize(), reference=int4_moe_reference,
+                     graph_safe=True, weight_format="int4"))
 
 
 _register()

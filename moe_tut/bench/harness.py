@@ -86,8 +86,14 @@ def _peak_extra_bytes(fn: Callable[[], torch.Tensor], device) -> tuple[torch.Ten
 
 
 def run_point(cfg: MoEConfig, T: int, weights: ExpertWeights, backend_names: Iterable[str], ceilings: Ceilings,
-              skew: str = "uniform", seed: int = 0, progress: Callable[[str], None] | None = None) -> list[Row]:
-    """All backends at one (preset, T). Rows come back in the order of backend_names."""
+              skew: str = "uniform", seed: int = 0, progress: Callable[[str], None] | None = None,
+              prepared_cache: dict | None = None) -> list[Row]:
+    """All backends at one (preset, T). Rows come back in the order of backend_names.
+
+    prepared_cache: pass the same dict for every T of one `weights` to quantise them once, not once per
+    point and backend (glm5: 54 GB per quantisation). It keeps one prepared copy, keyed by weight format:
+    backends of one format (triton_int4, cuda_int4) prepare identical weights (group 128, symmetric).
+    """
     device = weights.device
     x, topk_ids, topk_weights = make_inputs(cfg, T, skew, device, seed)
     plan = RoutingPlan.build(topk_ids, topk_weights, cfg.E)
@@ -113,7 +119,8 @@ def run_point(cfg: MoEConfig, T: int, weights: ExpertWeights, backend_names: Ite
             row.reason = f"needs ~{need / GB:.1f} GB of temporaries, {free / GB:.1f} GB free"
             continue
         try:
-            row_out = _measure(backend, cfg, x, weights, plan, topk_ids, topk_weights, ref, stats, ceilings, row)
+            row_out = _measure(backend, cfg, x, weights, plan, topk_ids, topk_weights, ref, stats, ceilings, row,
+                               prepared_cache)
         except torch.cuda.OutOfMemoryError as exc:
             row.status, row.reason = "skipped", f"CUDA out of memory: {str(exc).splitlines()[0][:120]}"
             row_out = None
@@ -131,9 +138,15 @@ def run_point(cfg: MoEConfig, T: int, weights: ExpertWeights, backend_names: Ite
 
 
 def _measure(backend, cfg, x, weights, plan, topk_ids, topk_weights, ref, stats: RoutingStats,
-             ceilings: Ceilings, row: Row):
+             ceilings: Ceilings, row: Row, prepared_cache: dict | None = None):
     device = weights.device
-    prepared = backend.prepare(weights)
+    if prepared_cache is None or backend.weight_format == "bf16":
+        prepared = backend.prepare(weights)
+    else:
+        if backend.weight_format not in prepared_cache:
+            prepared_cache.clear()  # one prepared copy at a time
+            prepared_cache[backend.weight_format] = backend.prepare(weights)
+        prepared = prepared_cache[backend.weight_format]
     nbytes = getattr(prepared, "nbytes", weights.nbytes)
     row.weight_gb = nbytes / GB
     active_bytes = nbytes / cfg.E * stats.active_experts
@@ -143,7 +156,10 @@ def _measure(backend, cfg, x, weights, plan, topk_ids, topk_weights, ref, stats:
         row.status, row.reason = "failed", f"returned shape {tuple(y.shape)}, expected {tuple(x.shape)}"
         return y
     tight_ref = ref
-    if backend.dequantized is not None:
+    if backend.reference is not None:
+        tight_ref = backend.reference(x, prepared, topk_ids, topk_weights)
+        row.rel_err_vs_bf16 = relative_error(y, ref)
+    elif backend.dequantized is not None:
         tight_ref = moe_reference(x, backend.dequantized(prepared), topk_ids, topk_weights)
         row.rel_err_vs_bf16 = relative_error(y, ref)
     row.rel_err = relative_error(y, tight_ref)

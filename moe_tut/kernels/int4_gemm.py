@@ -95,8 +95,7 @@ import triton.language as tl
 
 from ..backends.base import check_inputs
 from ..env import interpreting
-from ..quant import QuantizedTensor, dequantize
-from ..reference import expert_ffn_fp32
+from ..quant import QuantizedTensor, dequantize, int4_moe_reference  # noqa: F401  (re-exported)
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
 from .grouped_gemm import (
@@ -988,35 +987,6 @@ def swiglu_slices(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         _swiglu_slices_kernel[(triton.cdiv(rows * F, block),)](part, out, rows * F, F, part.stride(0),
                                                                part.stride(1), out.stride(0), SPLIT_K=S, BLOCK=block)
     return out
-
-
-def _expert_slice(qt: QuantizedTensor, e: int) -> QuantizedTensor:
-    z = None if qt.zeros is None else qt.zeros[e:e + 1]
-    return QuantizedTensor(qt.packed[e:e + 1], qt.scales[e:e + 1], z, qt.group_size, qt.symmetric,
-                           (1, *qt.shape[1:]))
-
-
-@torch.no_grad()
-def int4_moe_reference(x: torch.Tensor, weights, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch: what moe_forward_triton_int4 computes, in float32 (returns float32 [T, H]).
-
-    Equal to moe_reference(x, weights.dequantize(), topk_ids, topk_weights), but dequantises one
-    touched expert at a time, so it also runs where the whole dequantised model would not fit.
-    """
-    T, H = x.shape
-    y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # true float32 for the ground truth
-    try:
-        for e in torch.unique(topk_ids).tolist():
-            tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
-            w13 = dequantize(_expert_slice(weights.w13, e), weights.dtype)[0]
-            w2 = dequantize(_expert_slice(weights.w2, e), weights.dtype)[0]
-            out = expert_ffn_fp32(x[tok], w13, w2)
-            y.index_add_(0, tok, out * topk_weights[tok, slot].float()[:, None])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-    return y
 
 
 def dequantized_weights(weights) -> ExpertWeights:
