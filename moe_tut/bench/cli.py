@@ -5,6 +5,12 @@
     python -m moe_tut.bench --full                                    # every preset that fits
     python -m moe_tut.bench --config deepseek-v3 --tokens 1 16 128 1024 8192 --skew zipf
     python -m moe_tut.bench --E 16 --H 1024 --F 2816 --top-k 2 --tokens 256   # a custom shape
+
+Expert parallelism (moe_tut.distributed): the same forward with the experts split over N ranks,
+--tokens being the global T split over them; one process per rank, started by torchrun:
+
+    torchrun --nproc-per-node 2 -m moe_tut.bench --expert-parallel --config deepseek-v3 --tokens 8192
+    torchrun --nproc-per-node 2 -m moe_tut.bench --expert-parallel --config debug --tokens 64   # CPU: gloo
 """
 
 from __future__ import annotations
@@ -53,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out"), help="directory for CSV, JSON metadata and plots")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--list", action="store_true", help="list presets and backends (with availability) and exit")
+    ep = p.add_argument_group("expert parallelism (run under torchrun, one process per rank)")
+    ep.add_argument("--expert-parallel", action="store_true",
+                    help="split the experts over the torchrun ranks (NCCL on GPUs, gloo on CPUs); --tokens is the "
+                         "global T, split over the ranks; default backend: triton on GPUs, grouped_mm on CPUs")
+    ep.add_argument("--reps", type=int, help="timed forwards per pass (default 20 on GPUs, 10 on CPUs)")
+    ep.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds any collective may wait for a rank before it fails (default 300)")
+    ep.add_argument("--no-single", action="store_true",
+                    help="skip the single-device baseline (rank 0 running all experts) and the scaling columns")
     return p
 
 
@@ -101,8 +116,43 @@ def _print_list(device) -> None:
         print(f"  {name:12s} {b.description}" + (f"  [unavailable: {reason}]" if reason else ""))
 
 
+def _expert_parallel(args, argv: list[str] | None) -> int:
+    """--expert-parallel: validate the arguments (identically on every rank), then hand over to
+    moe_tut.distributed.bench, which every rank runs."""
+    import os
+
+    quiet = os.environ.get("RANK", "0") != "0"  # argument errors are printed by rank 0 only
+    on_gpu = env.has_cuda()
+    try:
+        if args.full or args.list:
+            raise ValueError("--expert-parallel runs one preset; it does not combine with --full or --list")
+        if args.reps is not None and args.reps < 1:
+            raise ValueError(f"--reps must be >= 1, got {args.reps}")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+        parse_skew(args.skew)
+        tokens = _token_list(args, on_gpu)
+        cfg = _configs(args, on_gpu)[0]
+        backends = args.backends.split(",") if args.backends else ["triton" if on_gpu else "grouped_mm"]
+        for b in backends:
+            get_backend(b)
+    except (UnknownPresetError, ValueError) as exc:
+        return 2 if quiet else _fail(str(exc))
+    from ..distributed.bench import run_expert_parallel
+
+    argv = sys.argv[1:] if argv is None else argv
+    world = os.environ.get("WORLD_SIZE")
+    launcher = f"torchrun --nproc-per-node {world}" if world else "python"
+    command = f"{launcher} -m moe_tut.bench " + " ".join(shlex.quote(a) for a in argv)
+    return run_expert_parallel(cfg, tokens, backends, skew=args.skew, seed=args.seed, out_dir=args.out,
+                               reps=args.reps, timeout_s=args.timeout, single=not args.no_single,
+                               plots=not args.no_plots, command=command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.expert_parallel:
+        return _expert_parallel(args, argv)
     device = env.default_device()
     on_gpu = device.type == "cuda"
     if args.list:
@@ -149,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, desc="benchmark", unit="row", file=sys.stderr) as bar:
         for cfg in runnable:
             weights = ExpertWeights.random(cfg, device=device, seed=args.seed)
+            prepared = {}  # INT4 weights quantised once per preset, not once per (T, backend)
             for T in tokens:
                 rows += run_point(cfg, T, weights, backends, ceilings, skew=args.skew, seed=args.seed,
-                                  progress=bar.set_postfix_str)
+                                  progress=bar.set_postfix_str, prepared_cache=prepared)
                 bar.update(len(backends))
-            del weights
+            del weights, prepared
             if on_gpu:
                 torch.cuda.empty_cache()
 
