@@ -790,6 +790,10 @@ def _check_and_time(block: nn.Module, x: torch.Tensor, ref: torch.Tensor, ref_de
         elif not err < BF16_TOL:
             return dict(out, status="FAIL", reason=f"rel err {err:.2e} >= {BF16_TOL}")
         timing, note = _time(_forward_fn(block, x), device, use_graph, cpu_reps)
+    except torch.cuda.OutOfMemoryError as exc:  # e.g. transformers' batched_mm gathers [T*k, 2F, H] weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return dict(status="skipped", reason=f"CUDA out of memory: {str(exc).splitlines()[0][:160]}")
     except Exception as exc:  # a crash is a failed row (reported), not the end of the comparison
         return dict(status="FAIL", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     return dict(out, status="ok", median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,

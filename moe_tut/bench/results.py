@@ -54,7 +54,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout (+dirty), or MOE_TUT_GIT_COMMIT where the tree has no .git (a copied tree)."""
+    """MOE_TUT_GIT_COMMIT if set (a copied tree, whose .git may be missing or stale), else HEAD of the
+    checkout (+dirty)."""
+    if os.environ.get("MOE_TUT_GIT_COMMIT"):
+        return os.environ["MOE_TUT_GIT_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
