@@ -303,14 +303,17 @@ def test_block_k_and_group_size_rules():
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gemm2", "gemm1-fused"])
-def test_decode_configs_fill_the_sms(fused):
-    # mixtral at T = 1: 2 experts touched; 132 SMs (H100), 99 KB of shared memory (RTX 4090)
-    for N in (4096, 14336):
-        cfgs = ig.get_decode_configs(N, 2, 132, fused, 99 * 1024, 128, False)
-        assert cfgs and all(c.block_m == 16 for c in cfgs)
-        assert all(ig.smem_bytes(c, 2 if fused else 1, 128, False) <= 99 * 1024 for c in cfgs)
-        assert all(2 * -(-N // c.block_n) >= 132 for c in cfgs)
-    assert {c.block_n for c in ig.get_decode_configs(64, 1, 132, fused, 99 * 1024, 128, True)} == {32}
+def test_decode_config_is_the_measured_tile_where_it_fits(fused):
+    # one tile, no autotuning: 16x64x128 (4 warps, 4 stages) where it fits, fewer stages where it does not
+    wt = 2 if fused else 1
+    for limit_kb in (99, 163, 227):  # sm_86/89, sm_80, sm_90
+        (cfg,) = ig.get_decode_configs(4096, 2, 132, fused, limit_kb * 1024, 128, False)
+        assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 64, 128)
+        assert ig.smem_bytes(cfg, wt, 128, False) <= limit_kb * 1024
+    (small,) = ig.get_decode_configs(4096, 2, 132, fused, 24 * 1024, 128, True)
+    assert ig.smem_bytes(small, wt, 128, True) <= 24 * 1024
+    with pytest.raises(RuntimeError, match="no INT4 decode tile fits"):
+        ig.get_decode_configs(4096, 2, 132, fused, 4 * 1024, 128, True)
 
 
 @pytest.mark.parametrize("limit_kb", [99, 163, 227])  # sm_86/89, sm_80, sm_90
@@ -352,15 +355,15 @@ fn = ig._moe_int4_kernel.fn
 names = ("GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C")
 pms = dict(MAGIC=True, POST_SCALE=True, SPLIT=True)
 roles = {  # role: flags, config, group size, zeros, switches
-    "decode-gemm1": ((1, 1, 0, 0), ig.DECODE_CONFIGS[3], 128, False, {}),  # 2 groups per K step
+    "decode-gemm1": ((1, 1, 0, 0), ig.TileConfig(16, 64, 256, 8, 8, 4), 128, False, {}),  # 2 groups per K step
     "prefill-gemm2": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 64, True, {}),  # 1 group per K step
-    "decode-gemm1-pms": ((1, 1, 0, 0), ig.DECODE_CONFIGS[1], 128, False, pms),  # post-scale, split, magic
-    "decode-gemm2-pms-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[1], 128, True, pms),
+    "decode-gemm1-pms": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False, pms),  # post-scale, split, magic
+    "decode-gemm2-pms-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, pms),
     # inline-PTX unpack (GPU only: the interpreter cannot run it); scales as int32 words in the pipeline
-    "decode-gemm1-asm-pipe": ((1, 1, 0, 0), ig.DECODE_CONFIGS[1], 128, False,
+    "decode-gemm1-asm-pipe": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False,
                               {**pms, "ASM": True, "PIPE_SCALES": True}),
-    "decode-gemm2-pipe-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[1], 128, True, {**pms, "PIPE_SCALES": True}),
-    "decode-gemm1-splitk4": ((1, 1, 0, 0), ig.DECODE_CONFIGS[1], 128, False, {**pms, "SPLIT_K": 4}),
+    "decode-gemm2-pipe-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, {**pms, "PIPE_SCALES": True}),
+    "decode-gemm1-splitk4": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False, {**pms, "SPLIT_K": 4}),
 }
 out = []
 for cc in (80, 90):

@@ -186,11 +186,15 @@ PREFILL_CONFIGS_FUSED = (  # GEMM1 (gate and up tiles per step): half the BLOCK_
     TileConfig(64, 64, 128, 8, 8, 3),
     TileConfig(128, 64, 64, 8, 4, 3),
 )
-DECODE_CONFIGS = (  # either GEMM; BLOCK_M = 16, the smallest tl.dot tile
-    TileConfig(16, 32, 128, 8, 4, 4),
+# Decode tiles in order of preference (either GEMM; BLOCK_M = 16, the smallest tl.dot tile). H100
+# (results/h100/triton_int4_tune_v1, _v2): 16x64x128, 4 warps, 4 stages was the fastest decode tile at every
+# measured point; BLOCK_N 32 runs mma.sync instead of wgmma (mixtral T=1 0.19 -> 0.27-0.31 ms) and 128 / 8
+# warps was 5-20% slower. Too few tiles for the SMs is split-K's job now (decode_split_k), so the first tile
+# that fits the GPU's shared memory is used, without autotuning.
+DECODE_CONFIGS = (
     TileConfig(16, 64, 128, 8, 4, 4),
-    TileConfig(16, 128, 128, 8, 8, 4),
-    TileConfig(16, 64, 256, 8, 8, 4),
+    TileConfig(16, 64, 128, 8, 4, 2),
+    TileConfig(16, 32, 128, 8, 4, 2),
 )
 
 
@@ -205,20 +209,15 @@ def get_prefill_configs(fused_gate_up: bool = False) -> list[TileConfig]:
 
 def get_decode_configs(N: int, est_row_blocks: int, sms: int, fused_gate_up: bool, limit: int,
                        group_size: int, has_zeros: bool) -> list[TileConfig]:
-    """Decode tiles: BLOCK_M = 16 and only the BLOCK_N that give at least one tile per SM.
-
-    1-16 rows per expert: the work is streaming the touched experts' packed weights once, shared by
-    est_row_blocks * ceil(N / BLOCK_N) tiles. BLOCK_K 128 / 256 makes each column's load one
-    64 / 128-byte run; four stages keep several of them in flight per SM. If even the narrowest tile
-    leaves SMs idle, the narrowest is all that is kept.
-    """
+    """The decode tile: the first of DECODE_CONFIGS that fits `limit` bytes of shared memory (one config,
+    so no autotuning). N, est_row_blocks and sms are unused since split-K keeps the SMs busy; kept so the
+    call matches get_prefill_configs' callers."""
     wt = 2 if fused_gate_up else 1
-    fitted = [fit(adapt_to_group(c, group_size), limit, wt, group_size, has_zeros) for c in DECODE_CONFIGS]
-    cands = list(dict.fromkeys(c for c in fitted if c is not None))
-    if not cands:
-        raise RuntimeError(f"no INT4 decode tile fits {limit // 1024} KB of shared memory per block")
-    busy = [c for c in cands if est_row_blocks * triton.cdiv(N, c.block_n) >= sms]
-    return busy or [c for c in cands if c.block_n == min(c.block_n for c in cands)]
+    for c in DECODE_CONFIGS:
+        fitted = fit(adapt_to_group(c, group_size), limit, wt, group_size, has_zeros)
+        if fitted is not None:
+            return [fitted]
+    raise RuntimeError(f"no INT4 decode tile fits {limit // 1024} KB of shared memory per block")
 
 
 @dataclass(frozen=True)
