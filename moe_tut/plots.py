@@ -42,6 +42,28 @@ def plot_latency_vs_tokens(rows, config: str, ax=None, title: str | None = None)
     return ax.figure
 
 
+def plot_metric_vs_tokens(rows, config: str, metric: str, ax=None, title: str | None = None,
+                          ylabel: str | None = None, logy: bool = True):
+    """Any row metric (roofline_pct, tflops, weight_gbps, ...) vs T (log) per backend, for one preset."""
+    recs = [r for r in _records(rows) if r["config"] == config and _ok(r)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["backend"] for r in recs):
+        pts = sorted((r["T"], float(r[metric])) for r in recs if r["backend"] == name)
+        pts = [p for p in pts if not math.isnan(p[1])]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel(ylabel or metric)
+    ax.set_title(title or f"{config}: {metric} vs tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
 def plot_backend_bars(rows, metric: str = "median_ms", ax=None, title: str | None = None):
     """One bar per (config, T, backend) for a metric (median_ms, speedup_vs_naive, tflops, weight_gb...)."""
     recs = [r for r in _records(rows) if _ok(r)]

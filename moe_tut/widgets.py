@@ -47,6 +47,13 @@ H100_RESULTS = REPO_ROOT / "results" / "h100" / "torch_backends" / "moe_bench.cs
 GPU_TOKENS = [1, 16, 128, 1024, 8192]
 CPU_TOKENS = [1, 16, 64, 256]
 GPU_BATCH_SEQ = (4, 256)  # T = 1024, the CLI's default on a GPU
+# The dashboard's first run on a GPU: one decode step of 16 tokens, and the backends that compile at
+# most one Triton kernel per GEMM there (the decode tile is fixed: no autotuning). The former default,
+# every backend at T = 1024, took 410 s in the recorded H100 run (results/h100/notebooks/meta.json) while
+# its six timed forwards take about 50 ms together (that run's figure), so nearly all of it was outside
+# the timed calls, where a first run compiles, autotunes prefill tiles and loads the cuda_int4 extension.
+DASHBOARD_GPU_BATCH_SEQ = (1, 16)
+DASHBOARD_GPU_BACKENDS = ("naive", "bmm", "grouped_mm", "triton")
 CPU_BATCH_SEQ = (1, 16)  # T = 16: Triton under its interpreter takes seconds per forward at T = 64
 # Routing scenarios the notebooks compare (moe_tut.routing documents each).
 SKEW_CHOICES = ["uniform", "zipf:0.5", "zipf:1.2", "zipf:2.0", "hot", "all_to_one"]
@@ -88,11 +95,41 @@ def default_batch_seq() -> tuple[int, int]:
     return GPU_BATCH_SEQ if on_gpu() else CPU_BATCH_SEQ
 
 
-def show_source(obj):
-    """The package's own source of `obj`, highlighted (notebooks show code this way, never a copy)."""
+def dashboard_batch_seq() -> tuple[int, int]:
+    """The dashboard's default point: a 16-token decode step on a GPU, 1 x 16 on the CPU too."""
+    return DASHBOARD_GPU_BATCH_SEQ if on_gpu() else CPU_BATCH_SEQ
+
+
+def dashboard_backends() -> list[str]:
+    """Backends ticked by default: on a GPU the quick ones (DASHBOARD_GPU_BACKENDS), on the CPU every
+    default backend (there every Triton kernel runs one fixed config under the interpreter: nothing to
+    compile or autotune)."""
+    names = default_backends()
+    return [n for n in names if n in DASHBOARD_GPU_BACKENDS] if on_gpu() else names
+
+
+def source_of(obj, start: str | None = None, lines: int | None = None) -> str:
+    """The package's own source of `obj` (a Triton kernel too: its Python function), or an excerpt:
+    from the first line containing `start`, `lines` lines long."""
+    while not inspect.isroutine(obj) and not inspect.isclass(obj) and not inspect.ismodule(obj) \
+            and hasattr(obj, "fn"):  # triton.jit / autotune / heuristics wrap the Python function in .fn
+        obj = obj.fn
+    text = inspect.getsource(obj)
+    if start is None:
+        return text
+    src = text.splitlines()
+    first = next((i for i, line in enumerate(src) if start in line), None)
+    if first is None:
+        raise ValueError(f"{start!r} does not occur in the source of {getattr(obj, '__qualname__', obj)}")
+    return "\n".join(src[first:first + lines if lines else None]) + "\n"
+
+
+def show_source(obj, start: str | None = None, lines: int | None = None):
+    """The package's own source of `obj` (or the excerpt source_of picks), highlighted: notebooks show
+    code this way, never a copy."""
     from IPython.display import Code
 
-    return Code(inspect.getsource(obj), language="python")
+    return Code(source_of(obj, start, lines), language="python")
 
 
 def frame(records: Iterable, columns: Sequence[str] | None = None):
@@ -155,22 +192,24 @@ def environment_table(info: env.DeviceInfo | None = None) -> list[dict]:
     return [{"what": k, "value": v} for k, v in items]
 
 
-def int4_weight_bytes(cfg: MoEConfig) -> int | str:
+def int4_weight_bytes(cfg: MoEConfig, group_size: int | None = None, symmetric: bool = True) -> int | str:
     """Bytes of a preset's expert weights in moe_tut.quant's INT4 format, or why there is no number.
 
     Sized with the format's own classes (Int4ExpertWeights of empty "meta" tensors, which validate
-    their shapes), at the default group size, symmetric: nothing is allocated or quantised.
+    their shapes), at `group_size` (default: the format's default) and symmetric or asymmetric:
+    nothing is allocated or quantised.
     """
     if importlib.util.find_spec("moe_tut.quant") is None:
         return "INT4 not built yet"
     quant = importlib.import_module("moe_tut.quant")
-    G = quant.DEFAULT_GROUP_SIZE
+    G = group_size or quant.DEFAULT_GROUP_SIZE
 
     def qt(E: int, N: int, K: int):
+        scales = torch.empty(E, K // G, N, dtype=quant.SCALE_DTYPE, device="meta")
         return quant.QuantizedTensor(
-            packed=torch.empty(E, N, K // 2, dtype=torch.uint8, device="meta"),
-            scales=torch.empty(E, K // G, N, dtype=quant.SCALE_DTYPE, device="meta"),
-            zeros=None, group_size=G, symmetric=True, shape=(E, N, K))
+            packed=torch.empty(E, N, K // 2, dtype=torch.uint8, device="meta"), scales=scales,
+            zeros=None if symmetric else torch.empty_like(scales), group_size=G, symmetric=symmetric,
+            shape=(E, N, K))
 
     try:
         return quant.Int4ExpertWeights(qt(cfg.E, 2 * cfg.F, cfg.H), qt(cfg.E, cfg.H, cfg.F)).nbytes
@@ -713,6 +752,7 @@ class Dashboard:
     Controls: preset, batch, seq (T = batch * seq), skew, one checkbox per registered backend (a
     backend registered later appears by itself). Run checks the memory fit, then times every ticked
     backend with the benchmark harness, with a progress bar, and redraws the four panels.
+    Defaults: dashboard_batch_seq() and dashboard_backends() (a quick first run on a GPU).
     """
 
     def __init__(self, preset: str | None = None, batch: int | None = None, seq: int | None = None,
@@ -720,9 +760,9 @@ class Dashboard:
         import ipywidgets as W
 
         cfg = pick_preset(preset, verbose=False)
-        b0, s0 = default_batch_seq()
+        b0, s0 = dashboard_batch_seq()
         batch, seq = batch or b0, seq or s0
-        chosen = set(backends) if backends is not None else set(default_backends())
+        chosen = set(backends) if backends is not None else set(dashboard_backends())
         self.device = env.default_device()
         self.preset = W.Dropdown(options=list(PRESETS), value=cfg.name, description="preset")
         self.batch = W.Dropdown(options=sorted(set(BATCHES) | {batch}), value=batch, description="batch")

@@ -3,15 +3,24 @@
 (mixtral on a GPU), save the executed copies and their figures as PNGs, and pack them into one tar.
 
     python scripts/gpu_notebooks.py --out $OUT            # -> $OUT/notebooks_executed.tar
+    python scripts/gpu_notebooks.py --out $OUT --preset qwen3-30b-a3b notebooks/04_triton_grouped_gemm.ipynb
 
-The committed notebooks stay output-free; the executed copies are for results/ (key figures).
+Figures are named <notebook>_cell<index>_<output>.png (the README links some of them). Beside them,
+notebooks_run.json records each notebook's status, seconds and figure count, with the device and versions,
+for results/<gpu>/notebooks/meta.json. --preset sets PRESET in a cell inserted after each notebook's
+`parameters` cell (as papermill and tests/test_notebooks.py do), which shifts that notebook's figure
+indices by one. The committed notebooks stay output-free;
+the executed copies are for results/ (key figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
+import platform
+import queue
 import sys
 import tarfile
 import time
@@ -23,26 +32,79 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def poll_in_slices(kc, step_s: float = 0.5) -> None:
+    """Make the kernel client's shell and iopub reads re-poll every `step_s` (same total timeout).
+
+    The workaround of tests/test_notebooks.py (_poll_in_slices), which documents the measurement: without
+    it a cell's execute_reply was sometimes noticed only when the cell timeout expired, so a cell that
+    took seconds was recorded as taking the whole timeout (and still passed). Kept in step with that one.
+    """
+    for channel in (kc.shell_channel, kc.iopub_channel):
+        get_msg = channel.get_msg
+
+        async def sliced(timeout=None, _get_msg=get_msg):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                wait = step_s if deadline is None else max(0.0, min(step_s, deadline - time.monotonic()))
+                try:
+                    return await _get_msg(timeout=wait)
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+
+        channel.get_msg = sliced
+
+
+def inject_preset(nb, preset: str) -> None:
+    """Insert `PRESET = "<preset>"` right after the notebook's `parameters` cell (papermill's convention)."""
+    index = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
+    if index is None:
+        raise SystemExit("a notebook has no cell tagged `parameters`, so --preset cannot be injected")
+    cell = nbformat.v4.new_code_cell(f"PRESET = {preset!r}  # injected by scripts/gpu_notebooks.py")
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(index + 1, cell)
+
+
+def environment() -> dict:
+    """GPU and versions of this run (without importing moe_tut here: the notebooks' kernels do that)."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    p.add_argument("--preset", help="PRESET for every notebook (default: each notebook's own, mixtral on a GPU)")
     p.add_argument("notebooks", nargs="*", help="default: notebooks/*.ipynb")
     args = p.parse_args()
     out = Path(args.out) / "notebooks_executed"
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(n) for n in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
     failed = 0
+    runs = []
     for path in paths:
         nb = nbformat.read(path, as_version=4)
+        if args.preset:
+            inject_preset(nb, args.preset)
         start = time.time()
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}})
+        client.on_notebook_start = lambda notebook, client=client: poll_in_slices(client.kc)
         try:
-            NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            client.execute()
             status = "ok"
         except Exception as exc:  # report and keep going: the other notebooks still run
             status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else ''}"
             failed += 1
+        seconds = time.time() - start
         nbformat.write(nb, out / path.name)
         figures = 0
         for ci, cell in enumerate(nb.cells):
@@ -51,7 +113,11 @@ def main() -> int:
                 if png:
                     (out / f"{path.stem}_cell{ci:02d}_{oi}.png").write_bytes(base64.b64decode(png))
                     figures += 1
-        print(f"{path.name}: {status} in {time.time() - start:.0f} s, {figures} figures", flush=True)
+        runs.append({"notebook": path.stem, "status": status, "seconds": round(seconds, 1), "figures": figures})
+        print(f"{path.name}: {status} in {seconds:.0f} s, {figures} figures", flush=True)
+    (out / "notebooks_run.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv), "preset": args.preset or
+         "each notebook's default", **environment(), "notebooks": runs}, indent=2) + "\n")
     tar_path = Path(args.out) / "notebooks_executed.tar"
     with tarfile.open(tar_path, "w") as tar:
         tar.add(out, arcname="notebooks_executed")

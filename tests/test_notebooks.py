@@ -58,7 +58,8 @@ def _code_cells(nb):
 
 def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
-    for expected in ("00_environment", "01_routing", "02_naive_loop", "03_padded_bmm", "06_dashboard"):
+    for expected in ("00_environment", "01_routing", "02_naive_loop", "03_padded_bmm", "04_triton_grouped_gemm",
+                     "05_int4", "06_dashboard"):
         assert f"{expected}.ipynb" in names
 
 

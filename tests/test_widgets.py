@@ -1,6 +1,6 @@
-"""moe_tut.widgets: the notebook helpers and the widgets' callbacks, driven from plain Python (no kernel,
-no browser). Changing a widget's value re-runs an `interactive` callback synchronously; Button.click()
-runs its handlers, so both are exercised exactly as a reader's clicks would."""
+"""moe_tut.widgets and moe_tut.lessons: the notebook helpers and the widgets' callbacks, driven from plain
+Python (no kernel, no browser). Changing a widget's value re-runs an `interactive` callback synchronously;
+Button.click() runs its handlers, so both are exercised exactly as a reader's clicks would."""
 
 import importlib.util
 import math
@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import moe_tut
+from moe_tut import lessons as L
+from moe_tut import quant
 from moe_tut import widgets as mw
 from moe_tut.backends import Backend, naive
+from moe_tut.kernels import grouped_gemm as gg
 
 ON_GPU = torch.cuda.is_available()
 
@@ -197,3 +200,232 @@ def test_dashboard_shows_backends_registered_later():
         assert rows[1].status == "ok" and not math.isnan(rows[1].speedup_vs_naive)
     finally:
         registry.pop(name)
+
+
+def test_dashboard_defaults_are_quick_on_a_gpu():
+    """A GPU's first run: a 16-token decode step and the backends without a prefill autotuning sweep; the
+    CPU keeps every default backend (its kernels run one fixed config under the interpreter)."""
+    assert mw.dashboard_batch_seq() == (1, 16)
+    if ON_GPU:
+        assert mw.dashboard_backends() == [b for b in moe_tut.backends.default_backends()
+                                           if b in mw.DASHBOARD_GPU_BACKENDS]
+        assert "triton_int4" not in mw.dashboard_backends()
+    else:
+        assert mw.dashboard_backends() == moe_tut.backends.default_backends()
+    dash = mw.Dashboard("debug")
+    assert dash.tokens == 16 and dash.selected_backends() == mw.dashboard_backends()
+
+
+def test_source_of_unwraps_triton_kernels_and_cuts_excerpts():
+    assert mw.source_of(gg._tile_coords).lstrip().startswith("@triton.jit")
+    excerpt = mw.source_of(gg._moe_gemm_kernel, start="if PERSISTENT:", lines=2).splitlines()
+    assert len(excerpt) == 2 and "if PERSISTENT:" in excerpt[0] and "tl.range" in excerpt[1]
+    with pytest.raises(ValueError, match="does not occur"):
+        mw.source_of(gg._tile_coords, start="no such line")
+    assert "def naive_forward" in mw.show_source(naive.naive_forward).data
+
+
+# ------------------------------------------------------------------------- moe_tut.lessons (04 and 05)
+
+
+@pytest.mark.parametrize("m, n, group_m", [
+    (1, 1, 1),  # a single tile
+    (5, 7, 1),  # row-major
+    (5, 7, 2),  # the last group has one row block
+    (9, 4, 8),  # 9 row blocks: one full group of 8 and a partial one
+    (36, 17, 8),
+    (3, 10, 4),  # fewer row blocks than GROUP_M
+    (40, 300, 8),  # more tiles than one probe program covers (1024)
+], ids=lambda v: str(v))
+def test_tile_order_is_the_kernels(m, n, group_m):
+    """The PyTorch mirror and the kernel's own _tile_coords (run in the probe kernel) give the same tile of
+    every tile index, and the order is a permutation of the grid."""
+    km, kn = L.kernel_tile_coords(m, n, group_m)
+    pm, pn = L.tile_coords(torch.arange(m * n), m, n, group_m)
+    assert torch.equal(km, pm) and torch.equal(kn, pn)
+    order = L.launch_order(m, n, group_m)
+    assert torch.equal(order.flatten().sort().values, torch.arange(m * n))
+    if group_m == 1:  # row-major: tile i * n + j is (i, j)
+        assert torch.equal(order, torch.arange(m * n).view(m, n))
+    else:  # the first group's rows are walked column by column
+        rows = min(group_m, m)
+        assert torch.equal(order[:rows, 0], torch.arange(rows))
+        assert order[0, 1] == rows
+
+
+def test_persistent_assignment_strides_by_the_program_count():
+    m, n, g, P = 6, 5, 2, 4
+    prog, step = L.persistent_assignment(m, n, g, P)
+    order = L.launch_order(m, n, g)
+    assert torch.equal(prog, order % P) and torch.equal(step, order // P)
+    counts = torch.bincount(prog.flatten(), minlength=P)
+    assert counts.max() - counts.min() <= 1  # every program gets its share, give or take one tile
+    assert set(step[prog == 0].tolist()) == set(range(int(counts[0])))
+
+
+def test_gemm_grid_and_l2_estimate():
+    cfg = moe_tut.get_preset("mixtral")
+    grid = L.gemm_grid(cfg, 1024)
+    bm = moe_tut.RoutingPlan.build(*moe_tut.simulate_routing(1024, cfg.E, cfg.top_k, seed=0), cfg.E).block_map(64)
+    assert grid.num_pid_m == int(bm.num_blocks) and grid.num_pid_n == 2 * cfg.F // 128
+    assert (grid.N, grid.K, grid.rows) == (2 * cfg.F, cfg.H, 1024 * cfg.top_k)
+    assert L.persistent_programs(grid, 132) == 264  # 132 SMs x 2 programs of 64 x 128 tiles
+    wave = L.programs_per_wave(grid, 132)
+    row_major, grouped = L.l2_estimate(grid, 1, wave), L.l2_estimate(grid, 8, wave)
+    assert row_major["tiles in first wave"] == grouped["tiles in first wave"] == wave
+    # Row-major: the first wave is one expert's whole row of 224 weight tiles, and a few row blocks.
+    assert row_major["weight tiles"] == grid.num_pid_n and row_major["A blocks"] == 2
+    assert grouped["A blocks"] == 8 and grouped["first wave MB"] < row_major["first wave MB"] / 3
+    assert grouped["each block once GB"] == row_major["each block once GB"]
+    assert 1 <= grouped["re-reads"] < row_major["re-reads"]
+    one_wave = L.l2_estimate(grid, 1, grid.num_tiles)  # everything at once: each block is read once
+    assert one_wave["re-reads"] == pytest.approx(1.0)
+    assert L.l2_estimate(grid, 8, wave, source="kernel") == grouped
+    assert L.orders_agree(L.gemm_grid(moe_tut.get_preset("debug"), 256))
+    table = L.l2_table([moe_tut.get_preset("debug")], [64], 132)
+    assert [r["order"] for r in table] == ["row-major", "GROUP_M=8"]
+    assert "MB" in L.l2_summary(grid, wave)
+
+
+def test_tile_pictures_and_explorer():
+    grid = L.gemm_grid(moe_tut.get_preset("debug"), 256)
+    assert len(L.plot_tile_order(grid, sms=4).axes) == 4  # two panels and their colour bars
+    assert len(L.plot_persistent(grid, 6).axes) == 4
+    w = L.tile_order_explorer("debug", 256, 8, 132)
+    c = _controls(w)
+    assert set(c) == {"preset", "T", "GROUP_M", "SMs"}
+    assert w.result["order"] == "GROUP_M=8"
+    c["GROUP_M"].value = 1
+    assert w.result["order"] == "row-major"
+    c["preset"].value = "mixtral"  # T=256: one 64-row block per expert, 224 column blocks each
+    assert w.result["weight tiles"] == 264  # the first 264 tiles: all of expert 0's, 40 of expert 1's
+
+
+def test_version_check_records_what_each_version_fuses():
+    cfg = moe_tut.custom(E=4, H=64, F=96, top_k=2)  # tiny: five forwards under the interpreter
+    weights = moe_tut.ExpertWeights.random(cfg, device=mw.env.default_device())
+    real = gg.grouped_gemm
+    rows = {r["version"]: r for r in L.version_check(cfg, weights, 5, progress=False)}
+    assert gg.grouped_gemm is real  # the spy is removed
+    assert list(rows) == list(gg.VERSIONS)
+    assert all(r["check"] == "ok" and r["rel err vs float32"] < 2e-2 and r["launches"] == 2 for r in rows.values())
+    assert rows["v1"]["GEMM 1 fuses"] == "gather x rows into A" and rows["v1"]["GEMM 2 fuses"] == "-"
+    assert rows["v1"]["left to PyTorch"] == "SwiGLU, weight + combine"
+    assert "SwiGLU epilogue" in rows["fast"]["GEMM 1 fuses"]
+    assert rows["fast"]["GEMM 2 fuses"] == "x routing weight, scatter to token slot"
+    assert len(L.version_check_lines(list(rows.values()), cfg, 5, "zipf")) == 5
+    assert [r["version"] for r in L.schedule_table()] == ["v1", "v2", "v3", "v4"]
+    assert L.version_backends(moe_tut.get_preset("debug"))[:5] == L.VERSION_BACKENDS
+    assert {r["used by"] for r in L.autotune_table()} == {"v4 (both GEMMs), fast path GEMM 2",
+                                                          "fast path GEMM 1 (gate + up tiles)"}
+
+
+def test_h100_results_in_lesson_form():
+    rows = L.h100_version_rows()
+    if not L.H100_VERSIONS_CSV.is_file():
+        assert rows == []
+        return
+    assert {r["backend"] for r in rows} == set(L.H100_VERSION_NAMES.values())
+    assert all(0 < r["roofline_pct"] <= 105 for r in rows)  # a bound can only be beaten by rounding
+    lines = L.gain_lines(rows, ("triton_v1", "triton_v4", "triton (fast, kernel v0)"), config="mixtral")
+    assert len(lines) == 5 and all(line.startswith("mixtral T=") for line in lines)
+    pivot = L.metric_pivot(rows, "median_ms")
+    assert ("mixtral", "triton_v1") in pivot.index and "T=8192" in pivot.columns
+    assert len(L.plot_versions(rows, "mixtral").axes) == 2
+    full = L.h100_full_rows()
+    sp = L.int4_speedups(full)
+    assert sp and all(r["speedup over bf16"] > 0 for r in sp)
+    assert any("triton_int4 on mixtral" in line for line in L.crossover_lines(full))
+    c = L.h100_ceilings()
+    best = {r["T"]: r for r in L.roofline_ratio(moe_tut.get_preset("mixtral"), [1, 8192], c)}
+    cfg = moe_tut.get_preset("mixtral")
+    assert best[1]["ratio"] == pytest.approx(cfg.weight_bytes() / L.int4_bytes(cfg))  # memory-bound: bytes
+    assert best[8192]["ratio"] == pytest.approx(1.0) and best[8192]["bf16 is"] == "compute-bound"
+    assert len(L.plot_int4_h100(full).axes) == 2
+    assert len(L.plot_int4_latency(full, "mixtral").axes) == 1
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_worked_example_round_trips(symmetric):
+    values = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    ex = L.worked_example(values, symmetric)
+    codes, packed = ex["codes"], ex["packed"].long()
+    assert codes.min() >= 0 and codes.max() <= 15
+    assert torch.equal(packed, codes[0::2] | (codes[1::2] << 4))  # low nibble = even k, high = odd k
+    assert torch.equal(ex["unpacked"], codes)
+    deq = (codes.float() * ex["scale"] + ex["zero"]).to(torch.bfloat16).float()
+    assert torch.equal(ex["dequantized"], deq)
+    ulp = 2.0 ** (torch.floor(torch.log2(deq.abs().clamp(min=1e-30))) - 7)  # one bf16 step at each value
+    assert (ex["error"].abs() <= ex["scale"] / 2 + ulp / 2 + 1e-7).all()
+    if symmetric:  # the formula of the notebook's text: c = round(w / scale) + 8
+        assert torch.equal(codes, torch.round(ex["values"] / ex["scale"]).long() + 8)
+        assert ex["scale"] == pytest.approx(ex["values"].abs().max().item() / 7, rel=2 ** -8)
+    else:
+        assert ex["zero"] <= ex["values"].min().item()
+    table, packing = L.worked_example_table(ex), L.packing_table(ex)
+    assert len(table) == 8 and len(packing) == 4
+    assert packing[0]["value"] == f"0x{int(ex['packed'][0]):02X}"
+    assert packing[0]["low nibble"] == f"k=0: code {int(codes[0])}"
+    assert "unpack(pack(codes)) == codes: True" in L.example_summary(ex)
+    assert L.plot_worked_example(ex).axes
+
+
+def test_worked_example_explorer():
+    w = L.worked_example_explorer(0, 8, True)
+    c = _controls(w)
+    assert w.result["symmetric"] and w.result["group_size"] == 8
+    c["symmetric"].value = False
+    assert not w.result["symmetric"]
+    c["group size"].value = 16
+    assert len(w.result["codes"]) == 16
+
+
+def test_memory_numbers_are_the_formats_own(debug_weights):
+    cfg = moe_tut.get_preset("debug")
+    for G in (64, 128):
+        for sym in (True, False):
+            assert L.int4_bytes(cfg, G, sym) == quant.Int4ExpertWeights.from_bf16(debug_weights, G, sym).nbytes
+    assert L.int4_bytes(cfg) == mw.int4_weight_bytes(cfg)
+    table = {r["preset"]: r for r in L.memory_table()}
+    assert set(table) == set(moe_tut.PRESETS)
+    glm5 = table["glm5"]
+    assert glm5["sym: x smaller than bf16"] == pytest.approx(2 / (0.5 + 2 / 128))  # 3.88x: 4.125 bits
+    assert glm5["sym: x smaller than fp32"] == pytest.approx(2 * glm5["sym: x smaller than bf16"])
+    assert glm5["asym: x smaller than bf16"] == pytest.approx(2 / (0.5 + 4 / 128))
+    assert len(L.plot_memory_bars(list(table.values())).axes) == 1
+
+
+def test_group_size_sweep(debug_weights):
+    cfg = moe_tut.get_preset("debug")
+    rows = L.group_size_sweep(cfg, debug_weights, [32, 128], T=16, progress=False)
+    err = {(r["group size"], r["mode"]): r for r in rows}
+    assert set(err) == {(g, m) for g in (32, 128) for m in ("symmetric", "asymmetric")}
+    for mode in ("symmetric", "asymmetric"):  # smaller groups: less error, more bits
+        assert err[(32, mode)]["weight rel err"] < err[(128, mode)]["weight rel err"]
+        assert err[(32, mode)]["bits per weight"] > err[(128, mode)]["bits per weight"]
+    assert err[(128, "symmetric")]["bits per weight"] == pytest.approx(4 + 16 / 128)
+    # moe_tut.quant's docstring: 11.7% (symmetric) and 10.0% (asymmetric) on Gaussian weights at G = 128.
+    assert err[(128, "symmetric")]["weight rel err"] == pytest.approx(0.117, abs=0.01)
+    assert err[(128, "asymmetric")]["weight rel err"] < err[(128, "symmetric")]["weight rel err"]
+    assert all(0 < r["forward rel err vs bf16"] < 0.5 for r in rows)
+    assert "G = 128, symmetric" in L.sweep_summary(rows)
+    assert len(L.plot_group_size_sweep(rows).axes) == 2
+
+
+def test_int4_kernel_check(debug_weights):
+    cfg = moe_tut.get_preset("debug")
+    lines = L.int4_kernel_check(cfg, debug_weights, 1)
+    assert lines and lines[0].startswith("triton_int4:") and "(ok)" in lines[0]
+    here = L.int4_backends_here(cfg)
+    assert here[0] == "triton" and "triton_int4" in here and ("cuda_int4" in here) == ON_GPU
+
+
+def test_int4_speedups_pair_rows_of_the_same_point():
+    rows = [{"config": "c", "T": T, "backend": b, "status": "ok", "median_ms": ms}
+            for T, b, ms in [(1, "triton", 2.0), (1, "triton_int4", 1.0), (8, "triton", 2.0), (8, "triton_int4", 4.0),
+                             (8, "cuda_int4", 8.0), (16, "triton_int4", 1.0)]]  # T=16 has no bf16 row to pair
+    sp = {(r["T"], r["backend"]): r["speedup over bf16"] for r in L.int4_speedups(rows)}
+    assert sp == {(1, "triton_int4"): 2.0, (8, "triton_int4"): 0.5, (8, "cuda_int4"): 0.25}
+    assert L.crossover_lines(rows) == [
+        "triton_int4 on c: faster than bf16 at T = 1 (2.00x); not faster at T = 8 (0.50x)",
+        "cuda_int4 on c: faster than bf16 at T = none; not faster at T = 8 (0.25x)"]
