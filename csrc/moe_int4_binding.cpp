@@ -11,40 +11,79 @@
 
 #include <limits>
 #include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "moe_int4.h"
 
 namespace {
 
+// Error messages are assembled with std::to_string and thrown as std::runtime_error (RuntimeError in
+// Python) instead of TORCH_CHECK: on the GPU image (torch 2.11, CUDA 13), TORCH_CHECK's ostream
+// formatting of an integer inside this extension segfaulted (cuda-gdb: std::ostream::_M_insert<long>,
+// reached from check_version; later also from the other checks once Triton and Cython modules were
+// loaded in the process). Cause not established (two C++ runtimes' locale data is the likely suspect);
+// no stream is touched on these paths now.
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+void append(std::string& s, const at::Device& v) { s += v.str(); }
+void append(std::string& s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += "]";
+}
+template <class T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+
+template <class... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::string message;
+  (append(message, parts), ...);
+  throw std::runtime_error(message);
+}
+
+#define MOE_CHECK(cond, ...)   \
+  do {                         \
+    if (!(cond)) fail(__VA_ARGS__); \
+  } while (0)
+
+
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), "moe_int4: ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == device, "moe_int4: ", name, " is on ", t.device(), " but the activations are on ",
+  MOE_CHECK(t.is_cuda(), "moe_int4: ", name, " must be a CUDA tensor, got one on ", t.device());
+  MOE_CHECK(t.device() == device, "moe_int4: ", name, " is on ", t.device(), " but the activations are on ",
               device);
-  TORCH_CHECK(t.scalar_type() == dtype, "moe_int4: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, "moe_int4: ", name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "moe_int4: ", name, " must be contiguous (call .contiguous())");
+  MOE_CHECK(t.scalar_type() == dtype, "moe_int4: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  MOE_CHECK(t.dim() == dim, "moe_int4: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  MOE_CHECK(t.is_contiguous(), "moe_int4: ", name, " must be contiguous (call .contiguous())");
 }
 
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* layout) {
-  TORCH_CHECK(t.sizes() == expected, "moe_int4: ", name, " must be ", layout, " = ", expected, ", got ", t.sizes());
+  MOE_CHECK(t.sizes() == expected, "moe_int4: ", name, " must be ", layout, " = ", expected, ", got ", t.sizes());
 }
 
 int to_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "moe_int4: ", what, " = ", v,
+  MOE_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "moe_int4: ", what, " = ", v,
               " does not fit the kernels' 32-bit sizes");
   return static_cast<int>(v);
 }
 
 void check_version(int64_t version) {
-  TORCH_CHECK(version >= 1 && version <= MOE_INT4_LATEST_VERSION, "moe_int4: version must be 1..",
-              MOE_INT4_LATEST_VERSION, ", got ", version);
+  MOE_CHECK(version >= 1 && version <= MOE_INT4_LATEST_VERSION, "moe_int4: version must be 1..",
+            MOE_INT4_LATEST_VERSION, ", got ", version);
 }
 
 // packed [E, N, K/2] uint8, scales [E, K/G, N] bf16, zeros like scales or None. Returns nothing;
 // raises with the expected layout on any mismatch.
 void check_quant(const at::Tensor& packed, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                  const char* name, int64_t E, int64_t N, int64_t K, int64_t group_size, const at::Device& device) {
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "moe_int4: ", name,
+  MOE_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "moe_int4: ", name,
               " group_size must be even and divide the reduction dim ", K, ", got ", group_size);
   const std::string p = std::string(name) + "_packed", s = std::string(name) + "_scales",
                     z = std::string(name) + "_zeros";
@@ -60,13 +99,13 @@ void check_quant(const at::Tensor& packed, const at::Tensor& scales, const std::
 
 void check_routing_index(const at::Tensor& t, const char* name, int64_t numel, const at::Device& device) {
   check_tensor(t, name, at::kInt, 1, device);
-  TORCH_CHECK(t.numel() == numel, "moe_int4: ", name, " must have ", numel, " entries, got ", t.numel());
+  MOE_CHECK(t.numel() == numel, "moe_int4: ", name, " must have ", numel, " entries, got ", t.numel());
 }
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "moe_int4: ", what, " failed: ", cudaGetErrorString(err));
+  MOE_CHECK(err == cudaSuccess, "moe_int4: ", what, " failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -76,13 +115,13 @@ at::Tensor gemm1_swiglu(const at::Tensor& x, const at::Tensor& w13_packed, const
                         const std::optional<at::Tensor>& w13_zeros, const at::Tensor& sorted_token_ids,
                         const at::Tensor& expert_offsets, int64_t group_size, int64_t version) {
   check_version(version);
-  TORCH_CHECK(x.dim() == 2, "moe_int4: x must be 2-D [T, H], got shape ", x.sizes());
+  MOE_CHECK(x.dim() == 2, "moe_int4: x must be 2-D [T, H], got shape ", x.sizes());
   const at::Device device = x.device();
   check_tensor(x, "x", at::kBFloat16, 2, device);
-  TORCH_CHECK(w13_packed.dim() == 3, "moe_int4: w13_packed must be 3-D [E, 2F, H/2], got shape ", w13_packed.sizes());
+  MOE_CHECK(w13_packed.dim() == 3, "moe_int4: w13_packed must be 3-D [E, 2F, H/2], got shape ", w13_packed.sizes());
   const int64_t T = x.size(0), H = x.size(1), E = w13_packed.size(0), two_f = w13_packed.size(1);
-  TORCH_CHECK(H % 2 == 0, "moe_int4: the hidden size H must be even (two 4-bit codes per byte), got ", H);
-  TORCH_CHECK(two_f % 2 == 0 && two_f > 0, "moe_int4: w13's row count must be 2F > 0, got ", two_f);
+  MOE_CHECK(H % 2 == 0, "moe_int4: the hidden size H must be even (two 4-bit codes per byte), got ", H);
+  MOE_CHECK(two_f % 2 == 0 && two_f > 0, "moe_int4: w13's row count must be 2F > 0, got ", two_f);
   check_quant(w13_packed, w13_scales, w13_zeros, "w13", E, two_f, H, group_size, device);
   const int64_t rows = sorted_token_ids.numel();
   check_routing_index(sorted_token_ids, "sorted_token_ids", rows, device);
@@ -106,19 +145,19 @@ at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, co
                           const at::Tensor& sorted_weights, const at::Tensor& expert_offsets, int64_t num_tokens,
                           int64_t group_size, int64_t version) {
   check_version(version);
-  TORCH_CHECK(act.dim() == 2, "moe_int4: act must be 2-D [T*k, F], got shape ", act.sizes());
+  MOE_CHECK(act.dim() == 2, "moe_int4: act must be 2-D [T*k, F], got shape ", act.sizes());
   const at::Device device = act.device();
   check_tensor(act, "act", at::kBFloat16, 2, device);
-  TORCH_CHECK(w2_packed.dim() == 3, "moe_int4: w2_packed must be 3-D [E, H, F/2], got shape ", w2_packed.sizes());
+  MOE_CHECK(w2_packed.dim() == 3, "moe_int4: w2_packed must be 3-D [E, H, F/2], got shape ", w2_packed.sizes());
   const int64_t rows = act.size(0), F = act.size(1), E = w2_packed.size(0), H = w2_packed.size(1);
-  TORCH_CHECK(F % 2 == 0, "moe_int4: the expert size F must be even (two 4-bit codes per byte), got ", F);
+  MOE_CHECK(F % 2 == 0, "moe_int4: the expert size F must be even (two 4-bit codes per byte), got ", F);
   check_quant(w2_packed, w2_scales, w2_zeros, "w2", E, H, F, group_size, device);
   check_routing_index(sorted_slots, "sorted_slots", rows, device);
   check_tensor(sorted_weights, "sorted_weights", at::kFloat, 1, device);
-  TORCH_CHECK(sorted_weights.numel() == rows, "moe_int4: sorted_weights must have ", rows, " entries, got ",
+  MOE_CHECK(sorted_weights.numel() == rows, "moe_int4: sorted_weights must have ", rows, " entries, got ",
               sorted_weights.numel());
   check_routing_index(expert_offsets, "expert_offsets", E + 1, device);
-  TORCH_CHECK(num_tokens >= 0, "moe_int4: num_tokens must be >= 0, got ", num_tokens);
+  MOE_CHECK(num_tokens >= 0, "moe_int4: num_tokens must be >= 0, got ", num_tokens);
   auto out = at::empty({rows, H}, act.options().dtype(at::kFloat));
   const c10::cuda::CUDAGuard guard(device);
   check_launch(moe_int4_gemm2_weighted(act.data_ptr(), w2_packed.data_ptr<uint8_t>(), w2_scales.data_ptr(),
@@ -134,9 +173,9 @@ at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, co
 
 // y [T, H] bf16 = sum over each token's k slot rows of out [T*k, H] float32.
 at::Tensor combine(const at::Tensor& out, int64_t num_tokens, int64_t top_k) {
-  TORCH_CHECK(out.dim() == 2, "moe_int4: out must be 2-D [T*k, H], got shape ", out.sizes());
+  MOE_CHECK(out.dim() == 2, "moe_int4: out must be 2-D [T*k, H], got shape ", out.sizes());
   check_tensor(out, "out", at::kFloat, 2, out.device());
-  TORCH_CHECK(top_k > 0 && num_tokens >= 0 && out.size(0) == num_tokens * top_k, "moe_int4: out has ", out.size(0),
+  MOE_CHECK(top_k > 0 && num_tokens >= 0 && out.size(0) == num_tokens * top_k, "moe_int4: out has ", out.size(0),
               " rows, expected T*k = ", num_tokens, " * ", top_k);
   const int64_t H = out.size(1);
   auto y = at::empty({num_tokens, H}, out.options().dtype(at::kBFloat16));
@@ -154,10 +193,10 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::
                    const at::Tensor& sorted_token_ids, const at::Tensor& sorted_slots,
                    const at::Tensor& sorted_weights, const at::Tensor& expert_offsets, int64_t top_k,
                    int64_t version) {
-  TORCH_CHECK(x.dim() == 2, "moe_int4: x must be 2-D [T, H], got shape ", x.sizes());
-  TORCH_CHECK(top_k > 0 && sorted_token_ids.numel() == x.size(0) * top_k, "moe_int4: the routing has ",
+  MOE_CHECK(x.dim() == 2, "moe_int4: x must be 2-D [T, H], got shape ", x.sizes());
+  MOE_CHECK(top_k > 0 && sorted_token_ids.numel() == x.size(0) * top_k, "moe_int4: the routing has ",
               sorted_token_ids.numel(), " rows, expected T*k = ", x.size(0), " * ", top_k);
-  TORCH_CHECK(w2_packed.dim() == 3 && w13_packed.dim() == 3 && w2_packed.size(0) == w13_packed.size(0) &&
+  MOE_CHECK(w2_packed.dim() == 3 && w13_packed.dim() == 3 && w2_packed.size(0) == w13_packed.size(0) &&
                   w2_packed.size(1) == x.size(1) && 4 * w2_packed.size(2) == w13_packed.size(1),  // 2F = 2 * (2 * F/2)
               "moe_int4: w2_packed ", w2_packed.sizes(), " must be [E, H, F/2] to match w13_packed ",
               w13_packed.sizes(), " = [E, 2F, H/2] and x ", x.sizes());

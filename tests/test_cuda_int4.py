@@ -489,8 +489,6 @@ def test_gpu_bad_inputs_raise_clear_errors(ext):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="known bug (H100, 2026-11-26): the raw extension segfaults on version=0 "
-                   "instead of raising; cuda_int4_forward checks the version in Python first, so the backend is safe")
 def test_gpu_raw_extension_rejects_version_zero():
     # In a subprocess, so the crash fails this test instead of killing the pytest run.
     code = (
