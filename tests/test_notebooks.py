@@ -24,7 +24,7 @@ from nbclient import NotebookClient
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 120  # per cell
-# The debug preset keeps every notebook well under a minute on a 2-core CPU (the slowest, 06, ~25 s). One
+# The debug preset keeps every notebook near or under a minute on a 2-core CPU (the slowest, 04, ~60 s). One
 # far over that fails even if no cell timed out (a reply noticed only at the cell timeout passes nbclient).
 NOTEBOOK_BUDGET_S = 150
 INJECTED = 'PRESET = "debug"  # injected by tests/test_notebooks.py'
