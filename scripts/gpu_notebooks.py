@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import platform
-import queue
 import sys
 import tarfile
 import time
@@ -29,30 +28,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from moe_tut.nbexec import poll_in_slices
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def poll_in_slices(kc, step_s: float = 0.5) -> None:
-    """Make the kernel client's shell and iopub reads re-poll every `step_s` (same total timeout).
-
-    The workaround of tests/test_notebooks.py (_poll_in_slices), which documents the measurement: without
-    it a cell's execute_reply was sometimes noticed only when the cell timeout expired, so a cell that
-    took seconds was recorded as taking the whole timeout (and still passed). Kept in step with that one.
-    """
-    for channel in (kc.shell_channel, kc.iopub_channel):
-        get_msg = channel.get_msg
-
-        async def sliced(timeout=None, _get_msg=get_msg):
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                wait = step_s if deadline is None else max(0.0, min(step_s, deadline - time.monotonic()))
-                try:
-                    return await _get_msg(timeout=wait)
-                except queue.Empty:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise
-
-        channel.get_msg = sliced
 
 
 def inject_preset(nb, preset: str) -> None:

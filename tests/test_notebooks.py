@@ -5,14 +5,10 @@ the notebooks folder as working directory, after a cell that sets PRESET = "debu
 after the notebook's `parameters` cell (as papermill does). Any cell error fails the test. Committed
 notebooks must have no outputs and the `python3` kernelspec, so they diff cleanly and run anywhere.
 
-The kernel client's reply polls are cut into short slices (`_poll_in_slices`). Measured here (jupyter_client
-8.10, pyzmq 27.3, ipykernel 7.4 and 6.31 alike): in a process that has imported torch, as pytest's has,
-06_dashboard's 20-second `dash.run()` cell had its execute_reply noticed only when the cell timeout expired
-(3 of 4 runs waited the full 90 s, then passed); with the polls sliced, 0 of 2. The missed wake-up is on the
-client side: a new poll checks the socket first, so a reply that is already there is seen within a slice.
+The kernel client's reply polls are cut into short slices (moe_tut.nbexec.poll_in_slices, whose docstring
+has the measurement).
 """
 
-import queue
 import time
 from pathlib import Path
 
@@ -21,6 +17,8 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from moe_tut.nbexec import poll_in_slices
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 120  # per cell
@@ -28,24 +26,6 @@ CELL_TIMEOUT_S = 120  # per cell
 # far over that fails even if no cell timed out (a reply noticed only at the cell timeout passes nbclient).
 NOTEBOOK_BUDGET_S = 150
 INJECTED = 'PRESET = "debug"  # injected by tests/test_notebooks.py'
-
-
-def _poll_in_slices(kc, step_s: float = 0.5) -> None:
-    """Make the client's shell and iopub reads re-poll every `step_s` (same total timeout)."""
-    for channel in (kc.shell_channel, kc.iopub_channel):
-        get_msg = channel.get_msg
-
-        async def sliced(timeout=None, _get_msg=get_msg):
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                wait = step_s if deadline is None else max(0.0, min(step_s, deadline - time.monotonic()))
-                try:
-                    return await _get_msg(timeout=wait)
-                except queue.Empty:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise
-
-        channel.get_msg = sliced
 
 
 def _read(path: Path):
@@ -91,7 +71,7 @@ def test_notebook_runs(path):
     nb.cells.insert(params + 1, injected)
     client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
-    client.on_notebook_start = lambda notebook: _poll_in_slices(client.kc)
+    client.on_notebook_start = lambda notebook: poll_in_slices(client.kc)
     start = time.perf_counter()
     client.execute()  # raises CellExecutionError, with the failing cell and its traceback, on any error
     elapsed = time.perf_counter() - start
