@@ -87,7 +87,7 @@ import torch
 
 from .presets import MoEConfig
 from .reference import expert_ffn_fp32
-from .weights import ExpertWeights
+from .weights import ExpertShapes, ExpertWeights
 
 DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.bfloat16  # why bf16 and not fp16: see the module docstring
@@ -332,7 +332,7 @@ def _baseline_bytes(baseline: str | float) -> float:
 
 
 @dataclass
-class Int4ExpertWeights:
+class Int4ExpertWeights(ExpertShapes):
     """Expert weights in the INT4 format: w13 (of [E, 2F, H]) and w2 (of [E, H, F]) as QuantizedTensors.
 
     The drop-in counterpart of ExpertWeights for INT4 backends: same size properties, `nbytes` counts
@@ -369,22 +369,6 @@ class Int4ExpertWeights:
                    weights.dtype)
 
     @property
-    def num_experts(self) -> int:
-        return self.w13.shape[0]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w13.shape[2]
-
-    @property
-    def ffn_size(self) -> int:
-        return self.w2.shape[2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.w13.device
-
-    @property
     def group_size(self) -> int:
         return self.w13.group_size
 
@@ -404,13 +388,6 @@ class Int4ExpertWeights:
     @property
     def bytes_per_value(self) -> float:
         return self.nbytes / self.num_values
-
-    def bytes_per_expert(self) -> int:
-        return self.nbytes // self.num_experts
-
-    def bytes_for(self, active_experts: int) -> int:
-        """Bytes a forward must read when `active_experts` experts received at least one token."""
-        return self.bytes_per_expert() * active_experts
 
     def compression_vs(self, baseline: str | float = "bf16") -> float:
         """How many times smaller than the same weights in `baseline` ('bf16', 'fp32', ... or bytes/value)."""

@@ -13,8 +13,39 @@ import torch
 from .presets import MoEConfig
 
 
+class ExpertShapes:
+    """Sizes and byte counts of stacked expert weights: w13 [E, 2F, H] and w2 [E, H, F] as tensors or as
+    anything with a `.shape` and `.device` (INT4's QuantizedTensor), plus the subclass's `nbytes`."""
+
+    w13: object
+    w2: object
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.shape[2]
+
+    @property
+    def ffn_size(self) -> int:
+        return self.w2.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
+    def bytes_per_expert(self) -> int:
+        return self.nbytes // self.num_experts
+
+    def bytes_for(self, active_experts: int) -> int:
+        """Bytes a forward must read when `active_experts` experts received at least one token."""
+        return self.bytes_per_expert() * active_experts
+
+
 @dataclass
-class ExpertWeights:
+class ExpertWeights(ExpertShapes):
     w13: torch.Tensor  # [E, 2F, H]
     w2: torch.Tensor  # [E, H, F]
 
@@ -49,35 +80,12 @@ class ExpertWeights:
         return cls(w13, w2)
 
     @property
-    def num_experts(self) -> int:
-        return self.w13.shape[0]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w13.shape[2]
-
-    @property
-    def ffn_size(self) -> int:
-        return self.w2.shape[2]
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.w13.dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.w13.device
-
-    @property
     def nbytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
-
-    def bytes_per_expert(self) -> int:
-        return self.nbytes // self.num_experts
-
-    def bytes_for(self, active_experts: int) -> int:
-        """Bytes a forward must read when `active_experts` experts received at least one token."""
-        return self.bytes_per_expert() * active_experts
 
     def check_matches(self, cfg: MoEConfig) -> None:
         expect = (cfg.E, cfg.H, cfg.F)
