@@ -32,6 +32,7 @@ import torch
 
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error, simulate_routing
+from moe_tut.bench.ceilings import measure_copy_gbps
 from moe_tut.bench.timing import time_cuda
 from moe_tut.kernels import int4_gemm as ig
 from moe_tut.kernels.grouped_gemm import TileConfig
@@ -62,12 +63,6 @@ def bcast(qt: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(qt.packed, s, z, qt.group_size, qt.symmetric, qt.shape)
 
 
-def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.int8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (time_cuda(lambda: dst.copy_(src), rep_ms=100).median_ms * 1e-3) / 1e9
-
-
 def gemm_call(gemm: str, a, qt, plan, out, variant, config):
     """A zero-argument call of one decode GEMM as the forward runs it."""
     if gemm == "gemm1":
@@ -85,7 +80,7 @@ def main() -> int:
     args = ap.parse_args()
     dev = "cuda"
     gpu = torch.cuda.get_device_name()
-    copy_gbps = measure_copy_gbps()
+    copy_gbps = measure_copy_gbps(dev, 1 << 30)
     log(f"{gpu}: copy {copy_gbps:.0f} GB/s")
     rows, failed = [], 0
     path = os.path.join(args.out, "int4_probe.csv")

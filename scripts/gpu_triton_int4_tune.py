@@ -34,6 +34,7 @@ import torch
 
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error, simulate_routing
+from moe_tut.bench.ceilings import measure_copy_gbps
 from moe_tut.bench.timing import time_cpu, time_cuda
 from moe_tut.kernels import int4_gemm as ig
 from moe_tut.kernels.grouped_gemm import TileConfig
@@ -97,16 +98,6 @@ FIELDS = ["phase", "preset", "T", "variant", "switches", "cfg1", "cfg2", "status
 
 def log(*args):
     print(*args, flush=True)
-
-
-def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
-    """Device copy bandwidth (read + write bytes / time), as moe_tut.bench.ceilings measures it."""
-    if DEVICE != "cuda":
-        return math.nan
-    src = torch.randint(0, 127, (nbytes,), device=DEVICE, dtype=torch.int8)
-    dst = torch.empty_like(src)
-    t = time_cuda(lambda: dst.copy_(src), warmup_ms=10, rep_ms=100)
-    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
 def run_timed(fn, T, rep_ms):
@@ -216,7 +207,7 @@ def main():
     deadline = start + args.budget_s
     meta = dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,
                 triton=__import__("triton").__version__)
-    copy_gbps = measure_copy_gbps()
+    copy_gbps = measure_copy_gbps(DEVICE, 1 << 30) if DEVICE == "cuda" else math.nan
     log(f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}; copy bandwidth {copy_gbps:.0f} GB/s")
     pick = lambda vs: {k: v for k, v in vs.items() if args.variants is None or k in args.variants}
     rows: list[dict] = []

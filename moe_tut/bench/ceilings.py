@@ -37,9 +37,7 @@ def measure_ceilings(device: torch.device | str, gemm_size: int | None = None,
     n = gemm_size or (8192 if on_gpu else 512)
     nbytes = copy_bytes or (2 * 1024**3 if on_gpu else 64 * 1024**2)
     gemm_ms = _time_gemm(n, device)
-    copy_ms = _time_copy(nbytes, device)
-    return Ceilings(gemm_tflops=2 * n**3 / (gemm_ms * 1e-3) / 1e12,
-                    copy_gbps=2 * nbytes / (copy_ms * 1e-3) / 1e9,
+    return Ceilings(gemm_tflops=2 * n**3 / (gemm_ms * 1e-3) / 1e12, copy_gbps=measure_copy_gbps(device, nbytes),
                     gemm_size=n, copy_bytes=nbytes, device=str(device))
 
 
@@ -51,8 +49,11 @@ def _time_gemm(n: int, device: torch.device) -> float:
     return time_call(lambda: torch.matmul(a, b, out=c), device).median_ms
 
 
-def _time_copy(nbytes: int, device: torch.device) -> float:
+def measure_copy_gbps(device: torch.device | str, nbytes: int) -> float:
+    """Device copy bandwidth: bytes read + written by one device-to-device copy of `nbytes`, per second."""
+    device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     src = torch.randint(0, 127, (nbytes,), device=device, dtype=torch.int8, generator=gen)
     dst = torch.empty_like(src)
-    return time_call(lambda: dst.copy_(src), device).median_ms
+    copy_ms = time_call(lambda: dst.copy_(src), device).median_ms
+    return 2 * nbytes / (copy_ms * 1e-3) / 1e9
