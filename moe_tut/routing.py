@@ -77,6 +77,19 @@ def simulate_routing(num_tokens: int, num_experts: int, top_k: int, skew: str = 
     return topk_ids.to(device), topk_weights.to(device)
 
 
+def check_routing_tensors(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """Clear errors for a routing that is not [T, k] integer ids with [T, k] float weights on one device."""
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids and topk_weights must both be [T, k]; got {tuple(topk_ids.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
+    if topk_ids.device != topk_weights.device:
+        raise ValueError(f"topk_ids is on {topk_ids.device} but topk_weights on {topk_weights.device}")
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     tokens_per_expert: list[int]
@@ -242,15 +255,7 @@ class RoutingPlan:
         """
         if method not in PLAN_METHODS:
             raise ValueError(f"method must be one of {', '.join(PLAN_METHODS)}; got {method!r}")
-        if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
-            raise ValueError(f"topk_ids and topk_weights must both be [T, k]; got {tuple(topk_ids.shape)} "
-                             f"and {tuple(topk_weights.shape)}")
-        if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-            raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
-        if not topk_weights.dtype.is_floating_point:
-            raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
-        if topk_ids.device != topk_weights.device:
-            raise ValueError(f"topk_ids is on {topk_ids.device} but topk_weights on {topk_weights.device}")
+        check_routing_tensors(topk_ids, topk_weights)
         T, k = topk_ids.shape
         if validate and T * k > 0:
             lo, hi = int(topk_ids.min()), int(topk_ids.max())

@@ -75,7 +75,7 @@ import torch.distributed as dist
 from ..backends import Backend, get_backend
 from ..presets import MoEConfig
 from ..reference import expert_ffn_fp32
-from ..routing import RoutingPlan
+from ..routing import RoutingPlan, check_routing_tensors
 from ..weights import ExpertWeights
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -348,15 +348,9 @@ class ExpertParallelMoE:
                 raise ValueError(f"x must be [T, H={self.cfg.H}], got {tuple(x.shape)}")
             if x.dtype != self.weights.dtype:
                 raise TypeError(f"x is {x.dtype} but the expert weights are {self.weights.dtype}; cast one to match")
-            if topk_ids.dim() != 2 or tuple(topk_ids.shape) != (x.shape[0], self.cfg.top_k):
+            check_routing_tensors(topk_ids, topk_weights)
+            if tuple(topk_ids.shape) != (x.shape[0], self.cfg.top_k):
                 raise ValueError(f"topk_ids must be [T={x.shape[0]}, k={self.cfg.top_k}], got {tuple(topk_ids.shape)}")
-            if topk_weights.shape != topk_ids.shape:
-                raise ValueError(f"topk_weights must be shaped like topk_ids {tuple(topk_ids.shape)}, got "
-                                 f"{tuple(topk_weights.shape)}")
-            if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-                raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
-            if not topk_weights.dtype.is_floating_point:
-                raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
             if topk_ids.numel():
                 lo, hi = int(topk_ids.min()), int(topk_ids.max())
                 if lo < 0 or hi >= self.cfg.E:
