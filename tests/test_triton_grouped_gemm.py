@@ -216,10 +216,8 @@ def test_pinned_config_from_environment(monkeypatch):
 # the interpreter off. It catches what the interpreter cannot: constructs that fail to lower, and a
 # K loop that is not software-pipelined (its shared memory would be one stage, not num_stages).
 AOT_SCRIPT = r"""
-import json, sys
-from triton import compile as triton_compile
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+from aot import compile_kernel
 from moe_tut.kernels import grouped_gemm as gg
 
 fn = gg._moe_gemm_kernel.fn
@@ -235,26 +233,14 @@ for cc in (80, 90):
         if role.endswith("tma") and cc < 90:
             continue
         cfg = gg.TileConfig(16, 32, 128, 8, 4, 3) if role.startswith("fast") else gg.DEFAULT_CONFIG
-        sig, const = {}, dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
-                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                              FLATTEN=False, WARP_SPECIALIZE=False)
-        for n in fn.arg_names:
-            if n in ("a_ptr", "w_ptr", "c_ptr"):
-                sig[n] = "*bf16"
-            elif n == "row_scale_ptr":
-                sig[n] = "*fp32"
-            elif n.endswith("_ptr"):
-                sig[n] = "*i32"
-            elif n in ("stride_ak", "stride_wk", "stride_cn"):  # unit strides, as the JIT specialises them
-                sig[n], const[n] = "constexpr", 1
-            elif n in const:
-                sig[n] = "constexpr"
-            else:
-                sig[n] = "i32"
-        aligned = ("a_ptr", "w_ptr", "c_ptr", "stride_am", "stride_we", "stride_wn", "stride_cm", "N", "K")
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        kernel = triton_compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
-                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
+                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=False,
+                     WARP_SPECIALIZE=False)
+        kernel = compile_kernel(
+            fn, const, ptr_types=dict(a_ptr="*bf16", w_ptr="*bf16", c_ptr="*bf16", row_scale_ptr="*fp32"),
+            unit_strides=("stride_ak", "stride_wk", "stride_cn"),
+            aligned=("a_ptr", "w_ptr", "c_ptr", "stride_am", "stride_we", "stride_wn", "stride_cm", "N", "K"),
+            cc=cc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         per_stage = (cfg.block_m + (2 if flags[1] else 1) * cfg.block_n) * cfg.block_k * 2
         out.append(dict(cc=cc, role=role, tma=bool(flags[6]), shared=kernel.metadata.shared, per_stage=per_stage,
                         estimate=cfg.smem_bytes(2 if flags[1] else 1)))
@@ -263,16 +249,9 @@ print(json.dumps(out))
 
 
 def test_kernels_compile_for_sm80_and_sm90_with_a_pipelined_k_loop():
-    import json
-    import os
-    import subprocess
-    import sys
+    from aot import run_aot_script
 
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_aot_script(AOT_SCRIPT)
     assert len(results) == 10
     for r in results:
         # at least double-buffered (pipelined), and never more than the estimate the filter uses

@@ -346,9 +346,7 @@ def test_backend_is_registered():
 # (its shared memory would be one stage of the A and packed tiles, not num_stages).
 AOT_SCRIPT = r"""
 import json
-from triton import compile as triton_compile
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from aot import compile_kernel
 from moe_tut.kernels import int4_gemm as ig
 
 fn = ig._moe_int4_kernel.fn
@@ -373,27 +371,13 @@ for cc in (80, 90):
                         **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
-        sig = {}
-        for n in fn.arg_names:
-            if n in ("a_ptr", "c_ptr", "s_ptr", "z_ptr"):
-                sig[n] = "*bf16"
-            elif n == "q_ptr":
-                sig[n] = "*u8"
-            elif n == "row_scale_ptr":
-                sig[n] = "*fp32"
-            elif n.endswith("_ptr"):
-                sig[n] = "*i32"
-            elif n in ("stride_ak", "stride_qk", "stride_sn", "stride_zn", "stride_cn"):  # unit strides
-                sig[n], const[n] = "constexpr", 1
-            elif n in const:
-                sig[n] = "constexpr"
-            else:
-                sig[n] = "i32"
-        aligned = ("a_ptr", "q_ptr", "s_ptr", "z_ptr", "c_ptr", "stride_am", "stride_qe", "stride_qn",
-                   "stride_se", "stride_sg", "stride_ze", "stride_zg", "stride_cm", "N", "K")
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        kernel = triton_compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
-                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        kernel = compile_kernel(
+            fn, const, ptr_types=dict(a_ptr="*bf16", c_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", q_ptr="*u8",
+                                      row_scale_ptr="*fp32"),
+            unit_strides=("stride_ak", "stride_qk", "stride_sn", "stride_zn", "stride_cn"),
+            aligned=("a_ptr", "q_ptr", "s_ptr", "z_ptr", "c_ptr", "stride_am", "stride_qe", "stride_qn", "stride_se",
+                     "stride_sg", "stride_ze", "stride_zg", "stride_cm", "N", "K"),
+            cc=cc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         nb = 2 if flags[1] else 1
         per_stage = cfg.block_m * cfg.block_k * 2 + nb * cfg.block_n * cfg.block_k // 2
         out.append(dict(cc=cc, role=role, shared=kernel.metadata.shared, per_stage=per_stage,
@@ -403,16 +387,9 @@ print(json.dumps(out))
 
 
 def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
-    import json
-    import os
-    import subprocess
-    import sys
+    from aot import run_aot_script
 
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_aot_script(AOT_SCRIPT)
     assert len(results) == 14
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
