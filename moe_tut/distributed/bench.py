@@ -48,7 +48,7 @@ from .. import env
 from ..backends import get_backend
 from ..bench.harness import TOLERANCE, make_inputs
 from ..bench.memory import InsufficientMemoryError, check_fits
-from ..bench.results import git_commit
+from ..bench.results import git_commit, write_results
 from ..bench.timing import L2_FLUSH_BYTES, time_call
 from ..presets import MoEConfig
 from ..reference import relative_error
@@ -413,22 +413,6 @@ def _metadata(ctx: DistContext, command: str, extra: dict) -> dict:
     }
 
 
-def write_ep_results(rows: list[EPRow], meta: dict, out_dir: Path) -> tuple[Path, Path]:
-    import csv
-    import json
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out_dir / f"{RESULTS_STEM}.csv", out_dir / f"{RESULTS_STEM}.json"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(EPRow.__dataclass_fields__))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r.as_dict())
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return csv_path, json_path
-
-
 def run_expert_parallel(cfg: MoEConfig, tokens: list[int], backends: list[str], skew: str = "uniform",
                         seed: int = 0, out_dir: Path | None = Path("out"), reps: int | None = None,
                         timeout_s: float = 300.0, single: bool = True, plots: bool = True,
@@ -494,7 +478,7 @@ def _run(ctx: DistContext, cfg, tokens, backends, skew, seed, out_dir, reps, sin
     meta = _metadata(ctx, command, {"config": cfg.name, "skew": skew, "tokens": tokens, "seed": seed,
                                     "reps": reps, "backends": backends})
     if out_dir is not None:
-        csv_path, json_path = write_ep_results(rows, meta, out_dir)
+        csv_path, json_path = write_results(rows, meta, Path(out_dir), stem=RESULTS_STEM)
         print(f"\nwrote {csv_path} and {json_path}")
         if plots:
             _write_plot(rows, out_dir)
