@@ -483,12 +483,13 @@ def run_sweep(cfg: MoEConfig, tokens: Sequence[int], backends: Sequence[str] | N
     weights = weights if weights is not None else ExpertWeights.random(cfg, device=device, seed=seed)
     ceilings = device_ceilings(device)
     rows: list[Row] = []
+    prepared: dict = {}  # INT4 weights quantised once for the sweep, not once per point
     with tqdm(total=len(tokens) * len(skews) * len(backends), desc=cfg.name, unit="row",
               disable=not progress) as bar:
         for skew in skews:
             for T in tokens:
                 rows += run_point(cfg, T, weights, backends, ceilings, skew=skew, seed=seed,
-                                  progress=bar.set_postfix_str)
+                                  progress=bar.set_postfix_str, prepared_cache=prepared)
                 bar.update(len(backends))
     return rows
 
