@@ -7,7 +7,7 @@
 // whole forward can be captured in a CUDA graph:
 //
 //   1. gemm1_swiglu    act [T*k, F] bf16   act[r, n] = silu(W13[e, n] . x[tok[r]]) * (W13[e, F+n] . x[tok[r]])
-//   2. gemm2_weighted  out [T*k, H] f32    out[slot[r], n] = g[r] * (W2[e, n] . act[r])
+//   2. gemm2_weighted  out [T*k, H] f32    out[slot[r], n] = g[r] * (W2[e, n] . act[r])  (v4/v5: per K split)
 //   3. combine         y   [T, H]   bf16   y[t] = sum_j out[t*k + j]   (j = 0..k-1 in order)
 //
 //   x [T, H] bf16; w13 [E, 2F, H] (gate rows 0..F-1, up rows F..2F-1) and w2 [E, H, F] as
@@ -22,7 +22,7 @@
 // add in whatever order blocks finish). The price is T*k*H*4 bytes written and read once more:
 // 229 KB at T = 1 on deepseek-v3 (k = 8, H = 7168), 0.1% of the 182 MB of weights it reads.
 //
-// Grid and threads (each warp owns a few output columns; its 32 lanes split the reduction dim K):
+// Grid and threads of v1-v3 (each warp owns a few output columns; its 32 lanes split the reduction dim K):
 //   v1: grid (ceil(N / 4), E), 128 threads; warp w of block b owns column n = 4b + w.
 //   v2/v3: grid (ceil(N / (4 * cols)), min(E, T*k)), 128 threads; warp w owns `cols` consecutive
 //       columns (GEMM1: 2 columns = 4 weight rows, gate and up; GEMM2: 4 columns = 4 weight rows).
@@ -46,10 +46,16 @@
 //   v3  v2 + more bytes in flight: the next chunk's weights are loaded into registers while the
 //       current one is computed (register double buffering), and weight loads bypass L1
 //       (ld.global.nc.L1::no_allocate), which then holds only the activations every warp re-reads.
+//   v4  tensor cores: mma.sync m16n8k16 with the dequantised weights as the A operand (16 output
+//       columns) and up to 8 token rows per B tile, so a weight costs its dequant once however many
+//       rows the expert has; the block's 4 warps split K and add their sums in shared memory, and
+//       GEMM2 splits K over blocks as well when its blocks would not fill the GPU (section v4/v5).
+//   v5  v4 + the next chunk's weights and scales loaded into registers before the current chunk's mmas.
 //   v2/v3 need K and G multiples of 8 and 16-byte aligned activations; otherwise (toy shapes only:
-//   every preset has K and G multiples of 128) the launcher runs v1 instead. moe_int4_path() says
-//   which path a call takes. Split-K across warps or blocks is not used: with 8-16 columns per block
-//   the presets give hundreds to thousands of blocks already (mixtral GEMM2 at T = 1: 2 experts x 256).
+//   every preset has K and G multiples of 128) the launcher runs v1 instead. v4/v5 need K % 128 == 0
+//   and G % 32 == 0 and run v3's kernels otherwise. moe_int4_path() says which path a call takes.
+//   v1-v3 do not split K: with 8-16 columns per block the presets give hundreds to thousands of
+//   blocks already (mixtral GEMM2 at T = 1: 2 experts x 256).
 //
 // Numerics: every weight is exactly the bf16 value moe_tut.quant.dequantize gives (symmetric:
 // (c - 8) * s rounded once; asymmetric: fma(c, s, z) in float32 then rounded), multiplied by the
@@ -64,8 +70,9 @@
 // bandwidth is ~5 per weight on an H100 SXM (132 SMs x 128 lanes x 1.98 GHz = 33 T lane-instructions/s
 // over the 6.0-6.7 T weights/s that 3.0-3.35 TB/s carries): v2's
 // symmetric path spends ~3 per weight on unpack + dequant + widening plus one FMA per token row,
-// so it can stream at bandwidth for 1-2 rows per expert and becomes instruction-bound beyond that
-// (a tensor-core mma.sync version would lift that limit; not written here).
+// so it can stream at bandwidth for 1-2 rows per expert and becomes instruction-bound beyond that.
+// v4 spends ~2 per weight (one 16-byte load per 32 codes, LOP3 + HSUB2 + HMUL2 per pair, one mma per
+// 16x16 A fragment and n-tile, PRMTs for B) whatever the row count up to 8 per n-tile.
 //
 // Files: moe_int4.h (the C launcher API), moe_int4_dequant.cuh (the INT4 -> bf16 helpers),
 // moe_int4_binding.cpp (PyTorch), and two host programs the CPU tests build: moe_int4_dequant_check.cu
@@ -445,15 +452,299 @@ gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restri
   });
 }
 
+// ------------------------------------------------------------------------------------------ v4/v5
+//
+// Tensor cores: mma.sync.m16n8k16 (bf16 in, float32 accumulate) with the WEIGHTS as the A operand
+// (16 output columns = the mma's M) and the token rows as B (8 rows = the mma's N), i.e. out^T = W act^T.
+// Decode has 1-16 rows per expert; as B they waste at most 7 of 8 columns of an mma, while the
+// weights, the operand that has to stream, are dequantised straight into A's registers, once for
+// all rows. This is what lifts v2's one-FMA-per-weight-per-row limit.
+//
+// Where each lane's weights come from. A lane (g = lane / 4, t = lane % 4) holds A rows g and g + 8
+// at k-slots {2t, 2t+1, 2t+8, 2t+9}, and B column g at the same k-slots. The dot product does not
+// care which real k a slot stands for, as long as A and B agree, and both sides of a slot belong to
+// lanes with the same t. So lane t takes real k = 32t..32t+31 of each 128-wide K chunk: ONE 16-byte
+// load per weight row (32 codes) feeds 8 mmas, and the 4 lanes of a row read its 64 contiguous
+// bytes. A packed word's pair p (codes p and p + 4, see moe_int4_dequant.cuh) fills slots (2t, 2t+1)
+// or (2t+8, 2t+9) as it is; B's matching pair (x[k0 + p], x[k0 + p + 4]) is two 16-bit halves moved
+// from the lane's 16-byte activation load (a PRMT).
+//
+// Block: 4 warps, 2 A tiles (GEMM1: the gate and the up rows of 16 output columns, so SwiGLU pairs
+// line up element for element in the accumulators; GEMM2: 32 output columns), one expert (grid.y,
+// active experts only as in v2). The warps split K: warp w takes chunks w, w + 4, ...; their
+// float32 accumulators are added in shared memory in a fixed order. GEMM2 also splits K over
+// grid.z (splits, moe_int4_gemm2_splits) when its blocks would not fill the GPU (mixtral: H / 32 = 128
+// column tiles x 2 experts at T = 1); each split writes its own float32 `out` slice, and combine adds
+// the slices with the top-k rows in a fixed order, so results stay bitwise reproducible.
+// Rows: passes of up to 8 * NT rows (NT = 1, 2 or 4 n-tiles by T); n-tiles past the expert's rows
+// are skipped (a warp-uniform test), so a 1-row expert costs one mma per A fragment.
+// v5 = v4 + the next chunk's weights and scales loaded into registers before the current chunk is
+// computed (twice the bytes in flight per warp, more registers).
+// Needs K % 128 == 0, G % 32 == 0 (a lane's 32 codes in one group) and 16-byte aligned packed rows
+// and activations; otherwise the launcher runs v3's kernels (moe_int4_path says which).
+
+constexpr int kChunk = 128;    // K values per chunk: 4 lanes x 32 codes
+constexpr int kChunkBytes = kChunk / 2;
+constexpr int kTileRows = 16;  // output columns per A tile (mma M)
+constexpr int kTiles = 2;      // A tiles per block
+constexpr int kMaxSplits = 8;  // GEMM2's K splits over grid.z
+
+// d += a * b for one m16n8k16 tile (row-major A, column-major B, PTX fragment layout).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(MOE_INT4_HOST_EMULATION)
+  emulated_mma_bf16_16816(d, a, b0, b1);  // the warp's fragments exchanged on the CPU
+#endif
+}
+
+// This lane's weight rows (tile i, half h: A row g + 8h) of one expert, and their dequant parameters
+// for the chunk in flight.
+struct MmaWeights {
+  const uint8_t* packed;  // expert e's [N, K/2]
+  const bf16* scales;     // expert e's [K/G, N]
+  const bf16* zeros;      // expert e's [K/G, N] or nullptr
+  int row[kTiles][2];
+};
+
+template <bool SYM>
+struct ChunkRegs {
+  uint32_t q[kTiles][2][4];  // 16 packed bytes per row
+  __nv_bfloat162 s2[kTiles][2];
+  float s[kTiles][2], z[kTiles][2];  // asymmetric only
+};
+
+template <bool SYM>
+__device__ __forceinline__ void load_chunk(ChunkRegs<SYM>& r, const MmaWeights& w, int N, int K, int G, int c,
+                                           int t) {
+  const size_t half = K / 2;
+  const int k0 = c * kChunk + 32 * t;  // this lane's first code of the chunk
+  const size_t g_row = (size_t)(k0 / G) * N;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      load_weights<16, true>(r.q[i][h], w.packed + w.row[i][h] * half + (size_t)c * kChunkBytes + 16 * t);
+      const bf16 s = w.scales[g_row + w.row[i][h]];
+      if constexpr (SYM) {
+        r.s2[i][h] = __bfloat162bfloat162(s);
+      } else {
+        r.s[i][h] = bf16_to_float(s);
+        r.z[i][h] = bf16_to_float(w.zeros[g_row + w.row[i][h]]);
+      }
+    }
+}
+
+template <int P, bool SYM>
+__device__ __forceinline__ uint32_t dequant_word_pair(uint32_t u, const ChunkRegs<SYM>& r, int i, int h) {
+  const uint32_t q = int4_pair_magic<P>(u);
+  if constexpr (SYM) {
+    return dequant_pair_sym(q, r.s2[i][h]);
+  } else {
+    return dequant_pair_asym(q, r.s[i][h], r.z[i][h]);
+  }
+}
+
+// The mmas of word wd's pairs 2Q (slots 2t, 2t+1) and 2Q + 1 (slots 2t+8, 2t+9), for every tile and n-tile.
+template <int Q, bool SYM, int NT>
+__device__ __forceinline__ void mma_word(const ChunkRegs<SYM>& r, int wd, const uint32_t (&bp)[NT][4], int n_tiles,
+                                         float (&acc)[kTiles][NT][4]) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    const uint32_t a[4] = {dequant_word_pair<2 * Q, SYM>(r.q[i][0][wd], r, i, 0),
+                           dequant_word_pair<2 * Q, SYM>(r.q[i][1][wd], r, i, 1),
+                           dequant_word_pair<2 * Q + 1, SYM>(r.q[i][0][wd], r, i, 0),
+                           dequant_word_pair<2 * Q + 1, SYM>(r.q[i][1][wd], r, i, 1)};
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      if (j < n_tiles) mma_bf16_16816(acc[i][j], a, bp[j][2 * Q], bp[j][2 * Q + 1]);
+  }
+}
+
+template <bool SYM, int NT>
+__device__ __forceinline__ void mma_chunk(const ChunkRegs<SYM>& r, int c, int t, const bf16* const (&brow)[NT],
+                                          int n_tiles, float (&acc)[kTiles][NT][4]) {
+  const int k0 = c * kChunk + 32 * t;
+#pragma unroll
+  for (int wd = 0; wd < 4; ++wd) {
+    // B pairs (x[k + p], x[k + p + 4]), p = 0..3, of the 8 activations k = k0 + 8wd.. of each n-tile's row
+    uint32_t bp[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      uint4 xv = make_uint4(0u, 0u, 0u, 0u);  // rows past the expert's: zero columns, dropped later
+      if (j < n_tiles && brow[j] != nullptr) xv = __ldg(reinterpret_cast<const uint4*>(brow[j] + k0 + 8 * wd));
+      bp[j][0] = (xv.x & 0xFFFFu) | (xv.z << 16);
+      bp[j][1] = (xv.x >> 16) | (xv.z & 0xFFFF0000u);
+      bp[j][2] = (xv.y & 0xFFFFu) | (xv.w << 16);
+      bp[j][3] = (xv.y >> 16) | (xv.w & 0xFFFF0000u);
+    }
+    mma_word<0, SYM, NT>(r, wd, bp, n_tiles, acc);
+    mma_word<1, SYM, NT>(r, wd, bp, n_tiles, acc);
+  }
+}
+
+// acc = this block's sum over chunks [c_begin, c_end) for n-tiles 0..n_tiles-1, complete in warp 0
+// (the other warps' partial sums are added through shared memory; `red` must hold
+// kWarps x kTiles * NT * 4 x kWarp floats). Every thread of the block must call it.
+template <bool SYM, bool PREFETCH, int NT>
+__device__ __forceinline__ void mma_block_sum(const MmaWeights& w, int N, int K, int G, int c_begin, int c_end,
+                                              const bf16* const (&brow)[NT], int n_tiles, float* red,
+                                              float (&acc)[kTiles][NT][4]) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
+  ChunkRegs<SYM> cur;
+  int c = c_begin + warp;
+  if constexpr (PREFETCH) {
+    if (c < c_end) load_chunk<SYM>(cur, w, N, K, G, c, t);
+  }
+  for (; c < c_end; c += kWarps) {
+    if constexpr (PREFETCH) {
+      ChunkRegs<SYM> nxt;
+      const bool more = c + kWarps < c_end;
+      if (more) load_chunk<SYM>(nxt, w, N, K, G, c + kWarps, t);
+      mma_chunk<SYM, NT>(cur, c, t, brow, n_tiles, acc);
+      if (more) cur = nxt;
+    } else {
+      load_chunk<SYM>(cur, w, N, K, G, c, t);
+      mma_chunk<SYM, NT>(cur, c, t, brow, n_tiles, acc);
+    }
+  }
+  constexpr int kVals = kTiles * NT * 4;
+  if (warp > 0) {
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) red[((warp - 1) * kVals + (i * NT + j) * 4 + v) * kWarp + lane] = acc[i][j][v];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    for (int ww = 0; ww < kWarps - 1; ++ww)
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[i][j][v] += red[(ww * kVals + (i * NT + j) * 4 + v) * kWarp + lane];
+  }
+  __syncthreads();  // `red` may be overwritten by the next pass
+}
+
+// Tile i's A rows are base[i] + g + 8h for this lane; rows past limit[i] (the last real row of the
+// tile's output columns) re-read limit[i], and their results are dropped.
+__device__ __forceinline__ MmaWeights mma_weights(const Quant& w, int e, const int (&base)[kTiles],
+                                                  const int (&limit)[kTiles]) {
+  const size_t N = w.N, groups = w.K / w.G;
+  const int g = (threadIdx.x % kWarp) / 4;
+  MmaWeights out;
+  out.packed = w.packed + (size_t)e * N * (w.K / 2);
+  out.scales = w.scales + (size_t)e * groups * N;
+  out.zeros = w.zeros ? w.zeros + (size_t)e * groups * N : nullptr;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) out.row[i][h] = min(base[i] + g + 8 * h, limit[i]);
+  return out;
+}
+
+template <bool SYM, bool PREFETCH, int NT>
+__global__ void __launch_bounds__(kThreads)
+gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
+                 const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
+  __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
+  const int e = nth_active_expert(offsets, E, blockIdx.y);
+  if (e < 0) return;
+  const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * kTileRows;  // output columns n0..n0+15: gate rows n0.., up rows F + n0..
+  const int last = min(kTileRows, F - n0) - 1;  // the tile's last real column offset
+  const int base[kTiles] = {n0, F + n0}, limit[kTiles] = {n0 + last, F + n0 + last};
+  const MmaWeights mw = mma_weights(w, e, base, limit);
+  const int begin = offsets[e], end = offsets[e + 1];
+  for (int rb = begin; rb < end; rb += 8 * NT) {
+    const int n_tiles = min(NT, (end - rb + 7) / 8);
+    const bf16* brow[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int r = rb + 8 * j + g;
+      brow[j] = r < end ? x + (size_t)token_ids[r] * w.K : nullptr;
+    }
+    float acc[kTiles][NT][4];
+    mma_block_sum<SYM, PREFETCH, NT>(mw, w.N, w.K, w.G, 0, w.K / kChunk, brow, n_tiles, red, acc);
+    if (threadIdx.x < kWarp) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int m = g + 8 * (v / 2), r = rb + 8 * j + 2 * t + (v % 2);  // C fragment: (row m, column r)
+          if (j < n_tiles && r < end && m <= last)
+            act[(size_t)r * F + n0 + m] = __float2bfloat16_rn(silu(acc[0][j][v]) * acc[1][j][v]);
+        }
+    }
+  }
+}
+
+template <bool SYM, bool PREFETCH, int NT>
+__global__ void __launch_bounds__(kThreads)
+gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
+                   const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
+                   int E, int num_rows) {
+  __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
+  const int e = nth_active_expert(offsets, E, blockIdx.y);
+  if (e < 0) return;
+  const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  const int H = w.N;
+  const int n0 = blockIdx.x * kTiles * kTileRows;  // output columns n0..n0+31
+  const int base[kTiles] = {n0, n0 + kTileRows}, limit[kTiles] = {H - 1, H - 1};
+  const MmaWeights mw = mma_weights(w, e, base, limit);
+  const int nchunks = w.K / kChunk, per = (nchunks + gridDim.z - 1) / gridDim.z;
+  const int c_begin = blockIdx.z * per, c_end = min(nchunks, c_begin + per);
+  float* out_split = out + (size_t)blockIdx.z * num_rows * H;
+  const int begin = offsets[e], end = offsets[e + 1];
+  for (int rb = begin; rb < end; rb += 8 * NT) {
+    const int n_tiles = min(NT, (end - rb + 7) / 8);
+    const bf16* brow[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int r = rb + 8 * j + g;
+      brow[j] = r < end ? act + (size_t)r * w.K : nullptr;
+    }
+    float acc[kTiles][NT][4];
+    mma_block_sum<SYM, PREFETCH, NT>(mw, w.N, w.K, w.G, c_begin, c_end, brow, n_tiles, red, acc);
+    if (threadIdx.x < kWarp) {
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            const int n = n0 + kTileRows * i + g + 8 * (v / 2), r = rb + 8 * j + 2 * t + (v % 2);
+            if (j < n_tiles && r < end && n < H) out_split[(size_t)slots[r] * H + n] = route_w[r] * acc[i][j][v];
+          }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------- combine
 
-__global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__ y, int T, int top_k, int H) {
+__global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__ y, int T, int top_k, int H,
+                               int splits) {
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)T * H) return;
-  const size_t t = idx / H, h = idx % H;
+  const size_t t = idx / H, h = idx % H, slice = (size_t)T * top_k * H;
   const float* src = out + t * top_k * H + h;
   float sum = 0.0f;
-  for (int j = 0; j < top_k; ++j) sum += src[(size_t)j * H];
+  for (int j = 0; j < top_k; ++j)
+    for (int s = 0; s < splits; ++s) sum += src[s * slice + (size_t)j * H];
   y[idx] = __float2bfloat16_rn(sum);
 }
 
@@ -518,6 +809,33 @@ bool sizes_ok(int E, int H, int F, int num_rows, int num_tokens) {
 
 int max_rows_per_pass(int num_tokens) { return num_tokens < kMaxRows ? (num_tokens < 1 ? 1 : num_tokens) : kMaxRows; }
 
+// n-tiles of 8 rows per v4/v5 pass: an expert gets at most T rows (distinct top-k), so T <= 8 needs one.
+int mma_n_tiles(int num_tokens) { return num_tokens <= 8 ? 1 : num_tokens <= 16 ? 2 : 4; }
+
+// GEMM2 splits K over grid.z only at decode sizes (the float32 `out` grows by the split count) and only
+// while the blocks would not fill the GPU: up to 4 blocks per SM, each split keeping >= 1 chunk per warp.
+constexpr int kMaxSplitRows = 256;
+
+template <bool SYM, bool PREFETCH>
+void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, const Quant& w, const int32_t* ids,
+                      const int32_t* offs, bf16* act, int E, int F) {
+  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
+  const Kernel k = nt == 1   ? gemm1_swiglu_mma<SYM, PREFETCH, 1>
+                   : nt == 2 ? gemm1_swiglu_mma<SYM, PREFETCH, 2>
+                             : gemm1_swiglu_mma<SYM, PREFETCH, 4>;
+  launch(k, grid, kThreads, stream, x, w, ids, offs, act, E, F);
+}
+
+template <bool SYM, bool PREFETCH>
+void launch_gemm2_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* act, const Quant& w, const int32_t* slots,
+                      const float* rw, const int32_t* offs, float* out, int E, int num_rows) {
+  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int, int);
+  const Kernel k = nt == 1   ? gemm2_weighted_mma<SYM, PREFETCH, 1>
+                   : nt == 2 ? gemm2_weighted_mma<SYM, PREFETCH, 2>
+                             : gemm2_weighted_mma<SYM, PREFETCH, 4>;
+  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
+}
+
 }  // namespace
 }  // namespace moe_int4
 
@@ -530,10 +848,24 @@ extern "C" int moe_int4_path(int version, int K, int G, const void* packed, cons
   const uintptr_t p = reinterpret_cast<uintptr_t>(packed), a = reinterpret_cast<uintptr_t>(activations);
   // Activations are read 8 bf16 (16 bytes) at a time, so rows of K values must stay 16-byte aligned.
   if (a % 16 == 0 && K % 8 == 0) {
+    // v4/v5: 128-code chunks, a lane's 32 codes within one group
+    if (version >= 4 && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
     if (K % 32 == 0 && G % 32 == 0 && p % 16 == 0) return 16;  // rows of K/2 bytes stay 16-byte aligned
     if (G % 8 == 0 && p % 4 == 0) return 4;
   }
-  return 1;  // v2/v3 cannot vectorise this shape: run v1
+  return 1;  // v2..v5 cannot vectorise this shape: run v1
+}
+
+extern "C" int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
+                                     const void* w2_packed, const void* act) {
+  if (moe_int4_path(version, F, G2, w2_packed, act) != 64 || num_rows <= 0 || num_rows > kMaxSplitRows ||
+      E <= 0 || H <= 0 || sm_count <= 0)
+    return 1;
+  const long blocks = (long)ceil_div(H, kTiles * kTileRows) * (num_rows < E ? num_rows : E);
+  const int nchunks = F / kChunk;
+  int splits = 1;
+  while (splits < kMaxSplits && blocks * splits < 4L * sm_count && nchunks / (2 * splits) >= kWarps) splits *= 2;
+  return splits;
 }
 
 extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_packed, const void* w13_scales,
@@ -551,6 +883,18 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
   if (load == 1) {
     const dim3 grid(ceil_div(F, kWarps), E);
     launch(gemm1_swiglu_v1, grid, kThreads, stream, xb, w, sorted_token_ids, expert_offsets, actb, F);
+  } else if (load == 64) {
+    const dim3 grid(ceil_div(F, kTileRows), num_rows < E ? num_rows : E);
+    const int nt = mma_n_tiles(num_tokens);
+    if (w13_zeros == nullptr) {
+      version >= 5 ? launch_gemm1_mma<true, true>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F)
+                   : launch_gemm1_mma<true, false>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
+                                                   F);
+    } else {
+      version >= 5
+          ? launch_gemm1_mma<false, true>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F)
+          : launch_gemm1_mma<false, false>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
+    }
   } else {
     const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
     const bool prefetch = version >= 3;
@@ -570,16 +914,31 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
                                                const void* w2_zeros, const int32_t* sorted_slots,
                                                const float* sorted_weights, const int32_t* expert_offsets,
                                                float* out, int num_tokens, int num_rows, int E, int H, int F, int G2,
-                                               int version, cudaStream_t stream) {
+                                               int version, int splits, cudaStream_t stream) {
   if (!sizes_ok(E, H, F, num_rows, num_tokens)) return cudaErrorInvalidValue;
   const int load = moe_int4_path(version, F, G2, w2_packed, act);
-  if (load == 0) return cudaErrorInvalidValue;
+  if (load == 0 || splits < 1 || splits > kMaxSplits || (splits > 1 && load != 64)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2};
   const bf16* actb = static_cast<const bf16*>(act);
   if (load == 1) {
     const dim3 grid(ceil_div(H, kWarps), E);
     launch(gemm2_weighted_v1, grid, kThreads, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out);
+  } else if (load == 64) {
+    const dim3 grid(ceil_div(H, kTiles * kTileRows), num_rows < E ? num_rows : E, splits);
+    const int nt = mma_n_tiles(num_tokens);
+    const bool prefetch = version >= 5;
+    if (w2_zeros == nullptr) {
+      prefetch ? launch_gemm2_mma<true, true>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets,
+                                              out, E, num_rows)
+               : launch_gemm2_mma<true, false>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets,
+                                               out, E, num_rows);
+    } else {
+      prefetch ? launch_gemm2_mma<false, true>(nt, grid, stream, actb, w, sorted_slots, sorted_weights,
+                                               expert_offsets, out, E, num_rows)
+               : launch_gemm2_mma<false, false>(nt, grid, stream, actb, w, sorted_slots, sorted_weights,
+                                                expert_offsets, out, E, num_rows);
+    }
   } else {
     const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);
     const bool prefetch = version >= 3;
@@ -595,13 +954,14 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, cudaStream_t stream) {
-  if (T < 0 || top_k <= 0 || H <= 0) return cudaErrorInvalidValue;
+extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits,
+                                        cudaStream_t stream) {
+  if (T < 0 || top_k <= 0 || H <= 0 || splits < 1 || splits > kMaxSplits) return cudaErrorInvalidValue;
   const size_t n = (size_t)T * H;
   if (n == 0) return cudaSuccess;
   const int threads = 256;
   const size_t blocks = (n + threads - 1) / threads;
   if (blocks > 0x7FFFFFFFu) return cudaErrorInvalidValue;
-  launch(combine_kernel, (unsigned)blocks, threads, stream, out, static_cast<bf16*>(y), T, top_k, H);
+  launch(combine_kernel, (unsigned)blocks, threads, stream, out, static_cast<bf16*>(y), T, top_k, H, splits);
   return cudaGetLastError();
 }

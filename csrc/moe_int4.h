@@ -22,8 +22,11 @@
 extern "C" {
 #endif
 
-// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + prefetch.
-#define MOE_INT4_LATEST_VERSION 3
+// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + prefetch,
+// 4 tensor cores (mma.sync), 5 tensor cores + prefetch.
+#define MOE_INT4_LATEST_VERSION 5
+// GEMM2's most K splits (moe_int4_gemm2_splits), i.e. the most float32 `out` slices.
+#define MOE_INT4_MAX_SPLITS 8
 
 // GEMM1 + SwiGLU:  act[r, n] = bf16(silu(gate) * up), gate = W13[e, n, :] . x[tok[r], :],
 // up = W13[e, F + n, :] . x[tok[r], :], for every row r of every expert e, n < F.
@@ -34,17 +37,23 @@ cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_packed, cons
                                   const int32_t* expert_offsets, void* act, int num_tokens, int num_rows, int E,
                                   int H, int F, int G13, int version, cudaStream_t stream);
 
-// GEMM2 + routing weight, scattered to slot order:
-//   out[sorted_slots[r], n] = sorted_weights[r] * (W2[e, n, :] . act[r, :])   (float32), n < H.
+// GEMM2 + routing weight, scattered to slot order, in `splits` slices of K (1 unless the v4/v5 path runs):
+//   out[s, sorted_slots[r], n] = sorted_weights[r] * (W2[e, n, K-slice s] . act[r, K-slice s])  (float32), n < H.
 //   act [T*k, F] bf16; w2 [E, H, F] as packed/scales/zeros (K = F, group size G2);
-//   sorted_slots [T*k]; sorted_weights [T*k] float32; out [T*k, H] float32 (every row written).
+//   sorted_slots [T*k]; sorted_weights [T*k] float32; out [splits, T*k, H] float32 (every element written).
 cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, const void* w2_scales,
                                     const void* w2_zeros, const int32_t* sorted_slots, const float* sorted_weights,
                                     const int32_t* expert_offsets, float* out, int num_tokens, int num_rows, int E,
-                                    int H, int F, int G2, int version, cudaStream_t stream);
+                                    int H, int F, int G2, int version, int splits, cudaStream_t stream);
 
-// Combine over k in a fixed order:  y[t, h] = bf16(sum_{j < k} out[t*k + j, h]).  y [T, H] bf16.
-cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, cudaStream_t stream);
+// The K splits GEMM2 should run with on a GPU of `sm_count` SMs (1..MOE_INT4_MAX_SPLITS; always 1 unless
+// the call takes the v4/v5 path): more only where GEMM2's blocks would leave SMs idle at decode sizes.
+int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
+                          const void* w2_packed, const void* act);
+
+// Combine over k and the splits in a fixed order:
+//   y[t, h] = bf16(sum_{j < k} sum_{s < splits} out[s, t*k + j, h]).  y [T, H] bf16.
+cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, cudaStream_t stream);
 
 // num_tokens = T and num_rows = T*k (the length of the sorted arrays); T also bounds the rows of one
 // expert when each token's k experts are distinct, which the v2/v3 launch uses to pick the kernel
@@ -52,8 +61,9 @@ cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H,
 // sizes they cannot take (E > 65535, G not even or not dividing K, a version that does not exist).
 
 // Which code path a GEMM with reduction size K and group size G runs for `version`, given the
-// packed-weight and activation pointers (alignment matters), as the bytes per weight load:
-// 1 = the v1 kernel (also what v2/v3 fall back to), 4 or 16 = the v2/v3 kernel, 0 = invalid arguments.
+// packed-weight and activation pointers (alignment matters): 1 = the v1 kernel (also what v2..v5 fall
+// back to), 4 or 16 = the v2/v3 kernel with 4- or 16-byte weight loads (also v4/v5's fallback),
+// 64 = the v4/v5 tensor-core kernel (64-byte chunks of each weight row), 0 = invalid arguments.
 int moe_int4_path(int version, int K, int G, const void* packed, const void* activations);
 
 #ifdef __cplusplus

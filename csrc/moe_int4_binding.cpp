@@ -139,7 +139,8 @@ at::Tensor gemm1_swiglu(const at::Tensor& x, const at::Tensor& w13_packed, const
   return act;
 }
 
-// out [T*k, H] float32, row = slot: routing weight * (act W2^T) (see moe_int4.h).
+// out [splits * T*k, H] float32, row = slot (in each K split's slice): routing weight * (act W2^T) (see
+// moe_int4.h); splits from moe_int4_gemm2_splits for this GPU's SM count (1 except v4/v5 at decode sizes).
 at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, const at::Tensor& w2_scales,
                           const std::optional<at::Tensor>& w2_zeros, const at::Tensor& sorted_slots,
                           const at::Tensor& sorted_weights, const at::Tensor& expert_offsets, int64_t num_tokens,
@@ -158,30 +159,41 @@ at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, co
               sorted_weights.numel());
   check_routing_index(expert_offsets, "expert_offsets", E + 1, device);
   MOE_CHECK(num_tokens >= 0, "moe_int4: num_tokens must be >= 0, got ", num_tokens);
-  auto out = at::empty({rows, H}, act.options().dtype(at::kFloat));
   const c10::cuda::CUDAGuard guard(device);
+  int sm_count = 0;  // a device attribute query: no stream work, so fine inside a CUDA-graph capture
+  check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device.index()),
+               "cudaDeviceGetAttribute(multiProcessorCount)");
+  const int splits = moe_int4_gemm2_splits(static_cast<int>(version), to_int(E, "E"), to_int(H, "H"), to_int(F, "F"),
+                                           to_int(group_size, "group_size"), to_int(rows, "T*k"), sm_count,
+                                           w2_packed.data_ptr(), act.data_ptr());
+  auto out = at::empty({splits * rows, H}, act.options().dtype(at::kFloat));
   check_launch(moe_int4_gemm2_weighted(act.data_ptr(), w2_packed.data_ptr<uint8_t>(), w2_scales.data_ptr(),
                                        ptr_or_null(w2_zeros), sorted_slots.data_ptr<int32_t>(),
                                        sorted_weights.data_ptr<float>(), expert_offsets.data_ptr<int32_t>(),
                                        out.data_ptr<float>(), to_int(num_tokens, "T"), to_int(rows, "T*k"),
                                        to_int(E, "E"), to_int(H, "H"), to_int(F, "F"),
-                                       to_int(group_size, "group_size"), static_cast<int>(version),
+                                       to_int(group_size, "group_size"), static_cast<int>(version), splits,
                                        c10::cuda::getCurrentCUDAStream(device.index()).stream()),
                "moe_int4_gemm2_weighted");
   return out;
 }
 
-// y [T, H] bf16 = sum over each token's k slot rows of out [T*k, H] float32.
+// y [T, H] bf16 = sum over each token's k slot rows (and the K splits) of out [splits * T*k, H] float32.
 at::Tensor combine(const at::Tensor& out, int64_t num_tokens, int64_t top_k) {
-  MOE_CHECK(out.dim() == 2, "moe_int4: out must be 2-D [T*k, H], got shape ", out.sizes());
+  MOE_CHECK(out.dim() == 2, "moe_int4: out must be 2-D [splits * T*k, H], got shape ", out.sizes());
   check_tensor(out, "out", at::kFloat, 2, out.device());
-  MOE_CHECK(top_k > 0 && num_tokens >= 0 && out.size(0) == num_tokens * top_k, "moe_int4: out has ", out.size(0),
-              " rows, expected T*k = ", num_tokens, " * ", top_k);
+  const int64_t rows = num_tokens * top_k;
+  MOE_CHECK(top_k > 0 && num_tokens >= 0 && (rows == 0 ? out.size(0) == 0 : out.size(0) % rows == 0) &&
+                out.size(0) <= MOE_INT4_MAX_SPLITS * rows,
+            "moe_int4: out has ", out.size(0), " rows, expected splits * T*k with T*k = ", num_tokens, " * ", top_k,
+            " and 1 <= splits <= ", MOE_INT4_MAX_SPLITS);
+  const int64_t splits = rows == 0 ? 1 : out.size(0) / rows;
   const int64_t H = out.size(1);
   auto y = at::empty({num_tokens, H}, out.options().dtype(at::kBFloat16));
   const c10::cuda::CUDAGuard guard(out.device());
   check_launch(moe_int4_combine(out.data_ptr<float>(), y.data_ptr(), to_int(num_tokens, "T"), to_int(top_k, "top_k"),
-                                to_int(H, "H"), c10::cuda::getCurrentCUDAStream(out.device().index()).stream()),
+                                to_int(H, "H"), static_cast<int>(splits),
+                                c10::cuda::getCurrentCUDAStream(out.device().index()).stream()),
                "moe_int4_combine");
   return y;
 }
@@ -207,7 +219,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::
   return combine(out, x.size(0), top_k);
 }
 
-// Bytes per weight load of the path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3), 0 = invalid.
+// The path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3 load width, 64 = v4/v5 tensor cores), 0 = invalid.
 int64_t path(int64_t version, int64_t K, int64_t group_size, const at::Tensor& packed, const at::Tensor& activations) {
   return moe_int4_path(static_cast<int>(version), to_int(K, "K"), to_int(group_size, "group_size"),
                        packed.data_ptr(), activations.data_ptr());
@@ -229,6 +241,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("w2_group_size"), py::arg("sorted_token_ids"),
         py::arg("sorted_slots"), py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("top_k"),
         py::arg("version"));
-  m.def("path", &path, "bytes per weight load of the kernel path (1 = v1, 4/16 = v2/v3, 0 = invalid)",
+  m.def("path", &path, "the kernel path (1 = v1, 4/16 = v2/v3 load width, 64 = v4/v5 tensor cores, 0 = invalid)",
         py::arg("version"), py::arg("K"), py::arg("group_size"), py::arg("packed"), py::arg("activations"));
 }

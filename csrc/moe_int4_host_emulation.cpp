@@ -4,23 +4,26 @@
 // magnitude slower than a GPU.
 //
 // How: compiled by the host compiler (not nvcc) with MOE_INT4_HOST_EMULATION defined, it supplies
-// host versions of the CUDA built-ins the kernels use (threadIdx/blockIdx/blockDim, __syncthreads,
-// __shfl_xor_sync, __ballot_sync, __popc, __ldg, __shared__) and its own launch(), then #includes
+// host versions of the CUDA built-ins the kernels use (threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
+// __shfl_xor_sync, __ballot_sync, __popc, __ldg, __shared__, and mma.sync as emulated_mma_bf16_16816)
+// and its own launch(), then #includes
 // moe_int4.cu itself. The device-only
 // parts are the PTX loads of v3 (the emulation takes load_weights' plain branch, so v3 here checks
 // the prefetch logic, not the L1 hint) and the bf16x2 instructions (cuda_bf16.hpp's host
 // emulations round the same way; moe_int4_dequant_check.cu checks them bit for bit).
 //
 // usage: moe_int4_host_emulation DIR   (files written by the test)
-//   DIR/params.txt: T top_k E H F G13 G2 version sym13 sym2 misalign_x
+//   DIR/params.txt: T top_k E H F G13 G2 version sym13 sym2 misalign_x sm_count
+//   (sm_count: the GPU size GEMM2's K-split rule assumes, moe_int4_gemm2_splits; small, so toy shapes split)
 //   DIR/x.bin [T,H] bf16; w13_packed.bin, w13_scales.bin, w13_zeros.bin (if !sym13); same for w2;
 //   sorted_token_ids.bin, sorted_slots.bin [T*k] int32; sorted_weights.bin [T*k] f32;
 //   expert_offsets.bin [E+1] int32.
 //   Writes DIR/act.bin [T*k,F] bf16, DIR/out.bin [T*k,H] f32, DIR/y.bin [T,H] bf16 and prints
-//   "path gemm1=<bytes> gemm2=<bytes>" (moe_int4_path of each GEMM).
+//   "path gemm1=<code> gemm2=<code> splits=<n>" (moe_int4_path of each GEMM, GEMM2's K splits).
 #include <cuda_runtime.h>  // host declarations only: dim3, uint3, uint4, cudaStream_t, cudaError_t
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -56,6 +59,7 @@ using std::min;
 uint3 threadIdx;
 uint3 blockIdx;
 dim3 blockDim;
+dim3 gridDim;
 
 namespace emu {
 
@@ -72,6 +76,7 @@ struct Block {
   std::vector<std::vector<char>> stacks;
   std::vector<float> fvals;     // __shfl_xor_sync exchange, one slot per thread
   std::vector<unsigned> uvals;  // __ballot_sync exchange
+  std::vector<std::array<uint32_t, 6>> frags;  // mma.sync exchange: a0..a3, b0, b1 per thread
   std::function<void()> body;   // the kernel call with its arguments
   int current = 0;
 };
@@ -90,12 +95,13 @@ void entry() {
 }
 
 // Runs `threads` fibers of the current block to completion; aborts on a barrier no fiber can pass.
-void run_block(int threads, unsigned bx, unsigned by) {
+void run_block(int threads, unsigned bx, unsigned by, unsigned bz) {
   constexpr size_t kStack = 256 * 1024;
   block->fibers.assign(threads, Fiber{});
   block->stacks.resize(threads);
   block->fvals.assign(threads, 0.0f);
   block->uvals.assign(threads, 0u);
+  block->frags.assign(threads, {});
   for (int t = 0; t < threads; ++t) {
     block->stacks[t].resize(kStack);
     Fiber& f = block->fibers[t];
@@ -105,7 +111,7 @@ void run_block(int threads, unsigned bx, unsigned by) {
     f.ctx.uc_link = &block->scheduler;
     makecontext(&f.ctx, entry, 0);
   }
-  blockIdx = make_uint3(bx, by, 0);
+  blockIdx = make_uint3(bx, by, bz);
   blockDim = dim3(threads, 1, 1);
   const int warps = (threads + 31) / 32;
   for (;;) {
@@ -139,8 +145,8 @@ void run_block(int threads, unsigned bx, unsigned by) {
     bool runnable = false;
     for (auto& f : block->fibers) runnable |= f.state == kRunnable;
     if (!runnable && !ran) {
-      std::fprintf(stderr, "emulation deadlock in block (%u, %u): threads wait at barriers no one can pass\n", bx,
-                   by);
+      std::fprintf(stderr, "emulation deadlock in block (%u, %u, %u): threads wait at barriers no one can pass\n",
+                   bx, by, bz);
       std::exit(4);
     }
   }
@@ -171,6 +177,41 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
 
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for one warp, from the PTX ISA's fragment layout
+// (lane = 4 g + t): A (16 x 16) row g + 8 (i % 2), k-slots 2t + 8 (i / 2) + {0, 1} in a[i] (low half
+// first); B (16 x 8) column g, k-slots 2t + {0, 1} in b0 and 2t + 8 + {0, 1} in b1; D rows g and g + 8,
+// columns 2t and 2t + 1 in d[0..3]. Every lane publishes its fragments, then computes its four outputs
+// from its warp's (float32 products of bf16 values are exact; the sum's order is this loop's).
+inline void emulated_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const int t = threadIdx.x, base = t & ~31, lane = t & 31;
+  emu::block->frags[t] = {a[0], a[1], a[2], a[3], b0, b1};
+  emu::wait(emu::kWaitWarp);
+  auto half = [](uint32_t word, int k) {
+    const uint32_t bits = (k % 2 ? word >> 16 : word & 0xFFFFu) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  auto A = [&](int m, int k) {  // k = 0..15
+    const auto& f = emu::block->frags[base + 4 * (m % 8) + (k % 8) / 2];
+    return half(f[(m / 8) + 2 * (k / 8)], k);
+  };
+  auto B = [&](int k, int n) {
+    const auto& f = emu::block->frags[base + 4 * n + (k % 8) / 2];
+    return half(f[4 + k / 8], k);
+  };
+  const int g = lane / 4, tq = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int m = g + 8 * (i / 2), n = 2 * tq + i % 2;
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A(m, k) * B(k, n);
+    out[i] = acc;
+  }
+  emu::wait(emu::kWaitWarp);  // every lane has read the fragments
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
 template <class T>
 inline T __ldg(const T* p) {
   return *p;
@@ -181,8 +222,10 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t,
   emu::Block block;
   emu::block = &block;
   block.body = [&] { kernel(args...); };
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) emu::run_block(threads, bx, by);
+  gridDim = grid;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) emu::run_block(threads, bx, by, bz);
   emu::block = nullptr;
 }
 
@@ -235,10 +278,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string dir = argv[1];
-  int T, k, E, H, F, G13, G2, version, sym13, sym2, misalign;
+  int T, k, E, H, F, G13, G2, version, sym13, sym2, misalign, sm_count;
   FILE* pf = std::fopen((dir + "/params.txt").c_str(), "r");
-  if (!pf || std::fscanf(pf, "%d %d %d %d %d %d %d %d %d %d %d", &T, &k, &E, &H, &F, &G13, &G2, &version, &sym13,
-                         &sym2, &misalign) != 11) {
+  if (!pf || std::fscanf(pf, "%d %d %d %d %d %d %d %d %d %d %d %d", &T, &k, &E, &H, &F, &G13, &G2, &version,
+                         &sym13, &sym2, &misalign, &sm_count) != 12) {
     std::fprintf(stderr, "bad params.txt\n");
     return 2;
   }
@@ -256,13 +299,15 @@ int main(int argc, char** argv) {
   auto slots = read_file(dir + "/sorted_slots.bin", rows * 4);
   auto sw = read_file(dir + "/sorted_weights.bin", rows * 4);
   auto offs = read_file(dir + "/expert_offsets.bin", (size_t)(E + 1) * 4);
-  Buffer act(rows * F * 2), out(rows * H * 4), y((size_t)T * H * 2);
+  Buffer act(rows * F * 2);
+  const int splits = moe_int4_gemm2_splits(version, E, H, F, G2, (int)rows, sm_count, w2p->data, act.data);
+  Buffer out(splits * rows * H * 4), y((size_t)T * H * 2);
   // All-ones bytes are NaN in bf16 and float32: an element a kernel fails to write shows up as NaN.
   std::memset(act.data, 0xFF, rows * F * 2);
-  std::memset(out.data, 0xFF, rows * H * 4);
+  std::memset(out.data, 0xFF, splits * rows * H * 4);
   std::memset(y.data, 0xFF, (size_t)T * H * 2);
-  std::printf("path gemm1=%d gemm2=%d\n", moe_int4_path(version, H, G13, w13p->data, x->data),
-              moe_int4_path(version, F, G2, w2p->data, act.data));
+  std::printf("path gemm1=%d gemm2=%d splits=%d\n", moe_int4_path(version, H, G13, w13p->data, x->data),
+              moe_int4_path(version, F, G2, w2p->data, act.data), splits);
   const auto* ids32 = reinterpret_cast<const int32_t*>(ids->data);
   const auto* offs32 = reinterpret_cast<const int32_t*>(offs->data);
   check(moe_int4_gemm1_swiglu(x->data, w13p->data, w13s->data, w13z ? w13z->data : nullptr, ids32, offs32, act.data,
@@ -271,11 +316,13 @@ int main(int argc, char** argv) {
   check(moe_int4_gemm2_weighted(act.data, w2p->data, w2s->data, w2z ? w2z->data : nullptr,
                                 reinterpret_cast<const int32_t*>(slots->data),
                                 reinterpret_cast<const float*>(sw->data), offs32,
-                                reinterpret_cast<float*>(out.data), T, (int)rows, E, H, F, G2, version, nullptr),
+                                reinterpret_cast<float*>(out.data), T, (int)rows, E, H, F, G2, version, splits,
+                                nullptr),
         "moe_int4_gemm2_weighted");
-  check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, nullptr), "moe_int4_combine");
+  check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, nullptr),
+        "moe_int4_combine");
   write_file(dir + "/act.bin", act.data, rows * F * 2);
-  write_file(dir + "/out.bin", out.data, rows * H * 4);
+  write_file(dir + "/out.bin", out.data, splits * rows * H * 4);
   write_file(dir + "/y.bin", y.data, (size_t)T * H * 2);
   return 0;
 }

@@ -6,7 +6,7 @@
 1. Builds the extension (for this GPU's architecture only, ~4x faster than the default four-architecture
    build, unless --all-archs is given or TORCH_CUDA_ARCH_LIST is set).
 2. Runs the GPU tests: pytest -m gpu tests/test_cuda_int4.py.
-3. Times one MoE decode forward at each T on each preset, for every kernel version (v1, v2, v3), two ways:
+3. Times one MoE decode forward at each T on each preset, for every kernel version (v1..v5, or --versions), two ways:
    `kernels` = the three launches on a prebuilt RoutingPlan (what the kernel itself costs) and `forward` =
    RoutingPlan.build + the kernels (the timed unit of moe_tut.bench). Timing is moe_tut.bench.timing's:
    CUDA-graph replay, L2 flushed before each replay, median of CUDA events. bf16 grouped_mm (torch's

@@ -191,7 +191,7 @@ def test_version_selection(monkeypatch):
     monkeypatch.setenv(ci4.VERSION_ENV, "2")
     assert ci4.resolve_version() == 2
     with pytest.raises(ValueError, match="one of"):
-        ci4.resolve_version(4)
+        ci4.resolve_version(ci4.LATEST_VERSION + 1)
     monkeypatch.setenv(ci4.VERSION_ENV, "fast")
     with pytest.raises(ValueError, match=ci4.VERSION_ENV):
         ci4.resolve_version()
@@ -287,10 +287,11 @@ def test_dequant_helpers_match_spec_bitwise(builds, case, tmp_path):
 # ------------------------------------------------------------------------- shared case set-up
 
 
-def setup_case(E, H, F, k, T, skew, G, sym, seed=0, device="cpu"):
+def setup_case(E, H, F, k, T, skew, G, sym, seed=0, device="cpu", G2=None):
+    """Random weights quantised with group size G (w13; G2 for w2 if given), routing, x and the plan."""
     cfg = custom(E, H, F, k)
     w = ExpertWeights.random(cfg, device=device, seed=seed)
-    q = Int4ExpertWeights.from_bf16(w, G, sym)
+    q = Int4ExpertWeights(quantize(w.w13, G, sym), quantize(w.w2, G2 or G, sym), w.dtype)
     ids, tw = simulate_routing(T, E, k, skew, seed=seed, device=device)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 7)).to(device, torch.bfloat16)
     return q, x, ids, tw, RoutingPlan.build(ids, tw, E)
@@ -315,11 +316,38 @@ EMULATION_CASES = [
 ]
 
 
+# v4/v5 (tensor cores) need K % 128 == 0 and G % 32 == 0: (id, E, H, F, top_k, T, skew, G13, G2, symmetric).
+MMA_CASES = [
+    ("mma-T1-gemm2-split", 4, 128, 1024, 2, 1, "uniform", 128, 128, True),  # GEMM2 splits K over 2 blocks
+    ("mma-T5-asym-G32", 3, 256, 256, 2, 5, "zipf", 32, 32, False),  # several rows per expert, asymmetric
+    ("mma-T12-two-ntiles", 2, 256, 128, 2, 12, "uniform", 64, 128, True),  # 12 rows: n-tiles of 8 + 4
+    ("mma-T40-passes", 2, 128, 128, 1, 40, "all_to_one", 128, 128, True),  # 40 rows on one expert: 32 + 8
+    ("mma-gemm1-partial-cols", 3, 256, 200, 2, 3, "uniform", 128, 8, True),  # F = 200: last tile 8 columns
+    ("mma-gemm2-partial-cols", 3, 272, 256, 2, 3, "uniform", 16, 64, False),  # H = 272: last tile 16 columns
+    ("mma-empty-experts", 8, 128, 256, 1, 3, "uniform", 64, 64, True),  # most experts get nothing
+]
+EMULATED_SMS = 4  # the GPU size the emulation's K-split rule assumes: small, so toy shapes split
+
+
 def expected_path(version: int, K: int, G: int) -> int:
-    """Bytes per weight load the launcher should pick (moe_int4_path) for aligned buffers."""
+    """The path the launcher should pick (moe_int4_path) for aligned buffers: 1 = v1, 4/16 = v2/v3's load
+    width, 64 = v4/v5's tensor cores."""
     if version == 1:
         return 1
+    if version >= 4 and K % 128 == 0 and G % 32 == 0:
+        return 64
     return 16 if K % 32 == 0 and G % 32 == 0 else 4 if K % 8 == 0 and G % 8 == 0 else 1
+
+
+def expected_splits(version: int, E: int, H: int, F: int, G2: int, rows: int, sms: int) -> int:
+    """GEMM2's K splits (moe_int4_gemm2_splits): v4/v5 only, at most 256 rows, doubling while the blocks
+    are fewer than 4 per SM and each split keeps a chunk per warp."""
+    if expected_path(version, F, G2) != 64 or rows > 256:
+        return 1
+    blocks, chunks, s = -(-H // 32) * min(E, rows), F // 128, 1
+    while s < 8 and blocks * s < 4 * sms and chunks // (2 * s) >= 4:
+        s *= 2
+    return s
 
 
 def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan, version: int, misalign=False):
@@ -337,7 +365,7 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
     for name in ("sorted_token_ids", "sorted_slots", "sorted_weights", "expert_offsets"):
         _raw(getattr(plan, name)).tofile(tmp / f"{name}.bin")
     (tmp / "params.txt").write_text(f"{T} {k} {E} {H} {F} {q.w13.group_size} {q.w2.group_size} {version} "
-                                    f"{int(q.w13.symmetric)} {int(q.w2.symmetric)} {int(misalign)}\n")
+                                    f"{int(q.w13.symmetric)} {int(q.w2.symmetric)} {int(misalign)} {EMULATED_SMS}\n")
     run = subprocess.run([str(builds[0] / "emulation"), str(tmp)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     paths = dict(p.split("=") for p in run.stdout.split()[1:])
@@ -348,24 +376,44 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
         return (t.view(torch.bfloat16) if dtype == np.int16 else t).view(*shape)
 
     rows = T * k
-    return (load("act", np.int16, (rows, F)), load("out", np.float32, (rows, H)), load("y", np.int16, (T, H)),
-            {key: int(v) for key, v in paths.items()})
+    paths = {key: int(v) for key, v in paths.items()}
+    return (load("act", np.int16, (rows, F)), load("out", np.float32, (paths["splits"] * rows, H)),
+            load("y", np.int16, (T, H)), paths)
 
 
 @needs_cxx
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
 def test_emulated_kernels_match_reference(builds, case, version, tmp_path):
+    # v4 on these shapes (K not a multiple of 128) takes v3's kernels: checks the fallback
     _, E, H, F, k, T, skew, G, sym = case
-    q, x, ids, tw, plan = setup_case(E, H, F, k, T, skew, G, sym)
+    check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G, G, sym)
+
+
+@needs_cxx
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
+@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("case", MMA_CASES, ids=[c[0] for c in MMA_CASES])
+def test_emulated_mma_kernels_match_reference(builds, case, version, tmp_path):
+    _, E, H, F, k, T, skew, G13, G2, sym = case
+    paths = check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym)
+    assert 64 in (paths["gemm1"], paths["gemm2"])  # each case runs the tensor-core kernel in one GEMM or both
+    if case[0] == "mma-T1-gemm2-split":
+        assert paths["splits"] == 2
+
+
+def check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym) -> dict[str, int]:
+    q, x, ids, tw, plan = setup_case(E, H, F, k, T, skew, G13, sym, G2=G2)
     act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version)
-    assert paths == {"gemm1": expected_path(version, H, G), "gemm2": expected_path(version, F, G)}
+    assert paths == {"gemm1": expected_path(version, H, G13), "gemm2": expected_path(version, F, G2),
+                     "splits": expected_splits(version, E, H, F, G2, T * k, EMULATED_SMS)}
     # NaN = an element no kernel wrote (the emulation fills outputs with NaN first)
     assert not torch.isnan(act.float()).any() and not torch.isnan(out).any() and not torch.isnan(y.float()).any()
     deq = q.dequantize()
     assert relative_error(act, act_reference(x, deq, plan)) < TOL
     assert relative_error(y, moe_reference(x, deq, ids, tw)) < TOL
+    return paths
 
 
 @needs_cxx
@@ -374,7 +422,7 @@ def test_emulated_misaligned_activations_fall_back_to_v1(builds, tmp_path):
     # x one bf16 past a 16-byte boundary: GEMM1 cannot use 16-byte loads and must run v1, still correct.
     q, x, ids, tw, plan = setup_case(4, 64, 128, 2, 2, "uniform", 32, True)
     act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version=3, misalign=True)
-    assert paths == {"gemm1": 1, "gemm2": 16}
+    assert paths == {"gemm1": 1, "gemm2": 16, "splits": 1}
     assert relative_error(y, moe_reference(x, q.dequantize(), ids, tw)) < TOL
 
 
@@ -400,12 +448,21 @@ def ext():
         pytest.fail(f"the extension does not build on this GPU machine: {exc}")
 
 
+GPU_MMA_CASES = MMA_CASES + [
+    ("mma-mixtral-like-T4", 8, 1024, 3584, 2, 4, "uniform", 128, 128, True),
+    ("mma-dsv3-like-T16-asym", 32, 1024, 512, 8, 16, "zipf", 128, 128, False),
+    ("mma-hot-T64", 4, 512, 1024, 2, 64, "hot", 128, 128, True),  # 4 n-tiles, several passes
+]
+ALL_VERSIONS = list(range(1, ci4.LATEST_VERSION + 1))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("version", ALL_VERSIONS)
+@pytest.mark.parametrize("case", [(*c[:8], c[7], c[8]) for c in GPU_CASES] + GPU_MMA_CASES,
+                         ids=[c[0] for c in GPU_CASES + GPU_MMA_CASES])
 def test_gpu_matches_reference(ext, case, version):
-    _, E, H, F, k, T, skew, G, sym = case
-    q, x, ids, tw, plan = setup_case(E, H, F, k, T, skew, G, sym, device="cuda")
+    _, E, H, F, k, T, skew, G, G2, sym = case
+    q, x, ids, tw, plan = setup_case(E, H, F, k, T, skew, G, sym, device="cuda", G2=G2)
     y = ci4.cuda_int4_forward(x, q, plan, version=version)
     assert y.shape == (T, H) and y.dtype == torch.bfloat16
     deq = q.dequantize()
@@ -431,9 +488,11 @@ def test_gpu_registered_backend_on_debug_preset(ext):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", ALL_VERSIONS)
 def test_gpu_graph_capture_and_determinism(ext, version):
-    q, x, ids, tw, plan = setup_case(8, 256, 512, 2, 4, "uniform", 128, True, device="cuda")
+    # v4/v5: a shape whose GEMM2 splits K (2 splits on any GPU with >= 4 SMs), so the split path is checked too
+    shape = (4, 256, 2048, 2, 1) if version >= 4 else (8, 256, 512, 2, 4)
+    q, x, ids, tw, plan = setup_case(*shape, "uniform", 128, True, device="cuda")
     eager = ci4.cuda_int4_forward(x, q, plan, version=version)
     assert torch.equal(eager, ci4.cuda_int4_forward(x, q, plan, version=version))  # no atomics: same bits
     graph = torch.cuda.CUDAGraph()
@@ -454,6 +513,7 @@ def test_gpu_kernel_paths(ext):
     q, x, *_ = setup_case(4, 256, 512, 2, 4, "uniform", 128, True, device="cuda")
     assert ci4.kernel_path(q, x, version=1) == {"gemm1": 1, "gemm2": 1}
     assert ci4.kernel_path(q, x, version=3) == {"gemm1": 16, "gemm2": 16}
+    assert ci4.kernel_path(q, x, version=4) == {"gemm1": 64, "gemm2": 64}
     q8, x8, *_ = setup_case(4, 40, 72, 2, 4, "uniform", 8, True, device="cuda")
     assert ci4.kernel_path(q8, x8, version=2) == {"gemm1": 4, "gemm2": 4}
 
@@ -499,7 +559,7 @@ def test_gpu_raw_extension_rejects_version_zero():
         "try:\n"
         "    ext.gemm1_swiglu(x, q.w13.packed, q.w13.scales, None, plan.sorted_token_ids, plan.expert_offsets, 32, 0)\n"
         "except RuntimeError as e:\n"
-        "    sys.exit(0 if 'version must be 1..3' in str(e) else 3)\n"
+        f"    sys.exit(0 if 'version must be 1..{ci4.LATEST_VERSION}' in str(e) else 3)\n"
         "sys.exit(4)\n"
     )
     root = Path(__file__).resolve().parents[1]

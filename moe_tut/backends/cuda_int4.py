@@ -3,12 +3,14 @@
 What it runs: three launches per forward (csrc/moe_int4.cu's header has the details and napkin math):
 
     act [T*k, F] bf16  = silu(x W1^T) * (x W3^T)   per sorted row, INT4 weights dequantised in registers
-    out [T*k, H] fp32  = routing weight * (act W2^T), written at each row's slot t*k + j
-    y   [T, H]   bf16  = sum over j of out[t*k + j]  (fixed order: bitwise reproducible)
+    out [T*k, H] fp32  = routing weight * (act W2^T), written at each row's slot t*k + j (v4/v5 at decode
+                         sizes: one such slice per K split of GEMM2, when its blocks would not fill the GPU)
+    y   [T, H]   bf16  = sum over j (and the splits) of out[t*k + j]  (fixed order: bitwise reproducible)
 
 It is a DECODE kernel: each block streams a slice of one expert's packed weights once and applies it
 to all of that expert's rows (1-16 in decode). With hundreds of rows per expert it still gives the
-right answer, but re-reads weights every 4 rows; the Triton kernels are the ones built for that.
+right answer, but re-reads weights every 4 rows (v2/v3) or 32 rows (v4/v5); the Triton kernels are the
+ones built for that.
 
 Weights: Int4ExpertWeights (moe_tut.quant, symmetric or asymmetric, any even group size dividing H
 and F); the kernel multiplies with exactly `weights.dequantize()`'s bf16 values. No host sync inside
@@ -22,7 +24,7 @@ compute_90 PTX (so newer GPUs JIT-compile it), unless TORCH_CUDA_ARCH_LIST is se
 decides. The extension's name carries a hash of csrc/'s files, so editing any of them (headers
 included) builds afresh.
 
-Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1, 2 or 3; default DEFAULT_VERSION),
+Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1..5, see VERSIONS; default DEFAULT_VERSION),
 MOE_TUT_BUILD_DIR moves the build cache, TORCH_CUDA_ARCH_LIST overrides the target GPUs.
 """
 
@@ -56,12 +58,17 @@ HEADERS = ("moe_int4.h", "moe_int4_dequant.cuh")
 # binary compatibility holds within a major version, but their own cubins are tuned for them).
 TARGET_ARCHS = ("80", "86", "89", "90")
 PTX_ARCH = "90"  # also embed compute_90 PTX, which the driver JIT-compiles on newer GPUs
-LATEST_VERSION = 3  # = MOE_INT4_LATEST_VERSION in csrc/moe_int4.h
+LATEST_VERSION = 5  # = MOE_INT4_LATEST_VERSION in csrc/moe_int4.h
+MAX_SPLITS = 8  # = MOE_INT4_MAX_SPLITS: GEMM2's K splits, each a float32 [T*k, H] slice of `out`
+MAX_SPLIT_ROWS = 256  # = kMaxSplitRows in csrc/moe_int4.cu: no K split above this many rows (T*k)
 DEFAULT_VERSION = 2  # v2 beat v3 at every point measured on an H100 (results/h100/cuda_int4_v0): 5-12% faster
 VERSIONS = {
     1: "simple: a warp per output column, byte loads, per-code dequant, weights re-read per row",
     2: "16-byte weight loads, bf16x2 magic-number dequant, 4 weight rows per warp, grid over active experts",
     3: "v2 + next chunk prefetched into registers, weight loads bypass L1",
+    4: "tensor cores: mma.sync with the dequantised weights as A (16 columns) and up to 8 token rows as B; "
+       "warps split K, GEMM2 splits K over blocks when its blocks would not fill the GPU",
+    5: "v4 + next chunk's weights and scales prefetched into registers",
 }
 VERSION_ENV = "MOE_TUT_CUDA_INT4_VERSION"
 BUILD_DIR_ENV = "MOE_TUT_BUILD_DIR"
@@ -207,9 +214,10 @@ def cuda_int4_forward(x: torch.Tensor, weights: Int4ExpertWeights, plan: Routing
 
 
 def kernel_path(weights: Int4ExpertWeights, x: torch.Tensor, version: int | None = None) -> dict[str, int]:
-    """Bytes per weight load of the code path each GEMM takes: 1 = v1 kernel (also v2/v3's fallback for K or
-    G not a multiple of 8), 4 or 16 = the v2/v3 kernel. GEMM2's activations are fresh allocations, so they
-    are as aligned as a new tensor (checked against x's allocator alignment here)."""
+    """The code path each GEMM takes: 1 = v1 kernel (also v2..v5's fallback for K or G not a multiple of 8),
+    4 or 16 = the v2/v3 kernel with that load width (also v4/v5's fallback), 64 = the v4/v5 tensor-core
+    kernel (K a multiple of 128, G of 32). GEMM2's activations are fresh allocations, so they are as aligned
+    as a new tensor (checked against x's allocator alignment here)."""
     _check_weights(weights)
     ext = load_extension()
     v = resolve_version(version)
@@ -241,7 +249,8 @@ def cuda_int4_unavailable(cfg, device) -> str | None:
 
 def cuda_int4_extra_bytes(cfg, T, stats) -> int:
     rows = T * cfg.top_k
-    return rows * cfg.F * 2 + rows * cfg.H * 4 + T * cfg.H * 2  # act (bf16), out (fp32), y (bf16)
+    splits = MAX_SPLITS if rows <= MAX_SPLIT_ROWS else 1  # an upper bound: v4/v5 may split GEMM2's K
+    return rows * cfg.F * 2 + splits * rows * cfg.H * 4 + T * cfg.H * 2  # act (bf16), out (fp32), y (bf16)
 
 
 def _register() -> None:
