@@ -50,7 +50,8 @@
 //       columns) and up to 8 token rows per B tile, so a weight costs its dequant once however many
 //       rows the expert has; the block's 4 warps split K and add their sums in shared memory, and
 //       GEMM2 splits K over blocks as well when its blocks would not fill the GPU (section v4/v5).
-//   v5  v4 + the next chunk's weights and scales loaded into registers before the current chunk's mmas.
+//   v5  v4 + scales applied to each chunk's mma partial sums instead of to every weight (symmetric codes,
+//       G % 128 == 0; otherwise v4's per-weight dequant).
 //   v2/v3 need K and G multiples of 8 and 16-byte aligned activations; otherwise (toy shapes only:
 //   every preset has K and G multiples of 128) the launcher runs v1 instead. v4/v5 need K % 128 == 0
 //   and G % 32 == 0 and run v3's kernels otherwise. moe_int4_path() says which path a call takes.
@@ -478,8 +479,8 @@ gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restri
 // the slices with the top-k rows in a fixed order, so results stay bitwise reproducible.
 // Rows: passes of up to 8 * NT rows (NT = 1, 2 or 4 n-tiles by T); n-tiles past the expert's rows
 // are skipped (a warp-uniform test), so a 1-row expert costs one mma per A fragment.
-// v5 = v4 + the next chunk's weights and scales loaded into registers before the current chunk is
-// computed (twice the bytes in flight per warp, more registers).
+// v5 = v4 + group-wise scaling after the mma (kSymPost below) where the codes are symmetric and G % 128
+// == 0: fewer instructions per weight.
 // Needs K % 128 == 0, G % 32 == 0 (a lane's 32 codes in one group) and 16-byte aligned packed rows
 // and activations; otherwise the launcher runs v3's kernels (moe_int4_path says which).
 
@@ -511,15 +512,25 @@ struct MmaWeights {
   int row[kTiles][2];
 };
 
-template <bool SYM>
+// How a v4/v5 kernel turns codes into the A operand:
+//   kAsym      bf16(fma(c, s, z)) per value (the spec's arithmetic, as v2)
+//   kSym       bf16((c - 8) * s) per value (exactly dequantize's weights, as v2)
+//   kSymPost   v5: the mma multiplies the exact integers c - 8, and each 16x8 partial sum of a chunk is
+//              scaled by its row's s afterwards (4 FMAs per lane per A tile and n-tile, instead of an HMUL2
+//              per weight pair). Needs the whole 128-wide chunk in one group (G % 128 == 0): the mma adds
+//              the 4 lanes' k ranges together. Numerics: sum (c - 8) x in float32, then * s, instead of
+//              bf16((c - 8) s) x: the weights are not rounded to bf16 first (closer to the real product).
+enum DequantMode { kAsym = 0, kSym = 1, kSymPost = 2 };
+
+template <int MODE>
 struct ChunkRegs {
   uint32_t q[kTiles][2][4];  // 16 packed bytes per row
-  __nv_bfloat162 s2[kTiles][2];
-  float s[kTiles][2], z[kTiles][2];  // asymmetric only
+  __nv_bfloat162 s2[kTiles][2];  // kSym
+  float s[kTiles][2], z[kTiles][2];  // kAsym (s, z), kSymPost (s)
 };
 
-template <bool SYM>
-__device__ __forceinline__ void load_chunk(ChunkRegs<SYM>& r, const MmaWeights& w, int N, int K, int G, int c,
+template <int MODE>
+__device__ __forceinline__ void load_chunk(ChunkRegs<MODE>& r, const MmaWeights& w, int N, int K, int G, int c,
                                            int t) {
   const size_t half = K / 2;
   const int k0 = c * kChunk + 32 * t;  // this lane's first code of the chunk
@@ -530,45 +541,58 @@ __device__ __forceinline__ void load_chunk(ChunkRegs<SYM>& r, const MmaWeights& 
     for (int h = 0; h < 2; ++h) {
       load_weights<16, true>(r.q[i][h], w.packed + w.row[i][h] * half + (size_t)c * kChunkBytes + 16 * t);
       const bf16 s = w.scales[g_row + w.row[i][h]];
-      if constexpr (SYM) {
+      if constexpr (MODE == kSym) {
         r.s2[i][h] = __bfloat162bfloat162(s);
       } else {
         r.s[i][h] = bf16_to_float(s);
-        r.z[i][h] = bf16_to_float(w.zeros[g_row + w.row[i][h]]);
+        if constexpr (MODE == kAsym) r.z[i][h] = bf16_to_float(w.zeros[g_row + w.row[i][h]]);
       }
     }
 }
 
-template <int P, bool SYM>
-__device__ __forceinline__ uint32_t dequant_word_pair(uint32_t u, const ChunkRegs<SYM>& r, int i, int h) {
+template <int P, int MODE>
+__device__ __forceinline__ uint32_t dequant_word_pair(uint32_t u, const ChunkRegs<MODE>& r, int i, int h) {
   const uint32_t q = int4_pair_magic<P>(u);
-  if constexpr (SYM) {
+  if constexpr (MODE == kSym) {
     return dequant_pair_sym(q, r.s2[i][h]);
+  } else if constexpr (MODE == kSymPost) {
+    return centred_pair_sym(q);
   } else {
     return dequant_pair_asym(q, r.s[i][h], r.z[i][h]);
   }
 }
 
 // The mmas of word wd's pairs 2Q (slots 2t, 2t+1) and 2Q + 1 (slots 2t+8, 2t+9), for every tile and n-tile.
-template <int Q, bool SYM, int NT>
-__device__ __forceinline__ void mma_word(const ChunkRegs<SYM>& r, int wd, const uint32_t (&bp)[NT][4], int n_tiles,
+template <int Q, int MODE, int NT>
+__device__ __forceinline__ void mma_word(const ChunkRegs<MODE>& r, int wd, const uint32_t (&bp)[NT][4], int n_tiles,
                                          float (&acc)[kTiles][NT][4]) {
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
-    const uint32_t a[4] = {dequant_word_pair<2 * Q, SYM>(r.q[i][0][wd], r, i, 0),
-                           dequant_word_pair<2 * Q, SYM>(r.q[i][1][wd], r, i, 1),
-                           dequant_word_pair<2 * Q + 1, SYM>(r.q[i][0][wd], r, i, 0),
-                           dequant_word_pair<2 * Q + 1, SYM>(r.q[i][1][wd], r, i, 1)};
+    const uint32_t a[4] = {dequant_word_pair<2 * Q, MODE>(r.q[i][0][wd], r, i, 0),
+                           dequant_word_pair<2 * Q, MODE>(r.q[i][1][wd], r, i, 1),
+                           dequant_word_pair<2 * Q + 1, MODE>(r.q[i][0][wd], r, i, 0),
+                           dequant_word_pair<2 * Q + 1, MODE>(r.q[i][1][wd], r, i, 1)};
 #pragma unroll
     for (int j = 0; j < NT; ++j)
       if (j < n_tiles) mma_bf16_16816(acc[i][j], a, bp[j][2 * Q], bp[j][2 * Q + 1]);
   }
 }
 
-template <bool SYM, int NT>
-__device__ __forceinline__ void mma_chunk(const ChunkRegs<SYM>& r, int c, int t, const bf16* const (&brow)[NT],
+// acc += this chunk's products (kSymPost: each chunk's partial sums scaled by their rows' scales).
+template <int MODE, int NT>
+__device__ __forceinline__ void mma_chunk(const ChunkRegs<MODE>& r, int c, int t, const bf16* const (&brow)[NT],
                                           int n_tiles, float (&acc)[kTiles][NT][4]) {
   const int k0 = c * kChunk + 32 * t;
+  float part[kTiles][NT][4];
+  float (&sum)[kTiles][NT][4] = MODE == kSymPost ? part : acc;
+  if constexpr (MODE == kSymPost) {
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) part[i][j][v] = 0.0f;
+  }
 #pragma unroll
   for (int wd = 0; wd < 4; ++wd) {
     // B pairs (x[k + p], x[k + p + 4]), p = 0..3, of the 8 activations k = k0 + 8wd.. of each n-tile's row
@@ -582,15 +606,23 @@ __device__ __forceinline__ void mma_chunk(const ChunkRegs<SYM>& r, int c, int t,
       bp[j][2] = (xv.y & 0xFFFFu) | (xv.w << 16);
       bp[j][3] = (xv.y >> 16) | (xv.w & 0xFFFF0000u);
     }
-    mma_word<0, SYM, NT>(r, wd, bp, n_tiles, acc);
-    mma_word<1, SYM, NT>(r, wd, bp, n_tiles, acc);
+    mma_word<0, MODE, NT>(r, wd, bp, n_tiles, sum);
+    mma_word<1, MODE, NT>(r, wd, bp, n_tiles, sum);
+  }
+  if constexpr (MODE == kSymPost) {
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[i][j][v] = fmaf(r.s[i][v / 2], part[i][j][v], acc[i][j][v]);  // rows g, g+8
   }
 }
 
 // acc = this block's sum over chunks [c_begin, c_end) for n-tiles 0..n_tiles-1, complete in warp 0
 // (the other warps' partial sums are added through shared memory; `red` must hold
 // kWarps x kTiles * NT * 4 x kWarp floats). Every thread of the block must call it.
-template <bool SYM, bool PREFETCH, int NT>
+template <int MODE, int NT>
 __device__ __forceinline__ void mma_block_sum(const MmaWeights& w, int N, int K, int G, int c_begin, int c_end,
                                               const bf16* const (&brow)[NT], int n_tiles, float* red,
                                               float (&acc)[kTiles][NT][4]) {
@@ -601,22 +633,12 @@ __device__ __forceinline__ void mma_block_sum(const MmaWeights& w, int N, int K,
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
-  ChunkRegs<SYM> cur;
-  int c = c_begin + warp;
-  if constexpr (PREFETCH) {
-    if (c < c_end) load_chunk<SYM>(cur, w, N, K, G, c, t);
-  }
-  for (; c < c_end; c += kWarps) {
-    if constexpr (PREFETCH) {
-      ChunkRegs<SYM> nxt;
-      const bool more = c + kWarps < c_end;
-      if (more) load_chunk<SYM>(nxt, w, N, K, G, c + kWarps, t);
-      mma_chunk<SYM, NT>(cur, c, t, brow, n_tiles, acc);
-      if (more) cur = nxt;
-    } else {
-      load_chunk<SYM>(cur, w, N, K, G, c, t);
-      mma_chunk<SYM, NT>(cur, c, t, brow, n_tiles, acc);
-    }
+  // No register prefetch of the next chunk: tried (a v5 that loaded chunk c + 4 before computing c) and
+  // it was 2-12% slower at every measured point on an H100 (more registers, fewer blocks per SM).
+  for (int c = c_begin + warp; c < c_end; c += kWarps) {
+    ChunkRegs<MODE> cur;
+    load_chunk<MODE>(cur, w, N, K, G, c, t);
+    mma_chunk<MODE, NT>(cur, c, t, brow, n_tiles, acc);
   }
   constexpr int kVals = kTiles * NT * 4;
   if (warp > 0) {
@@ -657,7 +679,7 @@ __device__ __forceinline__ MmaWeights mma_weights(const Quant& w, int e, const i
   return out;
 }
 
-template <bool SYM, bool PREFETCH, int NT>
+template <int MODE, int NT>
 __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                  const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
@@ -679,7 +701,7 @@ gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict_
       brow[j] = r < end ? x + (size_t)token_ids[r] * w.K : nullptr;
     }
     float acc[kTiles][NT][4];
-    mma_block_sum<SYM, PREFETCH, NT>(mw, w.N, w.K, w.G, 0, w.K / kChunk, brow, n_tiles, red, acc);
+    mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, 0, w.K / kChunk, brow, n_tiles, red, acc);
     if (threadIdx.x < kWarp) {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
@@ -693,7 +715,7 @@ gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict_
   }
 }
 
-template <bool SYM, bool PREFETCH, int NT>
+template <int MODE, int NT>
 __global__ void __launch_bounds__(kThreads)
 gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                    const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
@@ -719,7 +741,7 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
       brow[j] = r < end ? act + (size_t)r * w.K : nullptr;
     }
     float acc[kTiles][NT][4];
-    mma_block_sum<SYM, PREFETCH, NT>(mw, w.N, w.K, w.G, c_begin, c_end, brow, n_tiles, red, acc);
+    mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, c_begin, c_end, brow, n_tiles, red, acc);
     if (threadIdx.x < kWarp) {
 #pragma unroll
       for (int i = 0; i < kTiles; ++i)
@@ -743,7 +765,11 @@ __global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__
   const size_t t = idx / H, h = idx % H, slice = (size_t)T * top_k * H;
   const float* src = out + t * top_k * H + h;
   float sum = 0.0f;
+  // Unrolled so the independent loads are in flight together (a rolled loop waits for each one: at T = 1
+  // this kernel was ~4-6 us of a ~100 us forward on an H100, almost all load latency).
+#pragma unroll 8
   for (int j = 0; j < top_k; ++j)
+#pragma unroll 4
     for (int s = 0; s < splits; ++s) sum += src[s * slice + (size_t)j * H];
   y[idx] = __float2bfloat16_rn(sum);
 }
@@ -816,23 +842,29 @@ int mma_n_tiles(int num_tokens) { return num_tokens <= 8 ? 1 : num_tokens <= 16 
 // while the blocks would not fill the GPU: up to 4 blocks per SM, each split keeping >= 1 chunk per warp.
 constexpr int kMaxSplitRows = 256;
 
-template <bool SYM, bool PREFETCH>
+// The dequant mode of a v4/v5 GEMM: v5's post-scaling where the chunk is one group and codes are symmetric.
+int mma_mode(int version, bool symmetric, int G) {
+  if (!symmetric) return kAsym;
+  return version >= 5 && G % kChunk == 0 ? kSymPost : kSym;
+}
+
+template <int MODE>
 void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, const Quant& w, const int32_t* ids,
                       const int32_t* offs, bf16* act, int E, int F) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
-  const Kernel k = nt == 1   ? gemm1_swiglu_mma<SYM, PREFETCH, 1>
-                   : nt == 2 ? gemm1_swiglu_mma<SYM, PREFETCH, 2>
-                             : gemm1_swiglu_mma<SYM, PREFETCH, 4>;
+  const Kernel k = nt == 1   ? gemm1_swiglu_mma<MODE, 1>
+                   : nt == 2 ? gemm1_swiglu_mma<MODE, 2>
+                             : gemm1_swiglu_mma<MODE, 4>;
   launch(k, grid, kThreads, stream, x, w, ids, offs, act, E, F);
 }
 
-template <bool SYM, bool PREFETCH>
+template <int MODE>
 void launch_gemm2_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* act, const Quant& w, const int32_t* slots,
                       const float* rw, const int32_t* offs, float* out, int E, int num_rows) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int, int);
-  const Kernel k = nt == 1   ? gemm2_weighted_mma<SYM, PREFETCH, 1>
-                   : nt == 2 ? gemm2_weighted_mma<SYM, PREFETCH, 2>
-                             : gemm2_weighted_mma<SYM, PREFETCH, 4>;
+  const Kernel k = nt == 1   ? gemm2_weighted_mma<MODE, 1>
+                   : nt == 2 ? gemm2_weighted_mma<MODE, 2>
+                             : gemm2_weighted_mma<MODE, 4>;
   launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
 }
 
@@ -886,14 +918,15 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
   } else if (load == 64) {
     const dim3 grid(ceil_div(F, kTileRows), num_rows < E ? num_rows : E);
     const int nt = mma_n_tiles(num_tokens);
-    if (w13_zeros == nullptr) {
-      version >= 5 ? launch_gemm1_mma<true, true>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F)
-                   : launch_gemm1_mma<true, false>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
-                                                   F);
-    } else {
-      version >= 5
-          ? launch_gemm1_mma<false, true>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F)
-          : launch_gemm1_mma<false, false>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
+    switch (mma_mode(version, w13_zeros == nullptr, G13)) {
+      case kSymPost:
+        launch_gemm1_mma<kSymPost>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
+        break;
+      case kSym:
+        launch_gemm1_mma<kSym>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
+        break;
+      default:
+        launch_gemm1_mma<kAsym>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
     }
   } else {
     const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
@@ -927,17 +960,18 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
   } else if (load == 64) {
     const dim3 grid(ceil_div(H, kTiles * kTileRows), num_rows < E ? num_rows : E, splits);
     const int nt = mma_n_tiles(num_tokens);
-    const bool prefetch = version >= 5;
-    if (w2_zeros == nullptr) {
-      prefetch ? launch_gemm2_mma<true, true>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets,
-                                              out, E, num_rows)
-               : launch_gemm2_mma<true, false>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets,
-                                               out, E, num_rows);
-    } else {
-      prefetch ? launch_gemm2_mma<false, true>(nt, grid, stream, actb, w, sorted_slots, sorted_weights,
-                                               expert_offsets, out, E, num_rows)
-               : launch_gemm2_mma<false, false>(nt, grid, stream, actb, w, sorted_slots, sorted_weights,
-                                                expert_offsets, out, E, num_rows);
+    switch (mma_mode(version, w2_zeros == nullptr, G2)) {
+      case kSymPost:
+        launch_gemm2_mma<kSymPost>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+                                   num_rows);
+        break;
+      case kSym:
+        launch_gemm2_mma<kSym>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+                               num_rows);
+        break;
+      default:
+        launch_gemm2_mma<kAsym>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+                                num_rows);
     }
   } else {
     const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);

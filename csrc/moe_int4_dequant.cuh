@@ -65,10 +65,17 @@ MOE_HD float bf16_to_float(__nv_bfloat16 v) {
   return bits_to_float(uint32_t(b) << 16);
 }
 
-// bf16x2 (128 + c_p, 128 + c_{p+4}) from a packed word, p = 0..3.
+// bf16x2 (128 + c_p, 128 + c_{p+4}) from a packed word, p = 0..3. On the GPU the AND and the OR are one
+// LOP3 (ptxas, left to itself, emitted two: a LOP3 takes one 32-bit immediate).
 template <int P>
 MOE_HD uint32_t int4_pair_magic(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(u >> (4 * P)), "n"(kLowNibbles), "n"(kMagic128x2));
+  return r;  // 0xEA = (a & b) | c
+#else
   return ((u >> (4 * P)) & kLowNibbles) | kMagic128x2;
+#endif
 }
 
 // Symmetric: (c - 8) * s for both halves, as bf16x2 bits. (128 + c) - 136 = c - 8 is exact in bf16
@@ -79,6 +86,11 @@ MOE_HD uint32_t int4_pair_magic(uint32_t u) {
 MOE_HD uint32_t dequant_pair_sym(uint32_t magic_pair, __nv_bfloat162 scale2) {
   const __nv_bfloat162 centred = __hsub2_rn(bits_to_bf162(magic_pair), bits_to_bf162(kBf16x2_136));
   return bf162_to_bits(__hmul2_rn(centred, scale2));
+}
+
+// Symmetric, unscaled: the exact integers (c - 8) as bf16x2, for kernels that scale sums afterwards.
+MOE_HD uint32_t centred_pair_sym(uint32_t magic_pair) {
+  return bf162_to_bits(__hsub2_rn(bits_to_bf162(magic_pair), bits_to_bf162(kBf16x2_136)));
 }
 
 // Asymmetric: bf16(fma(c, s, z)) in float32 for both halves, exactly the spec's arithmetic. A bf16x2

@@ -187,9 +187,12 @@ def test_extension_name_tracks_every_source():
 def test_version_selection(monkeypatch):
     monkeypatch.delenv(ci4.VERSION_ENV, raising=False)
     assert ci4.resolve_version() == ci4.DEFAULT_VERSION
-    assert ci4.resolve_version(1) == 1
+    assert ci4.resolve_version(num_tokens=1) == ci4.DEFAULT_VERSION_T1
+    assert ci4.resolve_version(num_tokens=4) == ci4.DEFAULT_VERSION
+    assert ci4.resolve_version(1, num_tokens=4) == 1
     monkeypatch.setenv(ci4.VERSION_ENV, "2")
     assert ci4.resolve_version() == 2
+    assert ci4.resolve_version(num_tokens=16) == 2  # the pin wins over the token-count default
     with pytest.raises(ValueError, match="one of"):
         ci4.resolve_version(ci4.LATEST_VERSION + 1)
     monkeypatch.setenv(ci4.VERSION_ENV, "fast")

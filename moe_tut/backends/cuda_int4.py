@@ -24,7 +24,8 @@ compute_90 PTX (so newer GPUs JIT-compile it), unless TORCH_CUDA_ARCH_LIST is se
 decides. The extension's name carries a hash of csrc/'s files, so editing any of them (headers
 included) builds afresh.
 
-Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1..5, see VERSIONS; default DEFAULT_VERSION),
+Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1..5, see VERSIONS; default: DEFAULT_VERSION_T1
+for one token, DEFAULT_VERSION otherwise, the fastest measured on an H100),
 MOE_TUT_BUILD_DIR moves the build cache, TORCH_CUDA_ARCH_LIST overrides the target GPUs.
 """
 
@@ -61,14 +62,18 @@ PTX_ARCH = "90"  # also embed compute_90 PTX, which the driver JIT-compiles on n
 LATEST_VERSION = 5  # = MOE_INT4_LATEST_VERSION in csrc/moe_int4.h
 MAX_SPLITS = 8  # = MOE_INT4_MAX_SPLITS: GEMM2's K splits, each a float32 [T*k, H] slice of `out`
 MAX_SPLIT_ROWS = 256  # = kMaxSplitRows in csrc/moe_int4.cu: no K split above this many rows (T*k)
-DEFAULT_VERSION = 2  # v2 beat v3 at every point measured on an H100 (results/h100/cuda_int4_v0): 5-12% faster
+# The default by token count (H100, results/h100/cuda_int4_v1, kernels timed by CUDA-graph replay): at T = 1
+# v2 was fastest (mixtral 94 us, 64% of copy; v5 98 us, v4 106 us), from T = 4 on v5 (mixtral T = 16: v5
+# 382 us, v4 413 us, v2 757 us). v3 lost to v2 everywhere (results/h100/cuda_int4_v0).
+DEFAULT_VERSION = 5
+DEFAULT_VERSION_T1 = 2
 VERSIONS = {
     1: "simple: a warp per output column, byte loads, per-code dequant, weights re-read per row",
     2: "16-byte weight loads, bf16x2 magic-number dequant, 4 weight rows per warp, grid over active experts",
     3: "v2 + next chunk prefetched into registers, weight loads bypass L1",
     4: "tensor cores: mma.sync with the dequantised weights as A (16 columns) and up to 8 token rows as B; "
        "warps split K, GEMM2 splits K over blocks when its blocks would not fill the GPU",
-    5: "v4 + next chunk's weights and scales prefetched into registers",
+    5: "v4 + scales applied to each 128-wide chunk's mma sums instead of to every weight (symmetric, G % 128 == 0)",
 }
 VERSION_ENV = "MOE_TUT_CUDA_INT4_VERSION"
 BUILD_DIR_ENV = "MOE_TUT_BUILD_DIR"
@@ -173,12 +178,13 @@ def load_extension(verbose: bool = False):
         return _module
 
 
-def resolve_version(version: int | None = None) -> int:
-    """The kernel version to run: the argument, else $MOE_TUT_CUDA_INT4_VERSION, else DEFAULT_VERSION."""
+def resolve_version(version: int | None = None, num_tokens: int | None = None) -> int:
+    """The kernel version to run: the argument, else $MOE_TUT_CUDA_INT4_VERSION, else DEFAULT_VERSION_T1 for a
+    single token and DEFAULT_VERSION otherwise (or when num_tokens is not given)."""
     if version is None:
         env = os.environ.get(VERSION_ENV)
         if not env:
-            return DEFAULT_VERSION
+            return DEFAULT_VERSION_T1 if num_tokens == 1 else DEFAULT_VERSION
         try:
             version = int(env)
         except ValueError:
@@ -204,7 +210,7 @@ def cuda_int4_forward(x: torch.Tensor, weights: Int4ExpertWeights, plan: Routing
         raise TypeError(f"cuda_int4 computes with bf16 activations, got x of dtype {x.dtype}")
     if x.device.type != "cuda":
         raise BackendUnavailable(f"backend 'cuda_int4' is unavailable: it runs on CUDA GPUs, x is on {x.device}")
-    v = resolve_version(version)
+    v = resolve_version(version, x.shape[0])
     ext = load_extension()
     w13, w2 = weights.w13, weights.w2
     return ext.forward(x.contiguous(), w13.packed, w13.scales, w13.zeros, w13.group_size,
