@@ -52,8 +52,6 @@
 //       GEMM2 splits K over blocks as well when its blocks would not fill the GPU (section v4/v5).
 //   v5  v4 + scales applied to each chunk's mma partial sums instead of to every weight (symmetric codes,
 //       G % 128 == 0; otherwise v4's per-weight dequant).
-//   v6  v5 + weights and scales staged through shared memory by a cp.async pipeline (contiguous 256-byte
-//       row pieces per copy, several stages in flight without registers); where v5 post-scales and N % 8 == 0.
 //   v2/v3 need K and G multiples of 8 and 16-byte aligned activations; otherwise (toy shapes only:
 //   every preset has K and G multiples of 128) the launcher runs v1 instead. v4/v5 need K % 128 == 0
 //   and G % 32 == 0 and run v3's kernels otherwise. moe_int4_path() says which path a call takes.
@@ -512,7 +510,6 @@ struct MmaWeights {
   const bf16* scales;     // expert e's [K/G, N]
   const bf16* zeros;      // expert e's [K/G, N] or nullptr
   int row[kTiles][2];
-  int base[kTiles], limit[kTiles];  // tile i's rows base[i].. and its last real row (v6's block-wide copies)
 };
 
 // How a v4/v5 kernel turns codes into the A operand:
@@ -622,147 +619,6 @@ __device__ __forceinline__ void mma_chunk(const ChunkRegs<MODE>& r, int c, int t
   }
 }
 
-// ------------------------------------------------------------------------------------------ v6
-//
-// v6 = v5 with the packed weights (and scales) staged through shared memory by cp.async, in a pipeline of
-// kStages stages of kWarps chunks each. Why: in v4/v5 each lane loads its own 16 bytes per row, so one warp
-// load instruction touches 8 rows x 64 bytes, and a warp waits for its loads before its mmas (ncu, mixtral
-// T = 1: 56% of DRAM bandwidth, half the issue slots waiting on global loads). Here the block copies a
-// stage = 32 weight rows x 256 contiguous bytes (4 chunks) with 16 threads per row (fully used 128-byte
-// lines), keeps kStages - 1 stages in flight without spending registers on them, and each warp then reads
-// its chunk's fragments from shared memory (row pitch padded by 64 bytes, so lanes g and g + 1 of a
-// 128-bit access phase use different banks). Only for v5's post-scaled symmetric mode (scales per chunk
-// and row come through shared memory too) and N % 8 == 0 (16-byte pieces of scale rows); else v5 runs.
-constexpr int kStages = 4;
-constexpr int kRowPitch = kWarps * kChunkBytes + 64;              // 320 bytes per staged weight row
-constexpr int kStageWeightBytes = kTiles * kTileRows * kRowPitch;  // 10 KB
-constexpr int kStageScaleBytes = kWarps * kTiles * kTileRows * 2;  // [chunk][tile][16 rows] bf16
-constexpr int kStagedSmemBytes = kStages * (kStageWeightBytes + kStageScaleBytes);
-
-// 16 bytes global -> shared without passing through registers (zero-filled when !valid).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__)
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
-#else  // the CPU emulation: copies at once
-  if (valid) {
-    memcpy(smem, gmem, 16);
-  } else {
-    memset(smem, 0, 16);
-  }
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;");
-#endif
-}
-
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {  // until at most PENDING committed groups are in flight
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
-#endif
-}
-
-// The whole block copies stage `st` (chunks c0 .. c0 + kWarps - 1, those < c_end) into buffer `buf`.
-__device__ __forceinline__ void issue_stage(uint8_t* smem, int buf, const MmaWeights& w, int N, int K, int G,
-                                            int c0, int c_end) {
-  uint8_t* wdst = smem + buf * kStageWeightBytes;
-  bf16* sdst = reinterpret_cast<bf16*>(smem + kStages * kStageWeightBytes + buf * kStageScaleBytes);
-  constexpr int kPiecesPerRow = kWarps * kChunkBytes / 16;  // 16
-  const size_t half = K / 2;
-  for (int p = threadIdx.x; p < kTiles * kTileRows * kPiecesPerRow; p += kThreads) {
-    const int r = p / kPiecesPerRow, col = p % kPiecesPerRow, c = c0 + col / (kChunkBytes / 16);
-    const int i = r / kTileRows, row = w.base[i] + r % kTileRows;
-    const bool valid = c < c_end && row <= w.limit[i];
-    const uint8_t* src = w.packed + (size_t)min(row, w.limit[i]) * half + (size_t)min(c, c_end - 1) * kChunkBytes +
-                         (col % (kChunkBytes / 16)) * 16;
-    cp_async_16(wdst + r * kRowPitch + col * 16, src, valid);
-  }
-  if (threadIdx.x < kWarps * kTiles * 2) {  // [chunk][tile][8-row half]: 16 pieces of 8 scales
-    const int cc = threadIdx.x / (kTiles * 2), i = (threadIdx.x / 2) % kTiles, hf = threadIdx.x % 2;
-    const int c = c0 + cc, row0 = w.base[i] + 8 * hf;
-    const bool valid = c < c_end && row0 <= w.limit[i];
-    const bf16* src = w.scales + (size_t)(min(c, c_end - 1) * kChunk / G) * N + min(row0, w.limit[i] & ~7);
-    cp_async_16(sdst + (cc * kTiles + i) * kTileRows + 8 * hf, src, valid);
-  }
-}
-
-// v6's mma_block_sum body (kSymPost only): acc = this block's sums over chunks [c_begin, c_end), complete
-// in warp 0 on return (reduced through the stage buffers once the pipeline has drained).
-template <int NT>
-__device__ __forceinline__ void staged_block_sum(const MmaWeights& w, int N, int K, int G, int c_begin, int c_end,
-                                                 const bf16* const (&brow)[NT], int n_tiles, uint8_t* smem,
-                                                 float (&acc)[kTiles][NT][4]) {
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
-  const int n_stages = (c_end - c_begin + kWarps - 1) / kWarps;
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < n_stages) issue_stage(smem, st, w, N, K, G, c_begin + st * kWarps, c_end);
-    cp_async_commit();  // empty groups too, so the wait count below always means "stage st has landed"
-  }
-  for (int st = 0; st < n_stages; ++st) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage st is visible to every warp, and stage st - 1's buffer is free
-    const int next = st + kStages - 1;
-    if (next < n_stages) issue_stage(smem, next % kStages, w, N, K, G, c_begin + next * kWarps, c_end);
-    cp_async_commit();
-    const int c = c_begin + st * kWarps + warp;
-    if (c < c_end) {
-      const int buf = st % kStages;
-      const uint8_t* wsrc = smem + buf * kStageWeightBytes + warp * kChunkBytes + 16 * t;
-      const bf16* ssrc = reinterpret_cast<const bf16*>(smem + kStages * kStageWeightBytes + buf * kStageScaleBytes) +
-                         warp * kTiles * kTileRows;
-      ChunkRegs<kSymPost> cur;
-#pragma unroll
-      for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = i * kTileRows + g + 8 * h;
-          const uint4 v = *reinterpret_cast<const uint4*>(wsrc + r * kRowPitch);
-          cur.q[i][h][0] = v.x;
-          cur.q[i][h][1] = v.y;
-          cur.q[i][h][2] = v.z;
-          cur.q[i][h][3] = v.w;
-          cur.s[i][h] = bf16_to_float(ssrc[r]);
-        }
-      mma_chunk<kSymPost, NT>(cur, c, t, brow, n_tiles, acc);
-    }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // every warp is done with the stages: their memory becomes the reduction buffer
-  float* red = reinterpret_cast<float*>(smem);
-  constexpr int kVals = kTiles * NT * 4;
-  static_assert((kWarps - 1) * kVals * kWarp * 4 <= kStagedSmemBytes, "the reduction fits the stage buffers");
-  if (warp > 0) {
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) red[((warp - 1) * kVals + (i * NT + j) * 4 + v) * kWarp + lane] = acc[i][j][v];
-  }
-  __syncthreads();
-  if (warp == 0) {
-    for (int ww = 0; ww < kWarps - 1; ++ww)
-#pragma unroll
-      for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int v = 0; v < 4; ++v) acc[i][j][v] += red[(ww * kVals + (i * NT + j) * 4 + v) * kWarp + lane];
-  }
-  __syncthreads();  // the buffers may be refilled by the next pass
-}
-
 // acc = this block's sum over chunks [c_begin, c_end) for n-tiles 0..n_tiles-1, complete in warp 0
 // (the other warps' partial sums are added through shared memory; `red` must hold
 // kWarps x kTiles * NT * 4 x kWarp floats). Every thread of the block must call it.
@@ -817,22 +673,17 @@ __device__ __forceinline__ MmaWeights mma_weights(const Quant& w, int e, const i
   out.scales = w.scales + (size_t)e * groups * N;
   out.zeros = w.zeros ? w.zeros + (size_t)e * groups * N : nullptr;
 #pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
-    out.base[i] = base[i];
-    out.limit[i] = limit[i];
+  for (int i = 0; i < kTiles; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) out.row[i][h] = min(base[i] + g + 8 * h, limit[i]);
-  }
   return out;
 }
 
-template <int MODE, int NT, bool STAGED>
+template <int MODE, int NT>
 __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                  const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
-  static_assert(!STAGED || MODE == kSymPost, "v6 stages only the post-scaled symmetric mode");
-  constexpr int kSmemBytes = STAGED ? kStagedSmemBytes : (kWarps - 1) * kTiles * NT * 4 * kWarp * 4;
-  __shared__ __align__(16) uint8_t smem[kSmemBytes];
+  __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
@@ -850,11 +701,7 @@ gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict_
       brow[j] = r < end ? x + (size_t)token_ids[r] * w.K : nullptr;
     }
     float acc[kTiles][NT][4];
-    if constexpr (STAGED) {
-      staged_block_sum<NT>(mw, w.N, w.K, w.G, 0, w.K / kChunk, brow, n_tiles, smem, acc);
-    } else {
-      mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, 0, w.K / kChunk, brow, n_tiles, reinterpret_cast<float*>(smem), acc);
-    }
+    mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, 0, w.K / kChunk, brow, n_tiles, red, acc);
     if (threadIdx.x < kWarp) {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
@@ -868,14 +715,12 @@ gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict_
   }
 }
 
-template <int MODE, int NT, bool STAGED>
+template <int MODE, int NT>
 __global__ void __launch_bounds__(kThreads)
 gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                    const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
                    int E, int num_rows) {
-  static_assert(!STAGED || MODE == kSymPost, "v6 stages only the post-scaled symmetric mode");
-  constexpr int kSmemBytes = STAGED ? kStagedSmemBytes : (kWarps - 1) * kTiles * NT * 4 * kWarp * 4;
-  __shared__ __align__(16) uint8_t smem[kSmemBytes];
+  __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
@@ -896,12 +741,7 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
       brow[j] = r < end ? act + (size_t)r * w.K : nullptr;
     }
     float acc[kTiles][NT][4];
-    if constexpr (STAGED) {
-      staged_block_sum<NT>(mw, w.N, w.K, w.G, c_begin, c_end, brow, n_tiles, smem, acc);
-    } else {
-      mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, c_begin, c_end, brow, n_tiles, reinterpret_cast<float*>(smem),
-                              acc);
-    }
+    mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, c_begin, c_end, brow, n_tiles, red, acc);
     if (threadIdx.x < kWarp) {
 #pragma unroll
       for (int i = 0; i < kTiles; ++i)
@@ -1002,35 +842,29 @@ int mma_n_tiles(int num_tokens) { return num_tokens <= 8 ? 1 : num_tokens <= 16 
 // while the blocks would not fill the GPU: up to 4 blocks per SM, each split keeping >= 1 chunk per warp.
 constexpr int kMaxSplitRows = 256;
 
-// The dequant mode of a v4-v6 GEMM: v5's post-scaling where the chunk is one group and codes are symmetric.
+// The dequant mode of a v4/v5 GEMM: v5's post-scaling where the chunk is one group and codes are symmetric.
 int mma_mode(int version, bool symmetric, int G) {
   if (!symmetric) return kAsym;
   return version >= 5 && G % kChunk == 0 ? kSymPost : kSym;
 }
 
-// v6's staging applies to the post-scaled mode with N % 8 == 0 and 16-byte aligned scales (the copies move
-// 16-byte pieces of scale rows); other calls of version 6 run v5's kernel.
-bool staged(int version, int mode, int N, const void* scales) {
-  return version >= 6 && mode == kSymPost && N % 8 == 0 && reinterpret_cast<uintptr_t>(scales) % 16 == 0;
-}
-
-template <int MODE, bool STAGED = false>
+template <int MODE>
 void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, const Quant& w, const int32_t* ids,
                       const int32_t* offs, bf16* act, int E, int F) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
-  const Kernel k = nt == 1   ? gemm1_swiglu_mma<MODE, 1, STAGED>
-                   : nt == 2 ? gemm1_swiglu_mma<MODE, 2, STAGED>
-                             : gemm1_swiglu_mma<MODE, 4, STAGED>;
+  const Kernel k = nt == 1   ? gemm1_swiglu_mma<MODE, 1>
+                   : nt == 2 ? gemm1_swiglu_mma<MODE, 2>
+                             : gemm1_swiglu_mma<MODE, 4>;
   launch(k, grid, kThreads, stream, x, w, ids, offs, act, E, F);
 }
 
-template <int MODE, bool STAGED = false>
+template <int MODE>
 void launch_gemm2_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* act, const Quant& w, const int32_t* slots,
                       const float* rw, const int32_t* offs, float* out, int E, int num_rows) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int, int);
-  const Kernel k = nt == 1   ? gemm2_weighted_mma<MODE, 1, STAGED>
-                   : nt == 2 ? gemm2_weighted_mma<MODE, 2, STAGED>
-                             : gemm2_weighted_mma<MODE, 4, STAGED>;
+  const Kernel k = nt == 1   ? gemm2_weighted_mma<MODE, 1>
+                   : nt == 2 ? gemm2_weighted_mma<MODE, 2>
+                             : gemm2_weighted_mma<MODE, 4>;
   launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
 }
 
@@ -1084,11 +918,7 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
   } else if (load == 64) {
     const dim3 grid(ceil_div(F, kTileRows), num_rows < E ? num_rows : E);
     const int nt = mma_n_tiles(num_tokens);
-    const int mode = mma_mode(version, w13_zeros == nullptr, G13);
-    switch (staged(version, mode, 2 * F, w13_scales) ? -1 : mode) {
-      case -1:
-        launch_gemm1_mma<kSymPost, true>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
-        break;
+    switch (mma_mode(version, w13_zeros == nullptr, G13)) {
       case kSymPost:
         launch_gemm1_mma<kSymPost>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
         break;
@@ -1130,12 +960,7 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
   } else if (load == 64) {
     const dim3 grid(ceil_div(H, kTiles * kTileRows), num_rows < E ? num_rows : E, splits);
     const int nt = mma_n_tiles(num_tokens);
-    const int mode = mma_mode(version, w2_zeros == nullptr, G2);
-    switch (staged(version, mode, H, w2_scales) ? -1 : mode) {
-      case -1:
-        launch_gemm2_mma<kSymPost, true>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out,
-                                         E, num_rows);
-        break;
+    switch (mma_mode(version, w2_zeros == nullptr, G2)) {
       case kSymPost:
         launch_gemm2_mma<kSymPost>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
                                    num_rows);

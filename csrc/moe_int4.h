@@ -23,8 +23,8 @@ extern "C" {
 #endif
 
 // Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + prefetch,
-// 4 tensor cores (mma.sync), 5 tensor cores + post-scaling, 6 = 5 + cp.async staging through shared memory.
-#define MOE_INT4_LATEST_VERSION 6
+// 4 tensor cores (mma.sync), 5 tensor cores + prefetch.
+#define MOE_INT4_LATEST_VERSION 5
 // GEMM2's most K splits (moe_int4_gemm2_splits), i.e. the most float32 `out` slices.
 #define MOE_INT4_MAX_SPLITS 8
 
@@ -47,7 +47,7 @@ cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, c
                                     int H, int F, int G2, int version, int splits, cudaStream_t stream);
 
 // The K splits GEMM2 should run with on a GPU of `sm_count` SMs (1..MOE_INT4_MAX_SPLITS; always 1 unless
-// the call takes the v4-v6 path): more only where GEMM2's blocks would leave SMs idle at decode sizes.
+// the call takes the v4/v5 path): more only where GEMM2's blocks would leave SMs idle at decode sizes.
 int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
                           const void* w2_packed, const void* act);
 
@@ -62,8 +62,8 @@ cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H,
 
 // Which code path a GEMM with reduction size K and group size G runs for `version`, given the
 // packed-weight and activation pointers (alignment matters): 1 = the v1 kernel (also what v2..v5 fall
-// back to), 4 or 16 = the v2/v3 kernel with 4- or 16-byte weight loads (also v4-v6's fallback),
-// 64 = the v4-v6 tensor-core kernel (64-byte chunks of each weight row), 0 = invalid arguments.
+// back to), 4 or 16 = the v2/v3 kernel with 4- or 16-byte weight loads (also v4/v5's fallback),
+// 64 = the v4/v5 tensor-core kernel (64-byte chunks of each weight row), 0 = invalid arguments.
 int moe_int4_path(int version, int K, int G, const void* packed, const void* activations);
 
 #ifdef __cplusplus
