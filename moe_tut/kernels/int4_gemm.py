@@ -74,7 +74,9 @@ a float's mantissa instead of I2F; `post` multiplies the raw codes in the dot an
 zero to each K step's [BLOCK_N, BLOCK_M] partial sum; `split` feeds low and high nibbles to two dots
 against the even / odd rows of the A tile instead of interleaving them; `ppsm=N` sets the persistent
 programs per SM. v0's decode loop is bound by its two conversions per weight value (I2F, F2F; see
-results/h100/LOG.md, section triton_int4), which magic + post remove.
+results/h100/LOG.md, section triton_int4), which magic + post remove. `gemv` (or `gemv=N`) sends decode
+batches of T <= 4 (N) tokens to the GEMV kernels of int4_gemv.py, which use no tl.dot (default gemv=2,
+measured with scripts/gpu_int4_gemv.py).
 
 A pinned config (argument `config`, or MOE_TUT_TRITON_INT4_CONFIG="BM,BN,BK,GROUP_M,warps,stages")
 overrides both; `path="decode"/"prefill"` forces a regime (tests use it). Under Triton's CPU
@@ -117,6 +119,7 @@ from .grouped_gemm import (
 CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
 VARIANT_ENV = "MOE_TUT_TRITON_INT4_VARIANT"
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)  # tl.dot operands; fp32 would run as TF32 on a GPU
+GEMV_MAX_TOKENS = 4  # Int4Variant "gemv" without a number: the GEMV kernels (int4_gemv) serve T <= 4
 # Under the interpreter: one large tile per regime (64 x 128 x 128 is the notes' measured sweet spot).
 INTERPRETER_CONFIG = TileConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=2)
 INTERPRETER_DECODE_CONFIG = TileConfig(16, 128, 128, group_m=8, num_warps=4, num_stages=2)
@@ -246,9 +249,13 @@ class Int4Variant:
                      float32 partial sums added up by a finisher (GEMM1: with the SwiGLU)
     programs_per_sm  persistent programs per SM (0: grouped_gemm.persistent_programs_per_sm's rule; a
                      large number means one program per tile)
+    gemv             in the decode regime with T <= gemv tokens, run the GEMV kernels of int4_gemv.py
+                     (no tl.dot: float32 FFMAs on codes unpacked from int32 words) instead of the tl.dot
+                     kernel; 0 = off. The tile switches above do not apply there; split_k does (for both
+                     GEMMs). Weights it cannot read (group size not a multiple of 8) take the tl.dot path
 
     Text form (MOE_TUT_TRITON_INT4_VARIANT): comma-separated flags, e.g. "magic,post,split,ppsm=8";
-    "" or "v0" is the default (all off).
+    "gemv" is gemv=GEMV_MAX_TOKENS (4), "gemv=N" sets N; "" or "v0" is the default (all off).
     """
 
     magic: bool = False
@@ -258,10 +265,13 @@ class Int4Variant:
     pipe_scales: bool = False
     split_k: int = 0
     programs_per_sm: int = 0
+    gemv: int = 0
 
     def __post_init__(self):
         if self.split_k < 0 or self.split_k & (self.split_k - 1):
             raise ValueError(f"split_k must be 0 (automatic) or a power of two, got {self.split_k}")
+        if self.gemv < 0:
+            raise ValueError(f"gemv is a token count (0 = off), got {self.gemv}")
         if self.asm and not (self.magic and self.post_scale and self.split):
             raise ValueError("the INT4 switch 'asm' needs 'magic', 'post' and 'split' too")
 
@@ -285,9 +295,13 @@ class Int4Variant:
                 kw["split_k"] = int(item[7:])
             elif item.startswith("ppsm="):
                 kw["programs_per_sm"] = int(item[5:])
+            elif item == "gemv":
+                kw["gemv"] = GEMV_MAX_TOKENS
+            elif item.startswith("gemv="):
+                kw["gemv"] = int(item[5:])
             else:
                 raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} "
-                                 "(magic, post, split, asm, pipe, splitk=N, ppsm=N)")
+                                 "(magic, post, split, asm, pipe, splitk=N, ppsm=N, gemv, gemv=N)")
         return cls(**kw)
 
     def label(self) -> str:
@@ -297,6 +311,8 @@ class Int4Variant:
             parts.append(f"splitk={self.split_k}")
         if self.programs_per_sm:
             parts.append(f"ppsm={self.programs_per_sm}")
+        if self.gemv:
+            parts.append("gemv" if self.gemv == GEMV_MAX_TOKENS else f"gemv={self.gemv}")
         return ",".join(parts) or "v0"
 
 
@@ -307,7 +323,11 @@ class Int4Variant:
 # deepseek-v3 T=16 1.95 -> 1.50 ms, qwen3 T=128 0.30 -> 0.24 ms. Prefill: no variant beat v0.
 # H100 (results/h100/triton_int4_tune_v2): + the inline-PTX unpack (asm) was 1-4% faster at every decode point
 # (mixtral T=1 0.152 -> 0.148 ms with split-K); split-K is automatic (decode_split_k).
-DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64")
+# H100 (results/h100/int4_gemv_v1, full forward incl. plan, graph replay): the GEMV kernels (int4_gemv) beat
+# the tl.dot decode path at T = 1 and 2 on mixtral, deepseek-v3 and qwen3 (mixtral T=1 0.128 vs 0.157 ms,
+# deepseek-v3 T=1 0.122 vs 0.154, qwen3 T=2 0.048 vs 0.056) and lost at T = 4-8 on mixtral (T=4 0.366 vs
+# 0.318 with their default blocks): gemv=2.
+DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=2")
 PREFILL_VARIANT = Int4Variant()
 
 
@@ -863,7 +883,9 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     config2 pins GEMM2's tile config alone (with config: config is GEMM1's)
     path    'decode' or 'prefill' forces a regime; default: chosen by shape (path_for)
     variant kernel switches (Int4Variant); default MOE_TUT_TRITON_INT4_VARIANT if set, else the
-            regime's DECODE_VARIANT / PREFILL_VARIANT
+            regime's DECODE_VARIANT / PREFILL_VARIANT. With variant.gemv, decode batches of T <= gemv
+            tokens run int4_gemv.moe_forward_int4_gemv (its own block sizes: config / config2 pin tl.dot
+            tiles and do not apply there)
     """
     check_int4_inputs(x, weights, plan)
     if path not in (None, "decode", "prefill"):
@@ -883,6 +905,11 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     regime = path or path_for(T, k, weights.num_experts)
     if variant is None:
         variant = pinned_variant() or (DECODE_VARIANT if regime == "decode" else PREFILL_VARIANT)
+    if regime == "decode" and variant.gemv and T <= variant.gemv:
+        from . import int4_gemv  # here, not at import: int4_gemv imports from this module
+
+        if int4_gemv.gemv_unsupported(weights) is None:
+            return int4_gemv.moe_forward_int4_gemv(x, weights, plan, split_k=variant.split_k)
     configs1 = configs2 = None
     config1, config2 = config, (config2 if config2 is not None else config)
     if config1 is None and config2 is not None:

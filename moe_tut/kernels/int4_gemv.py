@@ -1,0 +1,621 @@
+"""Triton W4A16 MoE forward for decode (a few rows per expert): GEMV kernels without tl.dot.
+
+What it computes: the MoE forward of int4_gemm.moe_forward_triton_int4 (DESIGN.md),
+
+    y[t] += g * W2[e] @ (silu(W1[e] @ x[t]) * (W3[e] @ x[t]))
+
+on the same inputs (x [T, H] bf16/fp16, Int4ExpertWeights in the format of moe_tut/quant.py, a
+RoutingPlan), meant for decode batches (T <= ~4) where each expert gets one or a few rows and the forward
+is a stream of the touched experts' packed weights. Why not tl.dot: the tl.dot decode path (int4_gemm)
+runs a 16-row MMA tile on 1-4 real rows and, measured on an H100 (results/h100/LOG.md), is bound by
+instruction issue: ~4.1 SASS instructions per weight value, most of them register repacking for the MMA
+operand layout, at 3 blocks per SM. Here every multiply-add is a float32 FFMA on CUDA cores, fed straight
+from 32-bit words of packed codes: no shared memory, no operand layout, so many programs per SM.
+
+Pipeline (5 launches at most; none needs a host sync, so a forward can be captured in a CUDA graph):
+
+    x [T, H] --prep--> x' [T, H] float32 + word sums [T, H/8]
+      --GEMM1 (gather rows, w13, SwiGLU)--> act' [T*k, F] float32 + word sums     (sorted row order)
+      --GEMM2 (w2, * routing weight, scatter to slot t*k+j)--> part [S, T*k, H] float32
+      --sum over K slices, then over the k slots, fixed order--> y [T, H]
+    With split-K, GEMM1 writes float32 partial sums [S, T*k, 2F] and a finisher applies the SwiGLU;
+    with one K slice and top_k = 1, GEMM2 writes y itself. No float atomics: deterministic.
+
+The inner loop. Packed bytes are read as int32 words, [BLOCK_N rows, BLOCK_K/8 words] per K step; each
+row's BLOCK_K/2 bytes are one contiguous run (64 B at BLOCK_K = 128) and each thread loads 16 B (one
+128-bit load, 32 codes). Word j of a row holds the codes of k = 8j..8j+7, code i at bits 4i..4i+3
+(quant.py packs k = 2j' in the low nibble of byte j'; words are little-endian). A code becomes a float32
+with one LOP3 and one FADD, without shifting it down and without I2F (a quarter-rate conversion):
+
+    f_i = bitcast_f32((w & (0xF << 4p)) | 0x3F800000) - B  =  (c_i - o) * 2**(4p - 23)   (exact)
+
+the code OR-ed, in place, into the mantissa of 1.0 (bits 4p..4p+3: p = i for codes 0..4, and p = i - 3
+in w >> 12 for codes 5..7, one shift per word), minus B = 1 + o * 2**(4p - 23) with o = 8 for symmetric
+weights (their -8 offset) and 0 for asymmetric ones; both numbers lie in [1, 2), so the difference is
+exact. (Where ptxas would not keep 1.0's bits in a register, the same bits come as
+(w | ONE) & (mask | ONE), one OR per word: one_in_mask.) The power of two is undone on the activation
+side: the prep pass stores x permuted and scaled, x'[r, i*K/8 + j] = x[r, 8j+i] * 2**(23 - 4p_i), so a
+thread's 8 activation vectors for its words are 8 128-bit loads at constant offsets (K is a constexpr),
+with no shuffle. Then per word and row
+
+    p = sum_i f_i * x'_i = sum_i (c_i - o) * x_i   (8 FFMA, the first an FMUL; every product exact)
+    acc += s * p                                    (1 FFMA; s = the word's group scale)
+    acc += z * X                                    (asymmetric only: zero z, X = sum of x over the word)
+
+which is sum_k (c_k s + z) x_k over the word, z = -8 s for symmetric weights. The accumulator is
+[ROWS, BLOCK_N, BLOCK_K/8] float32, reduced over the words (tl.sum) once, after the K loop. All tiles are
+3-D with size-1 dims, so the packed-word load's layout is the accumulator's and the loop converts no
+layout. Checked in the sm_90 code Triton 3.6 generates (ptxas on a CPU machine, ROWS 1): 3.8
+instructions per weight value in GEMM1's K loop (LOP3, FADD, FFMA one each, the rest loads and
+addresses), 56 registers at BLOCK_N 32; each extra row per program adds ~1.1 FFMA per value (sm_80: 4.1).
+Numerics: each product c * x is exact and the sums are float32, with the scale applied per word to the
+partial sum; the result differs from dequantize-then-multiply (bf16(c s + z) * x summed) only by float32
+rounding (not bit-identical). quant.dequantize's values remain what the weights mean. The activations
+stay float32 between the GEMMs (the tl.dot path rounds them to bf16). x * 2**23 overflows float32 only
+for |x| >= 2**105.
+
+Grid (GEMM1, GEMM2): (row block, N block, K slice). A row block is ROWS consecutive sorted rows of one
+expert, located on the device from plan.expert_offsets (grouped_gemm._locate_row_block); the host launches
+grouped_gemm.max_row_blocks row blocks, an upper bound, and those past the routing's last one exit at once
+(empty experts own none; with ROWS = 1 there are exactly T*k, none idle). ROWS (a power of two <= 8,
+rows_per_block) follows the mean rows per expert T*k/E: 1 at every decode shape of the presets. Row blocks
+of one expert are adjacent in the grid's fastest axis, so an expert with more rows than ROWS has its
+weights streamed by several programs at the same time, from DRAM once and then L2. Each row a program
+carries costs ~1 FFMA per weight value whether it exists or not, hence the small ROWS.
+
+Split-K (gemv_split_k): a GEMM with fewer than GEMV_PROGRAMS_PER_SM programs (row blocks x N blocks) per
+SM has its K range cut into S slices (a power of two, whole BLOCK_K steps, slices >= GEMV_MIN_SLICE long),
+each writing float32 partial sums that the finisher adds in a fixed order. mixtral T=1 GEMM2 (2 experts x
+4096 rows, K = 14336) is the case: 128 programs of BLOCK_N 64 for 132 SMs, cut in 8.
+
+Block sizes (GemvConfig: BLOCK_N, BLOCK_K, num_warps, split_k) are constexprs, not autotuned (under the
+interpreter there is no GPU to time; on a GPU the caller passes one, scripts/gpu_int4_gemv.py measures the
+candidates). BLOCK_K is lowered to divide the group size: every K step lies in one group (one scale per
+row) and K, a multiple of the group, is a multiple of BLOCK_K, so the K loop has no masks; rows and
+columns past the end are clamped to valid ones instead of masked, and never stored.
+
+The plain-PyTorch reference is quant.int4_moe_reference (float32 on the dequantised weights);
+prepare_activations_reference spells out the x' layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from ..env import interpreting
+from ..quant import QuantizedTensor
+from ..routing import RoutingPlan
+from .grouped_gemm import _alloc, _capability, _cuda_index, _locate_row_block, max_row_blocks, num_sms
+from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
+
+MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
+GEMV_PROGRAMS_PER_SM = 4  # split K until a GEMM has this many programs per SM (or the limits below)
+GEMV_SPLIT_K_MAX = 8
+GEMV_MIN_SLICE = 512  # K per slice: shorter slices spend more on partial sums than they win
+WORD_VALUES = 8  # 4-bit codes per int32 word
+ONE_BITS = 0x3F800000  # float32 1.0
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Block sizes of one GEMV GEMM: BLOCK_N weight rows x BLOCK_K values of K per step, num_warps, and
+    split_k (K slices, a power of two; 0 = automatic, gemv_split_k).
+
+    BLOCK_K is lowered to the group size's largest power-of-two divisor where it is larger (adapt_block_k),
+    so a step always lies in one group and K (a multiple of the group) is a multiple of BLOCK_K. There is
+    no num_stages: Triton does not software-pipeline these loads (no tl.dot consumes them; checked in the
+    sm_90 code), and many resident programs per SM hide the memory latency instead.
+    """
+
+    block_n: int = 32
+    block_k: int = 128
+    num_warps: int = 4
+    split_k: int = 0
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < WORD_VALUES or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= {WORD_VALUES}, got {v}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.split_k < 0 or self.split_k & (self.split_k - 1):
+            raise ValueError(f"split_k must be 0 (automatic) or a power of two, got {self.split_k}")
+
+    @classmethod
+    def parse(cls, text: str) -> GemvConfig:
+        """'BLOCK_N,BLOCK_K,warps[,split_k]', e.g. '32,128,4' or '64,128,8,2'."""
+        try:
+            values = [int(v) for v in text.replace(" ", "").split(",")]
+            if not 3 <= len(values) <= 4:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"a GEMV config is 'BLOCK_N,BLOCK_K,warps[,split_k]' (e.g. 32,128,4), got {text!r}"
+                             ) from None
+        return cls(*values)
+
+    def label(self) -> str:
+        return f"n{self.block_n}k{self.block_k}w{self.num_warps}" + (f"s{self.split_k}" if self.split_k else "")
+
+
+# Defaults before any GPU timing (scripts/gpu_int4_gemv.py measures the candidates), chosen from the sm_90
+# code Triton 3.6 generates (ptxas on the CPU machine, ROWS 1, group 128): with BLOCK_K 128 each thread loads
+# 16 B of packed words per weight tile and step (4 threads per row). GEMM1 (gate and up tiles) at BLOCK_N 32:
+# 56 registers (up to 9 programs per SM), K loop 3.8 instructions per weight value, ~3.1 of them the LOP3,
+# FADD and FFMA per value (BLOCK_N 64: 3.6 per value but 96 registers, 5 programs per SM). GEMM2 (one tile)
+# at BLOCK_N 64: 64 registers, 3.8 per value (BLOCK_N 32: 4.2, the per-step overhead shared by fewer values).
+DEFAULT_GEMM1_CONFIG = GemvConfig(32, 128, 4)
+DEFAULT_GEMM2_CONFIG = GemvConfig(64, 128, 4)
+# Under the interpreter the cost grows with programs x K steps: one wide block.
+INTERPRETER_GEMV_CONFIG = GemvConfig(64, 128, 4)
+# Candidates the GPU script measures.
+CANDIDATE_CONFIGS = (
+    GemvConfig(32, 128, 4),
+    GemvConfig(64, 128, 4),
+    GemvConfig(16, 128, 2),
+    GemvConfig(64, 128, 8),
+    GemvConfig(128, 128, 8),
+)
+
+
+def rows_per_block(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """ROWS: the largest power of two <= the mean rows per expert T*k/E (at least 1, at most
+    MAX_ROWS_PER_BLOCK).
+
+    An expert's rows beyond ROWS go to further row blocks, which the grid runs side by side, so they read
+    the expert's weights from L2 rather than DRAM; each row a program carries costs one FFMA per weight value
+    whether the row exists or not. At decode sizes T*k/E <= 1 (mixtral T=4: 8 slots on 8 experts, mostly one
+    row each; deepseek-v3, qwen3: far fewer), so ROWS = 1: the fewest instructions per weight value
+    (sm_90 code: GEMM1 K loop 3.8 per value at ROWS 1, 5.1 per value at ROWS 2, 7.8 at ROWS 4)."""
+    rows = 1
+    while rows * 2 <= min(MAX_ROWS_PER_BLOCK, num_tokens * top_k / max(1, num_experts)):
+        rows *= 2
+    return rows
+
+
+def adapt_block_k(cfg: GemvConfig, group_size: int) -> GemvConfig:
+    """cfg with BLOCK_K lowered, if needed, to the group size's largest power-of-two divisor (>= 8, since
+    the group size is a multiple of 8): one group per K step."""
+    if group_size % cfg.block_k == 0:
+        return cfg
+    return replace(cfg, block_k=min(cfg.block_k, group_size & -group_size))
+
+
+def gemv_unsupported(weights) -> str | None:
+    """Why the GEMV path cannot take these weights (None if it can): each int32 word of 8 codes must lie
+    in one group and the packed tensors must be viewable as int32 words."""
+    for name in ("w13", "w2"):
+        qt = getattr(weights, name)
+        if qt.group_size % WORD_VALUES:
+            return f"{name}: group size {qt.group_size} is not a multiple of {WORD_VALUES} (one word per group)"
+        p = qt.packed
+        if p.stride(-1) != 1 or any(s % 4 for s in p.stride()[:-1]) or p.storage_offset() % 4:
+            return f"{name}: packed codes are not laid out as whole int32 words"
+    return None
+
+
+def one_in_mask(device: torch.device) -> bool:
+    """_code's ONE_IN_MASK for a device: off on sm_90 and newer, where ptxas keeps 1.0's bits in a register
+    (K loop 3.8 instructions per weight value, 4.0 with it on), on elsewhere (sm_80: 4.1 with it, 4.8
+    without). Both forms give the same values; the interpreter runs either."""
+    device = torch.device(device)
+    return not (device.type == "cuda" and _capability(_cuda_index(device))[0] >= 9)
+
+
+def packed_words(qt: QuantizedTensor) -> torch.Tensor:
+    """The packed codes [E, N, K/2] uint8 as int32 words [E, N, K/8] (a view; word j holds k = 8j..8j+7)."""
+    return qt.packed.view(torch.int32)
+
+
+def gemv_split_k(programs: int, K: int, block_k: int, sms: int) -> int:
+    """K slices for a GEMV GEMM of `programs` programs: the smallest power of two giving at least
+    GEMV_PROGRAMS_PER_SM programs per SM, within GEMV_SPLIT_K_MAX, whole BLOCK_K steps per slice and slices
+    of at least GEMV_MIN_SLICE."""
+    s = 1
+    while (programs * s < GEMV_PROGRAMS_PER_SM * sms and s < GEMV_SPLIT_K_MAX and K % (2 * s * block_k) == 0
+           and K // (2 * s) >= GEMV_MIN_SLICE):
+        s *= 2
+    return s
+
+
+def resolve_split_k(cfg: GemvConfig, programs: int, K: int, sms: int) -> int:
+    """cfg.split_k if set (halved until K holds whole BLOCK_K steps per slice), else gemv_split_k."""
+    if not cfg.split_k:
+        return gemv_split_k(programs, K, cfg.block_k, sms)
+    s = cfg.split_k
+    while s > 1 and K % (s * cfg.block_k):
+        s //= 2
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_prepared(vals, dst_rows, row_ok, c0, N, xp_ptr, xw_ptr, stride_pm, stride_wm, M: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Store activations vals [M, BLOCK] (float32; columns c0..c0+BLOCK of rows dst_rows, c0 a multiple of
+    8) in the GEMV input layout: x'[r, i*(N/8) + j] = x[r, 8j+i] * 2**(23 - 4p_i), p_i = i for i <= 4 else
+    i - 3 (the bit group code i is read from, see the module docstring), and the word sums
+    xw[r, j] = sum_i x[r, 8j+i]."""
+    offs = c0 + tl.arange(0, BLOCK)
+    col_ok = offs < N
+    nib = offs % 8
+    pos = tl.where(nib >= 5, nib - 3, nib)
+    scale = ((150 - 4 * pos) << 23).to(tl.float32, bitcast=True)  # exponent 127 + 23 - 4p: exactly 2**(23-4p)
+    r64 = dst_rows.to(tl.int64)[:, None]
+    tl.store(xp_ptr + r64 * stride_pm + nib[None, :] * (N // 8) + (offs // 8)[None, :], vals * scale[None, :],
+             mask=row_ok[:, None] & col_ok[None, :])
+    sums = tl.sum(tl.reshape(vals, (M, BLOCK // 8, 8)), axis=2)
+    words = c0 // 8 + tl.arange(0, BLOCK // 8)
+    tl.store(xw_ptr + r64 * stride_wm + words[None, :], sums, mask=row_ok[:, None] & (words < N // 8)[None, :])
+
+
+@triton.jit
+def _gemv_prep_kernel(x_ptr, xp_ptr, xw_ptr, K, stride_xm, stride_xk, stride_pm, stride_wm, BLOCK: tl.constexpr):
+    """x [T, K] (bf16/fp16) -> x' [T, K] float32 and word sums [T, K/8] (_store_prepared). Grid (T, K blocks)."""
+    row = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK
+    offs = c0 + tl.arange(0, BLOCK)
+    vals = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs[None, :] * stride_xk, mask=(offs < K)[None, :],
+                   other=0.0).to(tl.float32)
+    rows = row + tl.arange(0, 1)
+    _store_prepared(vals, rows, rows >= 0, c0, K, xp_ptr, xw_ptr, stride_pm, stride_wm, 1, BLOCK)
+
+
+@triton.jit
+def _code(w, one_bits, SHIFT: tl.constexpr, SYMMETRIC: tl.constexpr, ONE_IN_MASK: tl.constexpr):
+    """The 4-bit codes c at bits SHIFT..SHIFT+3 of the int32 words w as exact float32 values: c * 2**(SHIFT-23),
+    or with SYMMETRIC (c - 8) * 2**(SHIFT-23). The code is OR-ed, in place, into the mantissa of 1.0, and
+    1.0 (plus 8 * 2**(SHIFT-23)) is subtracted; both numbers lie in [1, 2), so the difference is exact.
+
+    (w & mask) | ONE is one LOP3 only if ONE sits in a register (a LOP3 takes one immediate or constant-bank
+    operand): ptxas for sm_90 keeps the argument one_bits in a register, ptxas for sm_80 reads it from the
+    constant bank and emits two LOP3s. ONE_IN_MASK: w arrives already OR-ed with ONE (once per word) and the
+    code is taken as w & (mask | ONE), one LOP3 with one immediate on any target: (w | ONE) & (mask | ONE)
+    equals (w & mask) | ONE because ONE and mask share no bit."""
+    if SYMMETRIC:
+        BIAS: tl.constexpr = 1.0 + 8.0 / (1 << (23 - SHIFT))
+    else:
+        BIAS: tl.constexpr = 1.0
+    if ONE_IN_MASK:
+        bits = w & ((0xF << SHIFT) | 0x3F800000)
+    else:
+        bits = (w & (0xF << SHIFT)) | one_bits
+    return bits.to(tl.float32, bitcast=True) - BIAS
+
+
+@triton.jit
+def _word_sums(w, x0, x1, x2, x3, x4, x5, x6, x7, one_bits, SYMMETRIC: tl.constexpr, ONE_IN_MASK: tl.constexpr):
+    """p [ROWS, BLOCK_N, BLOCK_W] = sum over the 8 codes of each word of c_i * x_i (SYMMETRIC: (c_i - 8) * x_i),
+    from the words w [1, BLOCK_N, BLOCK_W] and the prepared activations x'_i = x_i * 2**(23 - 4p_i)
+    [ROWS, 1, BLOCK_W]. Each product is exact; 8 FFMA (the first an FMUL) per word and row."""
+    hi = w >> 12  # codes 5, 6, 7 move to bits 8, 12, 16 (in-mantissa positions 2, 3, 4)
+    if ONE_IN_MASK:
+        w = w | one_bits
+        hi = hi | one_bits
+    p = _code(w, one_bits, 0, SYMMETRIC, ONE_IN_MASK) * x0
+    p += _code(w, one_bits, 4, SYMMETRIC, ONE_IN_MASK) * x1
+    p += _code(w, one_bits, 8, SYMMETRIC, ONE_IN_MASK) * x2
+    p += _code(w, one_bits, 12, SYMMETRIC, ONE_IN_MASK) * x3
+    p += _code(w, one_bits, 16, SYMMETRIC, ONE_IN_MASK) * x4
+    p += _code(hi, one_bits, 8, SYMMETRIC, ONE_IN_MASK) * x5
+    p += _code(hi, one_bits, 12, SYMMETRIC, ONE_IN_MASK) * x6
+    p += _code(hi, one_bits, 16, SYMMETRIC, ONE_IN_MASK) * x7
+    return p
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_ptr, out_rows_ptr, row_weight_ptr,
+                 offsets_ptr, one_bits, stride_xm, stride_xwm, stride_qe, stride_qn, stride_se, stride_sg, stride_sn,
+                 stride_ze, stride_zg, stride_zn, stride_os, stride_om, stride_owm,
+                 N: tl.constexpr, KW: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, GATHER_X: tl.constexpr, SWIGLU: tl.constexpr,
+                 ACT_OUT: tl.constexpr, WEIGHT_SCATTER: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False):
+    """One program: ROWS sorted rows of one expert x BLOCK_N output columns x one K slice.
+
+    x_ptr/xw_ptr  prepared activations x' [*, 8*KW] and word sums [*, KW] (rows: x_rows[r] with GATHER_X)
+    q_ptr         packed int32 words [E, N (2N with SWIGLU), KW]; s_ptr/z_ptr [E, K/G, N (2N)]
+    out           ACT_OUT: silu(gate) * up stored prepared for the next GEMM (out_ptr x', out_w_ptr word sums);
+                  else float32 (or the activation dtype) sums at out[k_slice, row, n] (SWIGLU: gate at n, up
+                  at N + n, no activation); WEIGHT_SCATTER: times row_weight[r] at row out_rows[r] (the slot)
+    N and KW (words per weight row) are constexprs: the 8 activation loads per step then sit at constant
+    offsets of one address (no address arithmetic each), and the compiler knows the word offsets are
+    16-byte aligned, so the packed-word loads are 128-bit.
+    """
+    BLOCK_W: tl.constexpr = BLOCK_K // 8
+    tl.static_assert(GROUP_SIZE % BLOCK_K == 0)  # one group per K step (the host lowers BLOCK_K)
+    tl.static_assert(KW % (SPLIT_K * BLOCK_W) == 0)
+    SYMMETRIC: tl.constexpr = not HAS_ZEROS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k_slice = tl.program_id(2)
+    expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, offsets_ptr, offsets_ptr, E, E_PAD, ROWS,
+                                                   True)
+    if row_start < row_end:  # row blocks past the routing's last one do nothing
+        rows = row_start + tl.arange(0, ROWS)
+        row_ok = rows < row_end
+        # Rows past the block's end and columns past N are clamped to valid ones rather than masked: the loads
+        # need no masks (no zero-fill), and those results are never stored.
+        rows_c = tl.minimum(rows, row_end - 1)
+        if GATHER_X:
+            x_rows = tl.load(x_rows_ptr + rows_c)
+        else:
+            x_rows = rows_c
+        if SPLIT_K == 1:
+            w_len = KW
+        else:  # a multiple of BLOCK_W (the host makes K a multiple of SPLIT_K * BLOCK_K)
+            w_len = (KW // (SPLIT_K * BLOCK_W)) * BLOCK_W
+        w_begin = k_slice * w_len
+        # Every tile is 3-D [ROWS, BLOCK_N, BLOCK_W] (size-1 dims broadcast), so the packed-word load's layout
+        # (16 B per thread along the words) is the accumulator's: no layout conversion in the K loop.
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n_c = tl.minimum(offs_n, N - 1)[None, :, None]
+        offs_w = tl.arange(0, BLOCK_W)[None, None, :]
+        e64 = expert.to(tl.int64)  # all experts' words pass 2**31 bytes on the largest presets
+        q_rows = q_ptr + e64 * stride_qe + offs_n_c.to(tl.int64) * stride_qn
+        s_row = s_ptr + e64 * stride_se + offs_n_c * stride_sn
+        z_row = z_ptr + e64 * stride_ze + offs_n_c * stride_zn  # z_ptr = s_ptr when symmetric: never read
+        x_base = x_ptr + x_rows.to(tl.int64)[:, None, None] * stride_xm
+        xw_base = xw_ptr + x_rows.to(tl.int64)[:, None, None] * stride_xwm
+        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
+        acc_up = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
+        for w0 in range(w_begin, w_begin + w_len, BLOCK_W):
+            # No masks: BLOCK_K divides the group size, which divides K, so every step is whole and lies in
+            # one group (one scale per row), and rows/columns are clamped above.
+            cols = w0 + offs_w
+            x_ptrs = x_base + cols
+            x0 = tl.load(x_ptrs)
+            x1 = tl.load(x_ptrs + KW)
+            x2 = tl.load(x_ptrs + 2 * KW)
+            x3 = tl.load(x_ptrs + 3 * KW)
+            x4 = tl.load(x_ptrs + 4 * KW)
+            x5 = tl.load(x_ptrs + 5 * KW)
+            x6 = tl.load(x_ptrs + 6 * KW)
+            x7 = tl.load(x_ptrs + 7 * KW)
+            g = (w0 * 8) // GROUP_SIZE
+            w = tl.load(q_rows + cols)
+            # acc += s * p and acc += z * X as two statements: one FFMA each per word (as one expression the
+            # compiler emits FMUL + FFMA + FADD)
+            acc += tl.load(s_row + g * stride_sg).to(tl.float32) * _word_sums(w, x0, x1, x2, x3, x4, x5, x6, x7,
+                                                                                one_bits, SYMMETRIC, ONE_IN_MASK)
+            if HAS_ZEROS:  # asymmetric: sum_k (c s + z) x = s sum_k c x + z X, X the word's activation sum
+                xw = tl.load(xw_base + cols)
+                acc += tl.load(z_row + g * stride_zg).to(tl.float32) * xw
+            if SWIGLU:  # the up rows N + n of the same columns: same activations, own scales
+                w_up = tl.load(q_rows + N * stride_qn + cols)
+                acc_up += tl.load(s_row + N * stride_sn + g * stride_sg).to(tl.float32) * _word_sums(
+                    w_up, x0, x1, x2, x3, x4, x5, x6, x7, one_bits, SYMMETRIC, ONE_IN_MASK)
+                if HAS_ZEROS:
+                    acc_up += tl.load(z_row + N * stride_zn + g * stride_zg).to(tl.float32) * xw
+        h = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
+        n_ok = offs_n < N
+        if ACT_OUT:  # silu(gate) * up, stored as the next GEMM's prepared input
+            h_up = tl.sum(acc_up, axis=2)
+            act = h * tl.sigmoid(h) * h_up
+            _store_prepared(act, rows, row_ok, pid_n * BLOCK_N, N, out_ptr, out_w_ptr, stride_om, stride_owm, ROWS,
+                            BLOCK_N)
+        else:
+            if WEIGHT_SCATTER:  # routing weight, then the sorted row's token slot t*k + j
+                h = h * tl.load(row_weight_ptr + rows_c)[:, None]
+                out_rows = tl.load(out_rows_ptr + rows_c)
+            else:
+                out_rows = rows_c
+            o_ptrs = out_ptr + k_slice * stride_os + out_rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+            o_mask = row_ok[:, None] & n_ok[None, :]
+            tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=o_mask)
+            if SWIGLU:
+                tl.store(o_ptrs + N, tl.sum(acc_up, axis=2).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _gemv_swiglu_finish_kernel(part_ptr, xp_ptr, xw_ptr, N, stride_ps, stride_pm, stride_pm_out, stride_wm,
+                               SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """[S, rows, 2N] float32 partial sums (gate | up) -> act = silu(sum gate) * (sum up), slices added in a
+    fixed order, stored prepared (_store_prepared). Grid (rows, N blocks)."""
+    row = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK
+    offs = c0 + tl.arange(0, BLOCK)
+    ok = (offs < N)[None, :]
+    base = part_ptr + row.to(tl.int64) * stride_pm + offs[None, :]
+    gate = tl.zeros((1, BLOCK), dtype=tl.float32)
+    up = tl.zeros((1, BLOCK), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT_K):
+        gate += tl.load(base + sl * stride_ps, mask=ok, other=0.0)
+        up += tl.load(base + sl * stride_ps + N, mask=ok, other=0.0)
+    rows = row + tl.arange(0, 1)
+    _store_prepared(gate * tl.sigmoid(gate) * up, rows, rows >= 0, c0, N, xp_ptr, xw_ptr, stride_pm_out, stride_wm,
+                    1, BLOCK)
+
+
+@triton.jit
+def _gemv_sum_slots_kernel(part_ptr, y_ptr, H, stride_ps, stride_pm, stride_ym, TOP_K: tl.constexpr,
+                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y[t] = sum over K slices s and slots j of part[s, t*k + j] (float32, this fixed order), rounded once to
+    y's dtype. Grid (T, H blocks)."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT_K):
+        for j in tl.static_range(TOP_K):
+            acc += tl.load(part_ptr + sl * stride_ps + (t * TOP_K + j).to(tl.int64) * stride_pm + offs, mask=ok,
+                           other=0.0)
+    tl.store(y_ptr + t.to(tl.int64) * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+
+ELEMENTWISE_BLOCK = 1024  # columns per program of the prep and finisher kernels
+
+
+def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A float32 buffer from grouped_gemm._alloc (so the tests' NaN-filled allocator covers it)."""
+    return _alloc(shape, torch.empty(0, dtype=torch.float32, device=like.device))
+
+
+def _prepared_buffers(rows: int, K: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _alloc_f32((rows, K), like), _alloc_f32((rows, K // WORD_VALUES), like)
+
+
+def activation_scales(device: torch.device | str = "cpu") -> torch.Tensor:
+    """[8] float32: the power of two code i of a word is read at, 2**(23 - 4p_i), p = (0, 1, 2, 3, 4, 2, 3, 4)."""
+    i = torch.arange(WORD_VALUES, device=device)
+    pos = torch.where(i >= 5, i - 3, i)
+    return torch.ldexp(torch.ones(WORD_VALUES, device=device), 23 - 4 * pos)
+
+
+def prepare_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: what prepare_activations computes. x [M, K] -> x' [M, K], word sums [M, K/8] (float32)."""
+    M, K = x.shape
+    words = x.float().view(M, K // WORD_VALUES, WORD_VALUES)
+    xp = (words * activation_scales(x.device)).transpose(1, 2).reshape(M, K)
+    return xp, words.sum(dim=2)
+
+
+def unprepare_activations(xp: torch.Tensor) -> torch.Tensor:
+    """The inverse of the x' layout: x' [M, K] -> x [M, K] float32 (exact: the scales are powers of two)."""
+    M, K = xp.shape
+    words = xp.view(M, WORD_VALUES, K // WORD_VALUES) / activation_scales(xp.device)[None, :, None]
+    return words.transpose(1, 2).reshape(M, K)
+
+
+def prepare_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (x' [T, K] float32, word sums [T, K/8] float32), the GEMV input layout (_store_prepared)."""
+    T, K = x.shape
+    xp, xw = _prepared_buffers(T, K, x)
+    if T:
+        block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(K))
+        _gemv_prep_kernel[(T, triton.cdiv(K, block))](x, xp, xw, K, x.stride(0), x.stride(1), xp.stride(0),
+                                                      xw.stride(0), BLOCK=block)
+    return xp, xw
+
+
+def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *, rows: int,
+                      config: GemvConfig, split_k: int, gather_rows: bool = False, swiglu: bool = False,
+                      weight_scatter: bool = False, out: torch.Tensor | None = None,
+                      out_w: torch.Tensor | None = None) -> None:
+    """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w).
+
+    xp, xw   prepared activations [T or T*k, K] and their word sums (prepare_activations)
+    rows     ROWS, rows per program; config block sizes (BLOCK_K must divide the group size, and K must
+             be a multiple of split_k * BLOCK_K)
+    out      swiglu and split_k == 1: prepared act' [T*k, N] with word sums out_w; otherwise
+             [split_k, T*k, N (2N with swiglu)] sums (float32, or the activation dtype)
+    """
+    E, n_w, K = qt.shape
+    N = n_w // 2 if swiglu else n_w
+    if qt.group_size % config.block_k:
+        raise ValueError(f"BLOCK_K={config.block_k} must divide the group size {qt.group_size} (adapt_block_k)")
+    if K % (split_k * config.block_k):
+        raise ValueError(f"split_k={split_k}: K={K} must be a multiple of split_k * BLOCK_K ({config.block_k})")
+    act_out = swiglu and split_k == 1
+    z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
+    words = packed_words(qt)
+    grid = (max_row_blocks(plan.num_rows, E, rows), triton.cdiv(N, config.block_n), split_k)
+    out_w = out_w if out_w is not None else out
+    _gemv_kernel[grid](
+        xp, xw, words, qt.scales, z, out, out_w, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
+        plan.expert_offsets, ONE_BITS, xp.stride(0), xw.stride(0), words.stride(0), words.stride(1),
+        *qt.scales.stride(), *z.stride(), 0 if act_out else out.stride(0), out.stride(-2),
+        out_w.stride(0) if act_out else 0,
+        N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
+        HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
+        WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ONE_IN_MASK=one_in_mask(xp.device), num_warps=config.num_warps)
+
+
+def default_configs(device: torch.device) -> tuple[GemvConfig, GemvConfig]:
+    if interpreting():
+        return INTERPRETER_GEMV_CONFIG, INTERPRETER_GEMV_CONFIG
+    return DEFAULT_GEMM1_CONFIG, DEFAULT_GEMM2_CONFIG
+
+
+def plan_splits(weights, plan: RoutingPlan, rows: int, config1: GemvConfig, config2: GemvConfig,
+                device: torch.device) -> tuple[GemvConfig, GemvConfig, int, int]:
+    """(GEMM1 config, GEMM2 config, split1, split2): the configs with BLOCK_K fitted to the group sizes
+    (adapt_block_k) and split-K resolved (resolve_split_k)."""
+    E, H, F = weights.num_experts, weights.hidden_size, weights.ffn_size
+    config1 = adapt_block_k(config1, weights.w13.group_size)
+    config2 = adapt_block_k(config2, weights.w2.group_size)
+    blocks = max_row_blocks(plan.num_rows, E, rows)
+    sms = num_sms(device)
+    split1 = resolve_split_k(config1, blocks * triton.cdiv(F, config1.block_n), H, sms)
+    split2 = resolve_split_k(config2, blocks * triton.cdiv(H, config2.block_n), F, sms)
+    return config1, config2, split1, split2
+
+
+@torch.no_grad()
+def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config: GemvConfig | None = None,
+                          config2: GemvConfig | None = None, rows: int | None = None,
+                          split_k: int = 0) -> torch.Tensor:
+    """y [T, H]: the INT4 MoE forward by GEMV kernels (module docstring); meant for T <= ~4.
+
+    config  GEMM1's block sizes (default DEFAULT_GEMM1_CONFIG; under the interpreter one wide block)
+    config2 GEMM2's (default: DEFAULT_GEMM2_CONFIG, or config when config is given)
+    rows    rows of one expert per program (ROWS; default rows_per_block(T, top_k, E))
+    split_k K slices for both GEMMs where set (overrides the configs' split_k; lowered until K allows it)
+    """
+    check_int4_inputs(x, weights, plan)
+    problem = gemv_unsupported(weights)
+    if problem:
+        raise ValueError(f"the INT4 GEMV path cannot run these weights: {problem}")
+    T, H = x.shape
+    F, k = weights.ffn_size, plan.top_k
+    if T == 0:
+        return x.new_zeros(0, H)
+    rows = rows or rows_per_block(T, k, weights.num_experts)
+    if rows < 1 or rows > MAX_ROWS_PER_BLOCK or rows & (rows - 1):
+        raise ValueError(f"rows per block must be a power of two in 1..{MAX_ROWS_PER_BLOCK}, got {rows}")
+    d1, d2 = default_configs(x.device)
+    config1 = config or d1
+    config2 = config2 or (config if config is not None else d2)
+    if split_k:
+        config1, config2 = replace(config1, split_k=split_k), replace(config2, split_k=split_k)
+    config1, config2, split1, split2 = plan_splits(weights, plan, rows, config1, config2, x.device)
+    n_rows = plan.num_rows
+
+    xp, xw = prepare_activations(x)
+    act, act_w = _prepared_buffers(n_rows, F, x)
+    if split1 == 1:  # SwiGLU in GEMM1's epilogue
+        gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=1, gather_rows=True,
+                          swiglu=True, out=act, out_w=act_w)
+    else:
+        part1 = _alloc_f32((split1, n_rows, 2 * F), x)
+        gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=split1, gather_rows=True,
+                          swiglu=True, out=part1)
+        block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
+        _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
+            part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0), SPLIT_K=split1,
+            BLOCK=block)
+    if split2 == 1 and k == 1:  # one slice, one slot per token: GEMM2 writes y
+        y = _alloc((1, T, H), x)
+        gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=1, weight_scatter=True,
+                          out=y)
+        return y[0]
+    part2 = _alloc_f32((split2, n_rows, H), x)
+    gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
+                      out=part2)
+    y = _alloc((T, H), x)
+    block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(H))
+    _gemv_sum_slots_kernel[(T, triton.cdiv(H, block))](part2, y, H, part2.stride(0), part2.stride(1), y.stride(0),
+                                                       TOP_K=k, SPLIT_K=split2, BLOCK=block)
+    return y
+
+
+def gemv_extra_bytes(T: int, top_k: int, H: int, F: int, split1: int = 1, split2: int = 1) -> int:
+    """Temporaries of moe_forward_int4_gemv (float32): x' and its word sums, act' and its word sums,
+    GEMM1's partial sums when split, GEMM2's partial sums. No weight is dequantised into memory."""
+    rows = T * top_k
+    n = T * H * 9 // 8 + rows * F * 9 // 8 + (split1 * rows * 2 * F if split1 > 1 else 0)
+    n += 0 if split2 == 1 and top_k == 1 else split2 * rows * H
+    return 4 * n

@@ -1,0 +1,339 @@
+"""INT4 GEMV decode path (moe_tut.kernels.int4_gemv) against the float32 reference on the dequantised weights.
+
+Runs on the CPU under Triton's interpreter with tiny shapes; `@pytest.mark.gpu` tests run preset-like shapes
+where there is a GPU. Tolerances as tests/test_triton_int4.py: the forward's bf16 output within 2e-2 of
+int4_moe_reference. The intermediate results (float32 throughout) are checked much tighter: they may differ
+from dequantize-then-multiply only by float32 rounding.
+"""
+
+import functools
+from dataclasses import replace
+
+import pytest
+import torch
+
+import moe_tut  # noqa: F401  (interpreter, before the kernels are defined)
+from moe_tut.kernels import int4_gemm as ig
+from moe_tut.kernels import int4_gemv as gv
+from moe_tut.presets import custom
+from moe_tut.quant import Int4ExpertWeights, dequantize, int4_moe_reference
+from moe_tut.reference import relative_error, swiglu
+from moe_tut.routing import RoutingPlan, simulate_routing
+from moe_tut.weights import ExpertWeights
+
+TOL = 2e-2
+FP32_TOL = 1e-5  # float32 sums of exact products; one bf16 rounding anywhere would show as ~1e-3
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GemvConfig = gv.GemvConfig
+
+
+def make_case(E, H, F, k, T, routing="uniform", G=128, symmetric=True, dtype=torch.bfloat16, seed=0, ids=None):
+    w = ExpertWeights.random(custom(E, H, F, k), device=DEVICE, dtype=dtype, seed=seed)
+    q = Int4ExpertWeights.from_bf16(w, G, symmetric)
+    if ids is None:
+        ids, tw = simulate_routing(T, E, k, routing, seed=seed, device=DEVICE)
+    else:  # a given routing (repeated experts allowed), random weights
+        ids = torch.tensor(ids, device=DEVICE)
+        tw = torch.softmax(torch.randn(ids.shape, generator=torch.Generator().manual_seed(seed)), 1).to(DEVICE)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    return x, q, ids, tw, RoutingPlan.build(ids, tw, E)
+
+
+def check(x, q, ids, tw, plan, **kw):
+    y = gv.moe_forward_int4_gemv(x, q, plan, **kw)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    err = relative_error(y, int4_moe_reference(x, q, ids, tw))
+    assert err < TOL, f"relative error {err:.3g} vs the dequantised reference"
+    return y
+
+
+@pytest.fixture
+def nan_buffers(monkeypatch):
+    """Every intermediate buffer NaN-filled (not torch.empty): an element a kernel skips shows up as NaN."""
+    def nan_alloc(shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(gv, "_alloc", nan_alloc)
+
+
+# (id, case kwargs, forward kwargs); H and F are multiples of the group size
+CASES = [
+    ("T1", dict(E=4, H=128, F=256, k=2, T=1), {}),  # one decode token: most experts empty
+    ("T3-asym-G64", dict(E=4, H=128, F=256, k=2, T=3, G=64, symmetric=False), {}),
+    ("empty-experts-top1", dict(E=8, H=64, F=128, k=1, T=3, G=64), {}),  # GEMM2 writes y itself
+    ("topk-eq-E", dict(E=4, H=64, F=128, k=4, T=2, G=32), {}),  # every token to every expert
+    # H, F not multiples of BLOCK_N (64) or of BLOCK_K 128 (lowered to the group, 32): partial column blocks
+    ("H96-F160-G32-asym", dict(E=5, H=96, F=160, k=2, T=2, G=32, symmetric=False), {}),
+    ("split-k2", dict(E=4, H=256, F=512, k=2, T=1, G=128), dict(split_k=2)),
+    ("split-k4-asym-G32", dict(E=4, H=128, F=128, k=2, T=4, G=32, symmetric=False), dict(split_k=4)),
+    ("split-k2-top1", dict(E=3, H=256, F=256, k=1, T=2, G=128), dict(split_k=2)),
+    ("small-blocks", dict(E=4, H=128, F=128, k=2, T=2, G=128),
+     dict(config=GemvConfig(16, 64, 2), config2=GemvConfig(32, 32, 1))),  # many programs and K steps
+]
+
+
+@pytest.mark.parametrize("case,kw", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_forward_matches_dequantised_reference(case, kw, nan_buffers):
+    x, q, ids, tw, plan = make_case(**case)
+    if "split_k" in kw:  # the forced split really happens in both GEMMs
+        cfg = replace(gv.INTERPRETER_GEMV_CONFIG, split_k=kw["split_k"])
+        assert gv.plan_splits(q, plan, 1, cfg, cfg, x.device)[2:] == (kw["split_k"], kw["split_k"])
+    y = check(x, q, ids, tw, plan, **kw)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_expert_with_more_rows_than_a_block(rows, nan_buffers):
+    # expert 0 gets 5 rows (tokens repeat it), expert 3 none: ROWS = 1, 2, 4 all need several row blocks,
+    # the last one partial, and the rows must land in the right token slots
+    ids = [[0, 0], [0, 1], [2, 0], [0, 2]]
+    x, q, ids, tw, plan = make_case(4, 64, 128, 2, 4, G=64, ids=ids)
+    check(x, q, ids, tw, plan, rows=rows)
+
+
+def test_hot_expert_and_fp16(nan_buffers):
+    # 'hot' routing: expert 0 in almost every token's top-k; fp16 activations (weights dequantise to fp16)
+    x, q, ids, tw, plan = make_case(6, 64, 128, 2, 4, "hot", G=32, dtype=torch.float16)
+    assert q.dtype == torch.float16
+    check(x, q, ids, tw, plan, rows=2)
+
+
+def test_split_k_changes_only_rounding():
+    x, q, ids, tw, plan = make_case(4, 128, 128, 2, 2, "zipf", G=32, symmetric=False)
+    y1 = gv.moe_forward_int4_gemv(x, q, plan, split_k=1)
+    y4 = gv.moe_forward_int4_gemv(x, q, plan, split_k=4)
+    assert relative_error(y4, y1.float()) < 1e-2
+
+
+# ---- the intermediate results, checked tightly ---------------------------------------------------------
+
+
+def test_prepared_activations():
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
+    xp, xw = gv.prepare_activations(x)
+    ref_p, ref_w = gv.prepare_activations_reference(x)
+    assert torch.equal(xp, ref_p)  # a bf16 value times a power of two: exact
+    torch.testing.assert_close(xw, ref_w, rtol=1e-6, atol=1e-6)
+    assert torch.equal(gv.unprepare_activations(xp), x.float())
+
+
+@pytest.mark.parametrize("G,symmetric,one_in_mask", [(32, False, True), (64, True, False), (128, False, False),
+                                                    (128, True, True)])
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemms_differ_from_dequantize_then_multiply_only_by_float32_rounding(G, symmetric, one_in_mask, split,
+                                                                               nan_buffers, monkeypatch):
+    # GEMM1 (gathered rows, SwiGLU) and GEMM2 (routing weight, slot scatter) against float64 products with
+    # the float32 dequantised weights (c s + z exactly), in both forms of the code extraction (one_in_mask)
+    monkeypatch.setattr(gv, "one_in_mask", lambda device: one_in_mask)
+    E, H, F, k, T = 4, 128, 128, 2, 3
+    x, q, ids, tw, plan = make_case(E, H, F, k, T, "zipf", G, symmetric)
+    cfg = gv.adapt_block_k(GemvConfig(64, 64, 4), G)
+    w13 = dequantize(q.w13, torch.float32).double()
+    w2 = dequantize(q.w2, torch.float32).double()
+    rows = plan.num_rows
+    experts = torch.repeat_interleave(torch.arange(E, device=DEVICE), plan.expert_counts.long())
+    tokens = plan.sorted_token_ids.long()
+    xp, xw = gv.prepare_activations(x)
+    act, act_w = gv._prepared_buffers(rows, F, x)
+    if split == 1:
+        gv.gemv_grouped_gemm(xp, xw, q.w13, plan, rows=2, config=cfg, split_k=1, gather_rows=True, swiglu=True,
+                             out=act, out_w=act_w)
+    else:
+        part1 = gv._alloc_f32((split, rows, 2 * F), x)
+        gv.gemv_grouped_gemm(xp, xw, q.w13, plan, rows=2, config=cfg, split_k=split, gather_rows=True, swiglu=True,
+                             out=part1)
+        gv._gemv_swiglu_finish_kernel[(rows, 1)](part1, act, act_w, F, part1.stride(0), part1.stride(1),
+                                                 act.stride(0), act_w.stride(0), SPLIT_K=split, BLOCK=F)
+    h = torch.einsum("rh,rnh->rn", x.double()[tokens], w13[experts])
+    act_ref = swiglu(h)
+    act_plain = gv.unprepare_activations(act)
+    assert relative_error(act_plain, act_ref) < FP32_TOL
+    torch.testing.assert_close(act_w, act_plain.view(rows, F // 8, 8).sum(2), rtol=1e-5, atol=1e-6)
+
+    part2 = gv._alloc_f32((split, rows, H), x)
+    gv.gemv_grouped_gemm(act, act_w, q.w2, plan, rows=1, config=cfg, split_k=split, weight_scatter=True, out=part2)
+    out_ref = torch.einsum("rf,rhf->rh", act_plain.double(), w2[experts]) * plan.sorted_weights.double()[:, None]
+    slots = plan.sorted_slots.long()
+    assert relative_error(part2.sum(0)[slots], out_ref) < FP32_TOL
+
+
+# ---- the switch in moe_forward_triton_int4 -------------------------------------------------------------
+
+
+def test_triton_int4_routes_decode_batches_to_gemv(monkeypatch):
+    calls = []
+    real = gv.moe_forward_int4_gemv
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gv, "moe_forward_int4_gemv", spy)
+    v = ig.Int4Variant.parse("magic,post,split,gemv")
+    assert v.gemv == gv.GEMV_MAX_TOKENS == 4
+    x, q, ids, tw, plan = make_case(4, 64, 128, 2, 3, G=64)
+    y = ig.moe_forward_triton_int4(x, q, plan, variant=v)
+    assert len(calls) == 1 and relative_error(y, int4_moe_reference(x, q, ids, tw)) < TOL
+    ig.moe_forward_triton_int4(x, q, plan, variant=ig.Int4Variant.parse("gemv=2"))  # T = 3 > 2: tl.dot path
+    ig.moe_forward_triton_int4(x, q, plan, variant=v, path="prefill")  # prefill regime: tl.dot path
+    assert len(calls) == 1
+    ig.moe_forward_triton_int4(x, q, plan, variant=ig.Int4Variant.parse("gemv,splitk=2"))
+    assert calls[-1] == dict(split_k=2)
+    monkeypatch.setenv(ig.VARIANT_ENV, "gemv")  # the harness's way in
+    ig.moe_forward_triton_int4(x, q, plan)
+    assert len(calls) == 3
+
+
+def test_variant_text():
+    assert ig.Int4Variant.parse("gemv") == ig.Int4Variant(gemv=4)
+    v = ig.Int4Variant.parse("magic,post,split,asm,gemv=2")
+    assert v.gemv == 2 and ig.Int4Variant.parse(v.label()) == v
+    assert ig.Int4Variant.parse(ig.Int4Variant(gemv=4).label()).gemv == 4
+    assert ig.DECODE_VARIANT.gemv == 2  # the default: T <= 2 runs the GEMV kernels (H100, int4_gemv_v1)
+    with pytest.raises(ValueError, match="gemv=N"):
+        ig.Int4Variant.parse("gmv")
+    with pytest.raises(ValueError, match="token count"):
+        ig.Int4Variant(gemv=-1)
+
+
+# ---- host-side rules -------------------------------------------------------------------------------------
+
+
+def test_rows_split_and_block_rules():
+    assert gv.rows_per_block(1, 2, 8) == 1 and gv.rows_per_block(4, 2, 8) == 1  # mixtral T=1, 4
+    assert gv.rows_per_block(8, 2, 8) == 2 and gv.rows_per_block(64, 2, 8) == gv.MAX_ROWS_PER_BLOCK
+    assert gv.rows_per_block(4, 8, 256) == 1  # deepseek-v3
+    # H100 (132 SMs), BLOCK_K 128: mixtral T=1 GEMM1 at BLOCK_N 32 (2 x 448 programs) is not split; GEMM2
+    # (K = 14336) is, in 8 at BLOCK_N 64 (2 x 64 programs), in 4 at BLOCK_N 32; qwen3 T=1 GEMM2 (K = 768)
+    # cannot be (slices would be < 512)
+    assert gv.gemv_split_k(896, 4096, 128, 132) == 1
+    assert gv.gemv_split_k(128, 14336, 128, 132) == 8
+    assert gv.gemv_split_k(256, 14336, 128, 132) == 4
+    assert gv.gemv_split_k(8, 14336, 128, 132) == gv.GEMV_SPLIT_K_MAX
+    assert gv.gemv_split_k(512, 768, 128, 132) == 1
+    assert gv.resolve_split_k(GemvConfig(split_k=8), 10, 768, 132) == 2  # lowered until K holds whole steps
+    assert gv.adapt_block_k(GemvConfig(32, 128, 4), 96).block_k == 32
+    assert gv.adapt_block_k(GemvConfig(32, 128, 4), 256).block_k == 128
+    assert GemvConfig.parse("64, 128, 8, 2") == GemvConfig(64, 128, 8, 2)
+    with pytest.raises(ValueError, match="BLOCK_N,BLOCK_K,warps"):
+        GemvConfig.parse("64,128")
+    with pytest.raises(ValueError, match="power of two"):
+        GemvConfig(24, 128, 4)
+
+
+def test_unsupported_weights_and_zero_tokens():
+    x, q, ids, tw, plan = make_case(3, 64, 64, 2, 2, G=4)  # a word of 8 codes would span two groups
+    assert "multiple of 8" in gv.gemv_unsupported(q)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        gv.moe_forward_int4_gemv(x, q, plan)
+    x, q, ids, tw, plan = make_case(3, 64, 64, 2, 2, G=64)
+    ids0 = torch.empty(0, 2, dtype=torch.long, device=DEVICE)
+    plan0 = RoutingPlan.build(ids0, torch.empty(0, 2, device=DEVICE), 3)
+    assert gv.moe_forward_int4_gemv(x[:0], q, plan0).shape == (0, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        gv.moe_forward_int4_gemv(x, q, plan, rows=3)
+
+
+# ---- GPU code generation, checked on any machine ---------------------------------------------------------
+
+# Compiles the kernel for NVIDIA targets without a GPU (Triton ships ptxas) with the interpreter off: catches
+# constructs that fail to lower, and guards the two properties the design relies on: the K loop converts no
+# layout (no shared memory round trip per step) and the packed words arrive as 128-bit loads.
+AOT_SCRIPT = r"""
+import json, re
+from aot import compile_kernel
+from moe_tut.kernels import int4_gemv as gv
+
+roles = {  # role: flags, N, K, group size, zeros, config
+    "gemm1": (dict(GATHER_X=True, SWIGLU=True, ACT_OUT=True, WEIGHT_SCATTER=False, SPLIT_K=1), 14336, 4096, 128,
+              False, gv.DEFAULT_GEMM1_CONFIG),
+    "gemm2-asym-splitk4": (dict(GATHER_X=False, SWIGLU=False, ACT_OUT=False, WEIGHT_SCATTER=True, SPLIT_K=4), 4096,
+                           14336, 128, True, gv.DEFAULT_GEMM2_CONFIG),
+}
+out = []
+for cc in (80, 90):
+    for role, (flags, N, K, G, hz, cfg) in roles.items():
+        const = dict(flags, N=N, KW=K // 8, E=8, E_PAD=16, GROUP_SIZE=G, HAS_ZEROS=hz, ROWS=1, BLOCK_N=cfg.block_n,
+                     BLOCK_K=cfg.block_k, ONE_IN_MASK=cc < 90)  # as one_in_mask picks it
+        kernel = compile_kernel(
+            gv._gemv_kernel, const,
+            ptr_types=dict(x_ptr="*fp32", xw_ptr="*fp32", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
+                           out_ptr="*fp32", out_w_ptr="*fp32", row_weight_ptr="*fp32"),
+            unit_strides=("stride_sn", "stride_zn"),
+            aligned=("x_ptr", "xw_ptr", "q_ptr", "s_ptr", "z_ptr", "out_ptr", "out_w_ptr", "stride_xm", "stride_xwm",
+                     "stride_qe", "stride_qn", "stride_se", "stride_sg", "stride_ze", "stride_zg", "stride_os",
+                     "stride_om", "stride_owm", "one_bits"),
+            cc=cc, num_warps=cfg.num_warps, num_stages=1)
+        ttgir = kernel.asm["ttgir"]
+        loop = ttgir[ttgir.index("scf.for"):]
+        loop = loop[:loop.index("scf.yield")]
+        out.append(dict(cc=cc, role=role, loop_converts=loop.count("convert_layout") + loop.count("local_alloc"),
+                        v4_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", kernel.asm["ptx"]))))
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_sm80_and_sm90_without_conversions_in_the_k_loop():
+    from aot import run_aot_script
+
+    results = run_aot_script(AOT_SCRIPT)
+    assert len(results) == 4
+    for r in results:
+        # GEMM1: gate and up words + 8 activation vectors; GEMM2: words + 8 activation vectors + word sums
+        assert r["loop_converts"] == 0 and r["v4_loads"] >= 9, r
+
+
+# ---- GPU: preset-like shapes --------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The presets' H and F with fewer experts (deepseek-v3, qwen3 keep their top-k), so weights build fast.
+GPU_SHAPES = {"mixtral": (8, 4096, 14336, 2), "deepseek-v3-32e": (32, 7168, 2048, 8), "qwen3-30b-a3b": (128, 2048,
+                                                                                                         768, 8)}
+
+
+@functools.cache
+def gpu_weights(shape: str, symmetric: bool) -> Int4ExpertWeights:
+    E, H, F, k = GPU_SHAPES[shape]
+    return Int4ExpertWeights.from_bf16(ExpertWeights.random(custom(E, H, F, k), device=DEVICE), 128, symmetric)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("T", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
+def test_gpu_preset_shapes(shape, T, symmetric):
+    E, H, F, k = GPU_SHAPES[shape]
+    q = gpu_weights(shape, symmetric)
+    ids, tw = simulate_routing(T, E, k, "uniform", seed=T, device=DEVICE)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(DEVICE, torch.bfloat16)
+    plan = RoutingPlan.build(ids, tw, E)
+    y = check(x, q, ids, tw, plan)
+    for kw in (dict(rows=2), dict(split_k=1), dict(split_k=4), dict(config=GemvConfig(64, 128, 8))):
+        assert relative_error(gv.moe_forward_int4_gemv(x, q, plan, **kw), y.float()) < TOL, kw
+    variant = ig.Int4Variant.parse("magic,post,split,asm,gemv=8")
+    assert relative_error(ig.moe_forward_triton_int4(x, q, plan, variant=variant), y.float()) < 1e-2
+
+
+@gpu
+@needs_cuda
+def test_gpu_forward_replays_in_a_cuda_graph():
+    # no host sync: capture works and replays match a fresh call (plan built inside, as the harness does)
+    x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, 2, "uniform")
+
+    def forward():
+        return gv.moe_forward_int4_gemv(x, q, RoutingPlan.build(ids, tw, 8, validate=False))
+
+    y = forward()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = forward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_graph, y)
