@@ -55,9 +55,8 @@
 //   v2/v3 need K and G multiples of 8 and 16-byte aligned activations; otherwise (toy shapes only:
 //   every preset has K and G multiples of 128) the launcher runs v1 instead. v4/v5 need K % 128 == 0
 //   and G % 32 == 0 and run v3's kernels otherwise. moe_int4_path() says which path a call takes.
-//   GEMM2 of v2-v5 also splits K over grid.z at decode sizes when its blocks would leave SMs idle
-//   (moe_int4_gemm2_splits; mixtral at T = 1: 2 experts x 256 blocks of 16 columns, 22% achieved
-//   occupancy before), each split writing its own float32 `out` slice that combine adds in a fixed order.
+//   v1-v3 do not split K: with 8-16 columns per block the presets give hundreds to thousands of
+//   blocks already (mixtral GEMM2 at T = 1: 2 experts x 256).
 //
 // Numerics: every weight is exactly the bf16 value moe_tut.quant.dequantize gives (symmetric:
 // (c - 8) * s rounded once; asymmetric: fma(c, s, z) in float32 then rounded), multiplied by the
@@ -274,10 +273,11 @@ struct WarpRows {
 
 template <int VEC, bool SYM, bool PREFETCH, int R>
 __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G, const bf16* (&xrow)[R],
-                                         float (&acc)[kWRows][R], int lane, int c_begin, int c_end) {
+                                         float (&acc)[kWRows][R], int lane) {
   const size_t half = K / 2;
   constexpr int kWords = VEC / 4;
   constexpr int kVals = 2 * VEC;  // codes per chunk
+  const int nchunks = K / kVals;
 #pragma unroll
   for (int i = 0; i < kWRows; ++i)
 #pragma unroll
@@ -285,16 +285,15 @@ __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G
 
   uint32_t cur[kWRows][kWords];
   if constexpr (PREFETCH) {
-    if (c_begin + lane < c_end) {
+    if (lane < nchunks) {
 #pragma unroll
-      for (int i = 0; i < kWRows; ++i)
-        load_weights<VEC, true>(cur[i], wr.packed + wr.rows[i] * half + (c_begin + lane) * VEC);
+      for (int i = 0; i < kWRows; ++i) load_weights<VEC, true>(cur[i], wr.packed + wr.rows[i] * half + lane * VEC);
     }
   }
-  for (int c = c_begin + lane; c < c_end; c += kWarp) {
+  for (int c = lane; c < nchunks; c += kWarp) {
     uint32_t nxt[kWRows][kWords];
     if constexpr (PREFETCH) {
-      if (c + kWarp < c_end) {
+      if (c + kWarp < nchunks) {
 #pragma unroll
         for (int i = 0; i < kWRows; ++i)
           load_weights<VEC, true>(nxt[i], wr.packed + wr.rows[i] * half + (c + kWarp) * VEC);
@@ -339,7 +338,7 @@ __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G
       }
     }
     if constexpr (PREFETCH) {
-      if (c + kWarp < c_end) {
+      if (c + kWarp < nchunks) {
 #pragma unroll
         for (int i = 0; i < kWRows; ++i)
 #pragma unroll
@@ -411,7 +410,7 @@ gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__
 #pragma unroll
     for (int r = 0; r < R; ++r) xrow[r] = x + (size_t)token_ids[rb + r] * w.K;
     float acc[kWRows][R];
-    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane, 0, w.K / (2 * VEC));
+    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
     // lane 2r + j writes act[rb + r, n0 + j]
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -426,15 +425,11 @@ template <int VEC, bool SYM, bool PREFETCH, int MAXR>
 __global__ void __launch_bounds__(kThreads)
 gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                   const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
-                  int E, int num_rows) {
+                  int E) {
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp;
   const int H = w.N;
-  // K split over grid.z (moe_int4_gemm2_splits): split z takes chunks [c_begin, c_end), writes slice z of out
-  const int nchunks = w.K / (2 * VEC), per = (nchunks + gridDim.z - 1) / gridDim.z;
-  const int c_begin = blockIdx.z * per, c_end = min(nchunks, c_begin + per);
-  float* out_split = out + (size_t)blockIdx.z * num_rows * H;
   const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * kWRows;  // columns n0..n0+3
   if (n0 >= H) return;
   int rows[kWRows];
@@ -447,14 +442,14 @@ gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restri
 #pragma unroll
     for (int r = 0; r < R; ++r) xrow[r] = act + (size_t)(rb + r) * w.K;
     float acc[kWRows][R];
-    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane, c_begin, c_end);
+    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
     // lane 4r + i writes out[slot of row rb + r, n0 + i]: at most 16 lanes, one store each
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int i = 0; i < kWRows; ++i)
         if (lane == kWRows * r + i && n0 + i < H)
-          out_split[(size_t)slots[rb + r] * H + n0 + i] = route_w[rb + r] * acc[i][r];
+          out[(size_t)slots[rb + r] * H + n0 + i] = route_w[rb + r] * acc[i][r];
   });
 }
 
@@ -816,9 +811,8 @@ void launch_gemm1_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStrea
 
 template <bool SYM>
 void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* act,
-                     const Quant& w, const int32_t* slots, const float* rw, const int32_t* offs, float* out, int E,
-                     int num_rows) {
-  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int, int);
+                     const Quant& w, const int32_t* slots, const float* rw, const int32_t* offs, float* out, int E) {
+  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int);
   Kernel k;
   if (load == 4) {
     k = gemm2_weighted_v2<4, SYM, false, kMaxRows>;
@@ -831,7 +825,7 @@ void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStrea
         : max_rows == 2 ? gemm2_weighted_v2<16, SYM, false, 2>
                         : gemm2_weighted_v2<16, SYM, false, kMaxRows>;
   }
-  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
+  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
 }
 
 bool sizes_ok(int E, int H, int F, int num_rows, int num_tokens) {
@@ -896,19 +890,13 @@ extern "C" int moe_int4_path(int version, int K, int G, const void* packed, cons
 
 extern "C" int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
                                      const void* w2_packed, const void* act) {
-  const int path = moe_int4_path(version, F, G2, w2_packed, act);
-  if ((path != 64 && path != 16) || num_rows <= 0 || num_rows > kMaxSplitRows || E <= 0 || H <= 0 || sm_count <= 0)
+  if (moe_int4_path(version, F, G2, w2_packed, act) != 64 || num_rows <= 0 || num_rows > kMaxSplitRows ||
+      E <= 0 || H <= 0 || sm_count <= 0)
     return 1;
-  const int active = num_rows < E ? num_rows : E;
-  // v4/v5: 32 columns per block, 128-code chunks, >= 1 chunk per warp per split, up to 4 blocks per SM.
-  // v2/v3: 16 columns per block, 32-code chunks, >= 1 chunk per lane per split, up to 8 blocks per SM (smaller
-  // blocks; mixtral's GEMM2 at T = 1 was 512 blocks at 22% achieved occupancy before the split, ncu).
-  const bool mma = path == 64;
-  const long blocks = (long)ceil_div(H, mma ? kTiles * kTileRows : kWarps * kWRows) * active;
-  const int nchunks = mma ? F / kChunk : F / 32, per_split_min = mma ? kWarps : kWarp;
-  const long target = (mma ? 4L : 8L) * sm_count;
+  const long blocks = (long)ceil_div(H, kTiles * kTileRows) * (num_rows < E ? num_rows : E);
+  const int nchunks = F / kChunk;
   int splits = 1;
-  while (splits < kMaxSplits && blocks * splits < target && nchunks / (2 * splits) >= per_split_min) splits *= 2;
+  while (splits < kMaxSplits && blocks * splits < 4L * sm_count && nchunks / (2 * splits) >= kWarps) splits *= 2;
   return splits;
 }
 
@@ -962,8 +950,7 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
                                                int version, int splits, cudaStream_t stream) {
   if (!sizes_ok(E, H, F, num_rows, num_tokens)) return cudaErrorInvalidValue;
   const int load = moe_int4_path(version, F, G2, w2_packed, act);
-  if (load == 0 || splits < 1 || splits > kMaxSplits || (splits > 1 && load != 64 && load != 16))
-    return cudaErrorInvalidValue;
+  if (load == 0 || splits < 1 || splits > kMaxSplits || (splits > 1 && load != 64)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2};
   const bf16* actb = static_cast<const bf16*>(act);
@@ -987,15 +974,15 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
                                 num_rows);
     }
   } else {
-    const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E, splits);
+    const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);
     const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w2_zeros == nullptr) {
       launch_gemm2_v2<true>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
-                            expert_offsets, out, E, num_rows);
+                            expert_offsets, out, E);
     } else {
       launch_gemm2_v2<false>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
-                             expert_offsets, out, E, num_rows);
+                             expert_offsets, out, E);
     }
   }
   return cudaGetLastError();

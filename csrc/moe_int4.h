@@ -37,7 +37,7 @@ cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_packed, cons
                                   const int32_t* expert_offsets, void* act, int num_tokens, int num_rows, int E,
                                   int H, int F, int G13, int version, cudaStream_t stream);
 
-// GEMM2 + routing weight, scattered to slot order, in `splits` slices of K (moe_int4_gemm2_splits):
+// GEMM2 + routing weight, scattered to slot order, in `splits` slices of K (1 unless the v4/v5 path runs):
 //   out[s, sorted_slots[r], n] = sorted_weights[r] * (W2[e, n, K-slice s] . act[r, K-slice s])  (float32), n < H.
 //   act [T*k, F] bf16; w2 [E, H, F] as packed/scales/zeros (K = F, group size G2);
 //   sorted_slots [T*k]; sorted_weights [T*k] float32; out [splits, T*k, H] float32 (every element written).
@@ -46,8 +46,8 @@ cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, c
                                     const int32_t* expert_offsets, float* out, int num_tokens, int num_rows, int E,
                                     int H, int F, int G2, int version, int splits, cudaStream_t stream);
 
-// The K splits GEMM2 should run with on a GPU of `sm_count` SMs (1..MOE_INT4_MAX_SPLITS; 1 for v1 and the
-// 4-byte path): more only where GEMM2's blocks would leave SMs idle at decode sizes.
+// The K splits GEMM2 should run with on a GPU of `sm_count` SMs (1..MOE_INT4_MAX_SPLITS; always 1 unless
+// the call takes the v4/v5 path): more only where GEMM2's blocks would leave SMs idle at decode sizes.
 int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
                           const void* w2_packed, const void* act);
 

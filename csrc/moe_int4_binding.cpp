@@ -140,7 +140,7 @@ at::Tensor gemm1_swiglu(const at::Tensor& x, const at::Tensor& w13_packed, const
 }
 
 // out [splits * T*k, H] float32, row = slot (in each K split's slice): routing weight * (act W2^T) (see
-// moe_int4.h); splits from moe_int4_gemm2_splits for this GPU's SM count (> 1 only at decode sizes).
+// moe_int4.h); splits from moe_int4_gemm2_splits for this GPU's SM count (1 except v4/v5 at decode sizes).
 at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, const at::Tensor& w2_scales,
                           const std::optional<at::Tensor>& w2_zeros, const at::Tensor& sorted_slots,
                           const at::Tensor& sorted_weights, const at::Tensor& expert_offsets, int64_t num_tokens,

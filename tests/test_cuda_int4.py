@@ -316,7 +316,6 @@ EMULATION_CASES = [
     ("vec4-path", 3, 40, 72, 2, 5, "uniform", 8, True),  # H, F, G not multiples of 32: 4-byte loads
     ("v1-fallback-G2", 3, 66, 98, 2, 3, "uniform", 2, False),  # G = 2, H/F not multiples of 8: v2/v3 run v1
     ("all-to-one", 3, 64, 96, 1, 6, "all_to_one", 32, True),  # every token to expert 0: passes of 4 + 2
-    ("gemm2-split", 2, 128, 2048, 1, 1, "uniform", 128, True),  # v2/v3's GEMM2 splits K over 2 blocks
 ]
 
 
@@ -344,17 +343,12 @@ def expected_path(version: int, K: int, G: int) -> int:
 
 
 def expected_splits(version: int, E: int, H: int, F: int, G2: int, rows: int, sms: int) -> int:
-    """GEMM2's K splits (moe_int4_gemm2_splits): the 16-byte v2/v3 path and v4/v5, at most 256 rows, doubling
-    while the blocks are fewer than 8 (v2/v3) or 4 (v4/v5) per SM and each split keeps a chunk per lane
-    (v2/v3: 32-code chunks) or per warp (v4/v5: 128-code chunks)."""
-    path = expected_path(version, F, G2)
-    if path not in (16, 64) or rows > 256:
+    """GEMM2's K splits (moe_int4_gemm2_splits): v4/v5 only, at most 256 rows, doubling while the blocks
+    are fewer than 4 per SM and each split keeps a chunk per warp."""
+    if expected_path(version, F, G2) != 64 or rows > 256:
         return 1
-    mma = path == 64
-    blocks = -(-H // (32 if mma else 16)) * min(E, rows)
-    chunks, per_split, per_sm = (F // 128, 4, 4) if mma else (F // 32, 32, 8)
-    s = 1
-    while s < 8 and blocks * s < per_sm * sms and chunks // (2 * s) >= per_split:
+    blocks, chunks, s = -(-H // 32) * min(E, rows), F // 128, 1
+    while s < 8 and blocks * s < 4 * sms and chunks // (2 * s) >= 4:
         s *= 2
     return s
 
@@ -397,9 +391,7 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
 def test_emulated_kernels_match_reference(builds, case, version, tmp_path):
     # v4 on these shapes (K not a multiple of 128) takes v3's kernels: checks the fallback
     _, E, H, F, k, T, skew, G, sym = case
-    paths = check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G, G, sym)
-    if case[0] == "gemm2-split" and version in (2, 3):
-        assert paths["splits"] == 2
+    check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G, G, sym)
 
 
 @needs_cxx

@@ -3,7 +3,7 @@
 What it runs: three launches per forward (csrc/moe_int4.cu's header has the details and napkin math):
 
     act [T*k, F] bf16  = silu(x W1^T) * (x W3^T)   per sorted row, INT4 weights dequantised in registers
-    out [T*k, H] fp32  = routing weight * (act W2^T), written at each row's slot t*k + j (v2-v5 at decode
+    out [T*k, H] fp32  = routing weight * (act W2^T), written at each row's slot t*k + j (v4/v5 at decode
                          sizes: one such slice per K split of GEMM2, when its blocks would not fill the GPU)
     y   [T, H]   bf16  = sum over j (and the splits) of out[t*k + j]  (fixed order: bitwise reproducible)
 
