@@ -477,8 +477,9 @@ gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restri
 // grid.z (splits, moe_int4_gemm2_splits) when its blocks would not fill the GPU (mixtral: H / 32 = 128
 // column tiles x 2 experts at T = 1); each split writes its own float32 `out` slice, and combine adds
 // the slices with the top-k rows in a fixed order, so results stay bitwise reproducible.
-// Rows: passes of up to 8 * NT rows (NT = 1, 2 or 4 n-tiles by T); n-tiles past the expert's rows
-// are skipped (a warp-uniform test), so a 1-row expert costs one mma per A fragment.
+// Rows: passes of up to 8 * NT rows (NT = 1, 2 or 4 n-tiles by the mean rows per touched expert, mma_n_tiles);
+// n-tiles past the expert's rows are skipped (a warp-uniform test), so a 1-row expert costs one mma per A
+// fragment.
 // v5 = v4 + group-wise scaling after the mma (kSymPost below) where the codes are symmetric and G % 128
 // == 0: fewer instructions per weight.
 // Needs K % 128 == 0, G % 32 == 0 (a lane's 32 codes in one group) and 16-byte aligned packed rows
@@ -835,8 +836,16 @@ bool sizes_ok(int E, int H, int F, int num_rows, int num_tokens) {
 
 int max_rows_per_pass(int num_tokens) { return num_tokens < kMaxRows ? (num_tokens < 1 ? 1 : num_tokens) : kMaxRows; }
 
-// n-tiles of 8 rows per v4/v5 pass: an expert gets at most T rows (distinct top-k), so T <= 8 needs one.
-int mma_n_tiles(int num_tokens) { return num_tokens <= 8 ? 1 : num_tokens <= 16 ? 2 : 4; }
+// n-tiles of 8 rows per v4/v5 pass, from the mean rows per touched expert (and T, which bounds an expert's
+// rows when a token's k experts are distinct). A kernel compiled for more n-tiles holds more accumulators
+// (NT = 1: 96 registers, NT = 2: 102-128 for v5 on sm_90), so fewer blocks fit per SM; an expert with more
+// rows than a pass takes several passes, re-reading its block's weights, most likely from L2.
+int mma_n_tiles(int num_tokens, int num_rows, int E) {
+  const int touched = num_rows < E ? num_rows : E;
+  const int mean = touched > 0 ? (num_rows + touched - 1) / touched : 1;
+  const int rows = mean < num_tokens ? mean : num_tokens;
+  return rows <= 8 ? 1 : rows <= 16 ? 2 : 4;
+}
 
 // GEMM2 splits K over grid.z only at decode sizes (the float32 `out` grows by the split count) and only
 // while the blocks would not fill the GPU: up to 4 blocks per SM, each split keeping >= 1 chunk per warp.
@@ -917,7 +926,7 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
     launch(gemm1_swiglu_v1, grid, kThreads, stream, xb, w, sorted_token_ids, expert_offsets, actb, F);
   } else if (load == 64) {
     const dim3 grid(ceil_div(F, kTileRows), num_rows < E ? num_rows : E);
-    const int nt = mma_n_tiles(num_tokens);
+    const int nt = mma_n_tiles(num_tokens, num_rows, E);
     switch (mma_mode(version, w13_zeros == nullptr, G13)) {
       case kSymPost:
         launch_gemm1_mma<kSymPost>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
@@ -959,7 +968,7 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
     launch(gemm2_weighted_v1, grid, kThreads, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out);
   } else if (load == 64) {
     const dim3 grid(ceil_div(H, kTiles * kTileRows), num_rows < E ? num_rows : E, splits);
-    const int nt = mma_n_tiles(num_tokens);
+    const int nt = mma_n_tiles(num_tokens, num_rows, E);
     switch (mma_mode(version, w2_zeros == nullptr, G2)) {
       case kSymPost:
         launch_gemm2_mma<kSymPost>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,

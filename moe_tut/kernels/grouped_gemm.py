@@ -341,9 +341,16 @@ def persistent_programs_per_sm(block_m: int, acc_cols: int) -> int:
 
 
 def _fit_all(configs: list[TileConfig], device, weight_tiles: int, elem_bytes: int) -> list[TileConfig]:
-    limit = smem_limit(device)
+    return list(_fit_all_cached(tuple(configs), smem_limit(device), weight_tiles, elem_bytes))
+
+
+# Cached: every forward asks for the same fitted lists, and building them (dataclasses.replace per
+# candidate) was a visible part of an eager forward's host time (scripts/gpu_profile_host.py on an H100).
+@functools.lru_cache(maxsize=256)
+def _fit_all_cached(configs: tuple[TileConfig, ...], limit: int, weight_tiles: int,
+                    elem_bytes: int) -> tuple[TileConfig, ...]:
     fitted = [c.fit(limit, weight_tiles, elem_bytes) for c in configs]
-    kept = list(dict.fromkeys(c for c in fitted if c is not None))
+    kept = tuple(dict.fromkeys(c for c in fitted if c is not None))
     if not kept:
         raise RuntimeError(f"no tile config fits {limit // 1024} KB of shared memory per block")
     return kept
@@ -752,14 +759,21 @@ def fast_path_configs(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPlan
     """("decode" or "prefill", GEMM1 candidates, GEMM2 candidates) the fast path would autotune over
     (on the GPU, without a pinned config)."""
     E, H, F = weights.num_experts, weights.hidden_size, weights.ffn_size
-    elem = weights.w13.element_size()
-    if is_decode(plan.num_tokens, plan.top_k, E):
-        sms, limit = num_sms(x.device), smem_limit(x.device)
-        blocks = min(E, plan.num_rows)  # touched experts, one 16-row block each on average
-        return ("decode", get_decode_configs(F, blocks, sms, True, limit, elem),
-                get_decode_configs(H, blocks, sms, False, limit, elem))
-    return ("prefill", _fit_all(get_autotune_configs(True), x.device, 2, elem),
-            _fit_all(get_autotune_configs(False), x.device, 1, elem))
+    decode = is_decode(plan.num_tokens, plan.top_k, E)
+    blocks = min(E, plan.num_rows) if decode else 0  # touched experts, one 16-row block each on average
+    regime, c1, c2 = _fast_path_configs(decode, E, H, F, weights.w13.element_size(), blocks, torch.device(x.device))
+    return regime, list(c1), list(c2)
+
+
+@functools.lru_cache(maxsize=256)
+def _fast_path_configs(decode: bool, E: int, H: int, F: int, elem: int, blocks: int, device: torch.device
+                       ) -> tuple[str, tuple[TileConfig, ...], tuple[TileConfig, ...]]:
+    if decode:
+        sms, limit = num_sms(device), smem_limit(device)
+        return ("decode", tuple(get_decode_configs(F, blocks, sms, True, limit, elem)),
+                tuple(get_decode_configs(H, blocks, sms, False, limit, elem)))
+    return ("prefill", tuple(_fit_all(get_autotune_configs(True), device, 2, elem)),
+            tuple(_fit_all(get_autotune_configs(False), device, 1, elem)))
 
 
 @torch.no_grad()
