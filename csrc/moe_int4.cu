@@ -663,11 +663,6 @@ __device__ __forceinline__ void mma_block_sum(const MmaWeights& w, int N, int K,
   __syncthreads();  // `red` may be overwritten by the next pass
 }
 
-// Blocks per SM ptxas must fit (a register cap): one-n-tile kernels at 80 registers (6 blocks of 128 threads
-// per SM, no spills on sm_90; 96 registers and 5 blocks without the cap); larger NT keep what they need.
-template <int NT>
-constexpr int kMinBlocks = NT == 1 ? 6 : 1;
-
 // Tile i's A rows are base[i] + g + 8h for this lane; rows past limit[i] (the last real row of the
 // tile's output columns) re-read limit[i], and their results are dropped.
 __device__ __forceinline__ MmaWeights mma_weights(const Quant& w, int e, const int (&base)[kTiles],
@@ -686,7 +681,7 @@ __device__ __forceinline__ MmaWeights mma_weights(const Quant& w, int e, const i
 }
 
 template <int MODE, int NT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<NT>)
+__global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                  const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
   __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
@@ -722,7 +717,7 @@ gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict_
 }
 
 template <int MODE, int NT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<NT>)
+__global__ void __launch_bounds__(kThreads)
 gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                    const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
                    int E, int num_rows) {
