@@ -680,6 +680,21 @@ __device__ __forceinline__ MmaWeights mma_weights(const Quant& w, int e, const i
   return out;
 }
 
+// One pass's B rows: brow[j] = this lane's activation row for column g of n-tile j (row rb + 8j + g, read at
+// src + gather[row] * K, or src + row * K without gather), nullptr past the expert's last row; returns the
+// pass's n-tiles that have rows.
+template <int NT>
+__device__ __forceinline__ int pass_rows(const bf16* src, const int32_t* __restrict__ gather, int K, int rb, int end,
+                                         const bf16* (&brow)[NT]) {
+  const int g = (threadIdx.x % kWarp) / 4;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int r = rb + 8 * j + g;
+    brow[j] = r < end ? src + (size_t)(gather ? gather[r] : r) * K : nullptr;
+  }
+  return min(NT, (end - rb + 7) / 8);
+}
+
 template <int MODE, int NT>
 __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
@@ -694,13 +709,8 @@ gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict_
   const MmaWeights mw = mma_weights(w, e, base, limit);
   const int begin = offsets[e], end = offsets[e + 1];
   for (int rb = begin; rb < end; rb += 8 * NT) {
-    const int n_tiles = min(NT, (end - rb + 7) / 8);
     const bf16* brow[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int r = rb + 8 * j + g;
-      brow[j] = r < end ? x + (size_t)token_ids[r] * w.K : nullptr;
-    }
+    const int n_tiles = pass_rows<NT>(x, token_ids, w.K, rb, end, brow);
     float acc[kTiles][NT][4];
     mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, 0, w.K / kChunk, brow, n_tiles, red, acc);
     if (threadIdx.x < kWarp) {
@@ -734,13 +744,8 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
   float* out_split = out + (size_t)blockIdx.z * num_rows * H;
   const int begin = offsets[e], end = offsets[e + 1];
   for (int rb = begin; rb < end; rb += 8 * NT) {
-    const int n_tiles = min(NT, (end - rb + 7) / 8);
     const bf16* brow[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int r = rb + 8 * j + g;
-      brow[j] = r < end ? act + (size_t)r * w.K : nullptr;
-    }
+    const int n_tiles = pass_rows<NT>(act, nullptr, w.K, rb, end, brow);
     float acc[kTiles][NT][4];
     mma_block_sum<MODE, NT>(mw, w.N, w.K, w.G, c_begin, c_end, brow, n_tiles, red, acc);
     if (threadIdx.x < kWarp) {
