@@ -189,7 +189,7 @@ def test_variant_text():
     v = ig.Int4Variant.parse("magic,post,split,asm,gemv=2")
     assert v.gemv == 2 and ig.Int4Variant.parse(v.label()) == v
     assert ig.Int4Variant.parse(ig.Int4Variant(gemv=4).label()).gemv == 4
-    assert ig.DECODE_VARIANT.gemv == 2  # the default: T <= 2 runs the GEMV kernels (H100, int4_gemv_v1)
+    assert ig.DECODE_VARIANT.gemv == 4  # the default: T <= 4 runs the GEMV kernels (H100, int4_gemv_v1)
     with pytest.raises(ValueError, match="gemv=N"):
         ig.Int4Variant.parse("gmv")
     with pytest.raises(ValueError, match="token count"):
@@ -219,6 +219,15 @@ def test_rows_split_and_block_rules():
         GemvConfig.parse("64,128")
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(24, 128, 4)
+
+
+def test_default_gemm1_block_by_rows_per_expert(monkeypatch):
+    monkeypatch.setattr(gv, "interpreting", lambda: False)  # the GPU's choice (the interpreter has its own)
+    cpu = torch.device("cpu")
+    assert gv.default_configs(cpu, 2 * 1 / 8) == (gv.DEFAULT_GEMM1_CONFIG, gv.DEFAULT_GEMM2_CONFIG)  # mixtral T=1
+    assert gv.default_configs(cpu, 2 * 2 / 8)[0] == gv.WIDE_GEMM1_CONFIG  # mixtral T=2: half a row per expert
+    assert gv.default_configs(cpu, 8 * 4 / 256)[0] == gv.DEFAULT_GEMM1_CONFIG  # deepseek-v3 T=4
+    assert gv.default_configs(cpu)[0] == gv.DEFAULT_GEMM1_CONFIG
 
 
 def test_unsupported_weights_and_zero_tokens():

@@ -75,7 +75,7 @@ zero to each K step's [BLOCK_N, BLOCK_M] partial sum; `split` feeds low and high
 against the even / odd rows of the A tile instead of interleaving them; `ppsm=N` sets the persistent
 programs per SM. v0's decode loop is bound by its two conversions per weight value (I2F, F2F; see
 results/h100/LOG.md, section triton_int4), which magic + post remove. `gemv` (or `gemv=N`) sends decode
-batches of T <= 4 (N) tokens to the GEMV kernels of int4_gemv.py, which use no tl.dot (default gemv=2,
+batches of T <= 4 (N) tokens to the GEMV kernels of int4_gemv.py, which use no tl.dot (default gemv=4,
 measured with scripts/gpu_int4_gemv.py).
 
 A pinned config (argument `config`, or MOE_TUT_TRITON_INT4_CONFIG="BM,BN,BK,GROUP_M,warps,stages")
@@ -324,10 +324,10 @@ class Int4Variant:
 # H100 (results/h100/triton_int4_tune_v2): + the inline-PTX unpack (asm) was 1-4% faster at every decode point
 # (mixtral T=1 0.152 -> 0.148 ms with split-K); split-K is automatic (decode_split_k).
 # H100 (results/h100/int4_gemv_v1, full forward incl. plan, graph replay): the GEMV kernels (int4_gemv) beat
-# the tl.dot decode path at T = 1 and 2 on mixtral, deepseek-v3 and qwen3 (mixtral T=1 0.128 vs 0.157 ms,
-# deepseek-v3 T=1 0.122 vs 0.154, qwen3 T=2 0.048 vs 0.056) and lost at T = 4-8 on mixtral (T=4 0.366 vs
-# 0.318 with their default blocks): gemv=2.
-DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=2")
+# the tl.dot decode path at T = 1, 2 and 4 on mixtral, deepseek-v3 and qwen3 with the blocks default_configs
+# picks (mixtral T=1 0.128 vs 0.157 ms, T=4 0.289 vs 0.318; deepseek-v3 T=1 0.122 vs 0.154, T=4 0.392 vs
+# 0.456; qwen3 T=4 0.068 vs 0.078) and lost at T = 8 on mixtral (0.537 vs 0.404): gemv=4.
+DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=4")
 PREFILL_VARIANT = Int4Variant()
 
 

@@ -150,6 +150,12 @@ class GemvConfig:
 # at BLOCK_N 64: 64 registers, 3.8 per value (BLOCK_N 32: 4.2, the per-step overhead shared by fewer values).
 DEFAULT_GEMM1_CONFIG = GemvConfig(32, 128, 4)
 DEFAULT_GEMM2_CONFIG = GemvConfig(64, 128, 4)
+# GEMM1 at BLOCK_N 64 where experts get half a row or more on average (T*k/E >= 0.5: few large experts, whose
+# rows' programs share weights through L2). H100 (results/h100/int4_gemv_v1, BLOCK_N 64 vs 32): mixtral T=2
+# 0.196 vs 0.204 ms, T=4 0.289 vs 0.366; where T*k/E < 0.5 it tied or lost by 1-6% (deepseek-v3 T=1-4,
+# qwen3-30b-a3b T=1-4, mixtral T=1).
+WIDE_GEMM1_CONFIG = GemvConfig(64, 128, 4)
+WIDE_GEMM1_MIN_ROWS_PER_EXPERT = 0.5
 # Under the interpreter the cost grows with programs x K steps: one wide block.
 INTERPRETER_GEMV_CONFIG = GemvConfig(64, 128, 4)
 # Candidates the GPU script measures.
@@ -534,10 +540,12 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         ONE_IN_MASK=one_in_mask(xp.device), num_warps=config.num_warps)
 
 
-def default_configs(device: torch.device) -> tuple[GemvConfig, GemvConfig]:
+def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
+    """(GEMM1, GEMM2) block sizes; rows_per_expert = T*k/E picks GEMM1's (WIDE_GEMM1_MIN_ROWS_PER_EXPERT)."""
     if interpreting():
         return INTERPRETER_GEMV_CONFIG, INTERPRETER_GEMV_CONFIG
-    return DEFAULT_GEMM1_CONFIG, DEFAULT_GEMM2_CONFIG
+    wide = rows_per_expert >= WIDE_GEMM1_MIN_ROWS_PER_EXPERT
+    return (WIDE_GEMM1_CONFIG if wide else DEFAULT_GEMM1_CONFIG), DEFAULT_GEMM2_CONFIG
 
 
 def plan_splits(weights, plan: RoutingPlan, rows: int, config1: GemvConfig, config2: GemvConfig,
@@ -560,7 +568,7 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
                           split_k: int = 0) -> torch.Tensor:
     """y [T, H]: the INT4 MoE forward by GEMV kernels (module docstring); meant for T <= ~4.
 
-    config  GEMM1's block sizes (default DEFAULT_GEMM1_CONFIG; under the interpreter one wide block)
+    config  GEMM1's block sizes (default: default_configs' by T*k/E; under the interpreter one wide block)
     config2 GEMM2's (default: DEFAULT_GEMM2_CONFIG, or config when config is given)
     rows    rows of one expert per program (ROWS; default rows_per_block(T, top_k, E))
     split_k K slices for both GEMMs where set (overrides the configs' split_k; lowered until K allows it)
@@ -576,7 +584,7 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     rows = rows or rows_per_block(T, k, weights.num_experts)
     if rows < 1 or rows > MAX_ROWS_PER_BLOCK or rows & (rows - 1):
         raise ValueError(f"rows per block must be a power of two in 1..{MAX_ROWS_PER_BLOCK}, got {rows}")
-    d1, d2 = default_configs(x.device)
+    d1, d2 = default_configs(x.device, plan.num_rows / weights.num_experts)
     config1 = config or d1
     config2 = config2 or (config if config is not None else d2)
     if split_k:
