@@ -17,7 +17,7 @@ and F); the kernel multiplies with exactly `weights.dequantize()`'s bf16 values.
 forward, so it is CUDA-graph safe.
 
 Building: on first use `torch.utils.cpp_extension.load` compiles csrc/ with nvcc and the host
-compiler (about a minute) into a cache directory (MOE_TUT_BUILD_DIR, default
+compiler (one to two minutes) into a cache directory (MOE_TUT_BUILD_DIR, default
 ~/.cache/moe_tut/cuda_int4); later processes load the cached module. Explicitly:
 `python -m moe_tut.backends.cuda_int4 --build`. Cubins for sm_80, sm_86, sm_89, sm_90 plus
 compute_90 PTX (so newer GPUs JIT-compile it), unless TORCH_CUDA_ARCH_LIST is set, which then
@@ -77,7 +77,7 @@ VERSIONS = {
 }
 VERSION_ENV = "MOE_TUT_CUDA_INT4_VERSION"
 BUILD_DIR_ENV = "MOE_TUT_BUILD_DIR"
-BUILD_MESSAGE = "building moe_tut CUDA INT4 kernel (first use, ~1 min)..."
+BUILD_MESSAGE = "building moe_tut CUDA INT4 kernel (first use, 1-2 min)..."
 
 
 def gencode_flags() -> list[str]:
