@@ -30,20 +30,25 @@ COLUMNS = [  # (header, Row field, format)
 ]
 
 
-def _cell(value, fmt: str) -> str:
+def format_cell(value, fmt: str) -> str:
+    """One table cell: `fmt` applied to the value, "-" for NaN (not measured)."""
     if isinstance(value, float) and math.isnan(value):
         return "-"
     return fmt.format(value)
 
 
-def format_table(rows: list[Row]) -> str:
-    table = [[h for h, _, _ in COLUMNS]]
-    for r in rows:
-        cells = [_cell(getattr(r, f), fmt) for _, f, fmt in COLUMNS]
-        if r.status != "ok":
-            cells[-1] = f"{r.status}: {r.reason}"
+def render_table(columns, records: list[dict], cell=None) -> str:
+    """Aligned text table of `records` (dicts with "status" and "reason") over `columns` = (header, field,
+    format) triples: the first three columns left-aligned, the rest right-aligned, the last one (status) free;
+    a row that is not ok shows "status: reason" there. `cell(record, field, fmt)` overrides format_cell."""
+    cell = cell or (lambda rec, field, fmt: format_cell(rec[field], fmt))
+    table = [[h for h, _, _ in columns]]
+    for rec in records:
+        cells = [cell(rec, f, fmt) for _, f, fmt in columns]
+        if rec["status"] != "ok":
+            cells[-1] = f"{rec['status']}: {rec['reason']}"
         table.append(cells)
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS) - 1)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns) - 1)]
     lines = []
     for i, row in enumerate(table):
         lines.append("  ".join(c.rjust(w) if j > 2 else c.ljust(w) for j, (c, w) in
@@ -51,6 +56,10 @@ def format_table(rows: list[Row]) -> str:
         if i == 0:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_table(rows: list[Row]) -> str:
+    return render_table(COLUMNS, [r.as_dict() for r in rows])
 
 
 def git_commit() -> str | None:

@@ -48,7 +48,7 @@ from .. import env
 from ..backends import get_backend
 from ..bench.harness import TOLERANCE, make_inputs
 from ..bench.memory import InsufficientMemoryError, check_fits
-from ..bench.results import git_commit, write_results
+from ..bench.results import format_cell, git_commit, render_table, write_results
 from ..bench.timing import L2_FLUSH_BYTES, time_call
 from ..presets import MoEConfig
 from ..reference import relative_error
@@ -142,33 +142,15 @@ COLUMNS = [  # (header, field, format)
 ]
 
 
-def _cell(row: EPRow | dict, field: str, fmt: str) -> str:
-    rec = row if isinstance(row, dict) else row.as_dict()
-    value = rec[field]
-    if field == "scope":
-        return str(rec["rank"]) if value == "rank" else value
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    return fmt.format(value)
+def _cell(rec: dict, field: str, fmt: str) -> str:
+    if field == "scope":  # a rank's own row shows its number
+        return str(rec["rank"]) if rec[field] == "rank" else rec[field]
+    return format_cell(rec[field], fmt)
 
 
 def format_ep_table(rows) -> str:
     """The printed table: one line per rank, one for the layer ("all"), one for the single device."""
-    table = [[h for h, _, _ in COLUMNS]]
-    for r in rows:
-        rec = r if isinstance(r, dict) else r.as_dict()
-        cells = [_cell(rec, f, fmt) for _, f, fmt in COLUMNS]
-        if rec["status"] != "ok":
-            cells[-1] = f"{rec['status']}: {rec['reason']}"
-        table.append(cells)
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS) - 1)]
-    out = []
-    for i, line in enumerate(table):
-        out.append("  ".join(c.rjust(w) if j > 2 else c.ljust(w) for j, (c, w) in
-                             enumerate(zip(line[:-1], widths))) + "  " + line[-1])
-        if i == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+    return render_table(COLUMNS, [r if isinstance(r, dict) else r.as_dict() for r in rows], _cell)
 
 
 def ep_extra_bytes(cfg: MoEConfig, T: int, world_size: int) -> int:
