@@ -200,6 +200,9 @@ def test_version_selection(monkeypatch):
         ci4.resolve_version()
     h = (CSRC / "moe_int4.h").read_text()
     assert f"#define MOE_INT4_LATEST_VERSION {ci4.LATEST_VERSION}" in h  # Python and C agree
+    # the extra-bytes estimate's split bounds mirror the launcher's
+    assert f"#define MOE_INT4_MAX_SPLITS {ci4.MAX_SPLITS}" in h
+    assert f"constexpr int kMaxSplitRows = {ci4.MAX_SPLIT_ROWS};" in (CSRC / "moe_int4.cu").read_text()
 
 
 def test_first_error_line():

@@ -316,6 +316,22 @@ def test_decode_config_is_the_measured_tile_where_it_fits(fused):
         ig.get_decode_configs(4096, 2, 132, fused, 4 * 1024, 128, True)
 
 
+def test_fast_path_configs_follow_the_rules_and_are_fresh_lists():
+    # the forward asks for these on every call (cached): the decode tile rule and the fitted prefill list,
+    # per GEMM with its own group size, and a caller mutating a returned list cannot change the next answer
+    x, q, ids, tw, plan = make_case(8, 256, 512, 2, 1, "uniform", G=64)
+    limit, sms = gg.smem_limit(x.device), gg.num_sms(x.device)
+    regime, c1, c2 = ig.fast_path_configs(x, q, plan)
+    assert regime == "decode"
+    assert c1 == ig.get_decode_configs(512, 2, sms, True, limit, 64, False)
+    assert c2 == ig.get_decode_configs(256, 2, sms, False, limit, 64, False)
+    _, p1, p2 = ig.fast_path_configs(x, q, plan, "prefill")
+    assert p2 == list(dict.fromkeys(c for c in (ig.fit(ig.adapt_to_group(c, 64), limit, 1, 64, False)
+                                              for c in ig.get_prefill_configs(False)) if c is not None))
+    p1.clear()
+    assert ig.fast_path_configs(x, q, plan, "prefill")[1] and ig.fast_path_configs(x, q, plan, "prefill")[2] == p2
+
+
 @pytest.mark.parametrize("limit_kb", [99, 163, 227])  # sm_86/89, sm_80, sm_90
 @pytest.mark.parametrize("G,has_zeros", [(128, False), (32, True)])
 @pytest.mark.parametrize("fused", [False, True], ids=["gemm2", "gemm1-fused"])

@@ -88,6 +88,7 @@ dequantised weights, one expert at a time (so glm5-size weights never exist dequ
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -858,19 +859,29 @@ def fast_path_configs(x: torch.Tensor, weights, plan: RoutingPlan, path: str | N
     """(regime, GEMM1 candidates, GEMM2 candidates) the forward autotunes over on a GPU."""
     E, H, F = weights.num_experts, weights.hidden_size, weights.ffn_size
     path = path or path_for(plan.num_tokens, plan.top_k, E)
-    limit = smem_limit(x.device)
-    out = [path]
-    for qt, n, fused in ((weights.w13, F, True), (weights.w2, H, False)):
-        G, hz = qt.group_size, qt.zeros is not None
+    blocks = min(E, plan.num_rows) if path == "decode" else 0
+    w13, w2 = weights.w13, weights.w2
+    c1, c2 = _fast_path_configs(path, H, F, blocks, smem_limit(x.device), num_sms(x.device),
+                                (w13.group_size, w13.zeros is not None), (w2.group_size, w2.zeros is not None))
+    return path, list(c1), list(c2)
+
+
+# Cached for the reason grouped_gemm._fast_path_configs is: the lists are the same on every call, and
+# rebuilding them (a fit per candidate) is host time in every eager forward.
+@functools.lru_cache(maxsize=256)
+def _fast_path_configs(path: str, H: int, F: int, blocks: int, limit: int, sms: int, quant13: tuple[int, bool],
+                       quant2: tuple[int, bool]) -> tuple[tuple[TileConfig, ...], tuple[TileConfig, ...]]:
+    out = []
+    for (G, hz), n, fused in ((quant13, F, True), (quant2, H, False)):
         if path == "decode":
-            out.append(get_decode_configs(n, min(E, plan.num_rows), num_sms(x.device), fused, limit, G, hz))
+            out.append(tuple(get_decode_configs(n, blocks, sms, fused, limit, G, hz)))
         else:
             fitted = [fit(adapt_to_group(c, G), limit, 2 if fused else 1, G, hz) for c in get_prefill_configs(fused)]
-            kept = list(dict.fromkeys(c for c in fitted if c is not None))
+            kept = tuple(dict.fromkeys(c for c in fitted if c is not None))
             if not kept:
                 raise RuntimeError(f"no INT4 tile config fits {limit // 1024} KB of shared memory per block")
             out.append(kept)
-    return out[0], out[1], out[2]
+    return out[0], out[1]
 
 
 @torch.no_grad()
