@@ -107,7 +107,35 @@ struct Quant {
   const bf16* scales;     // [E, K/G, N]
   const bf16* zeros;      // [E, K/G, N], nullptr when symmetric
   int N, K, G;
+  int l2_ahead;  // v6/v7: L2 prefetch distance in a warp's K steps (0: none)
+  int l2_lines;  // 1: prefetch 128-byte lines one by one even where a bulk prefetch exists (sm_90)
 };
+
+// Asks L2 to fetch [p, p + bytes) (p 16-byte aligned, bytes a multiple of 16) and returns at once: no
+// registers held, no wait, so a warp can keep many more bytes in flight than its loads alone allow. On
+// sm_90 one bulk prefetch (the TMA unit walks the range; its address must be warp-uniform, so lanes
+// with different rows are served one after another), else, or with `lines`, one prefetch per 128-byte
+// line (an ordinary per-lane instruction). A hint only: results never depend on it.
+__device__ __forceinline__ void prefetch_l2(const void* p, int bytes, bool lines) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 900
+  if (!lines) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(bytes)
+                 : "memory");
+    return;
+  }
+#endif
+  for (int off = 0; off < bytes; off += 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(static_cast<const char*>(p) + off)));
+#elif defined(MOE_INT4_HOST_EMULATION)
+  for (int off = 0; off < bytes; off += lines ? 128 : bytes)  // checks each range on the CPU (see there)
+    emulated_prefetch_l2(static_cast<const char*>(p) + off, lines ? min(128, bytes - off) : bytes);
+#else
+  (void)p;
+  (void)bytes;
+  (void)lines;
+#endif
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -269,6 +297,7 @@ struct WarpRows {
   const bf16* scales;     // expert e's [K/G, N]
   const bf16* zeros;      // expert e's [K/G, N] or nullptr
   int rows[kWRows];       // the warp's weight rows (output columns; GEMM1: gate and up rows)
+  int l2_ahead, l2_lines;  // Quant's
 };
 
 template <int VEC, bool SYM, bool PREFETCH, int R>
@@ -283,6 +312,18 @@ __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
 
+  // v6: lanes 0..kWRows-1 each keep their weight row's next l2_ahead warp steps (32 chunks, 32 * VEC
+  // contiguous bytes each) on their way into L2; the loads below then wait on L2, not DRAM. Only with
+  // 16-byte loads: the 4-byte path's rows (toy shapes) are not 16-byte aligned, as a bulk prefetch needs.
+  const int ahead = VEC == 16 ? wr.l2_ahead : 0;
+  const uint8_t* pf_row = nullptr;
+  if (ahead > 0 && lane < kWRows) {
+#pragma unroll
+    for (int i = 0; i < kWRows; ++i)
+      if (lane == i) pf_row = wr.packed + wr.rows[i] * half;
+    const int first = kWarp, last = min(nchunks, kWarp * ahead);  // steps 1..ahead-1
+    if (last > first) prefetch_l2(pf_row + first * VEC, (last - first) * VEC, wr.l2_lines);
+  }
   uint32_t cur[kWRows][kWords];
   if constexpr (PREFETCH) {
     if (lane < nchunks) {
@@ -291,6 +332,10 @@ __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G
     }
   }
   for (int c = lane; c < nchunks; c += kWarp) {
+    if (pf_row != nullptr) {
+      const int first = c - lane + kWarp * ahead, last = min(nchunks, first + kWarp);
+      if (first < last) prefetch_l2(pf_row + first * VEC, (last - first) * VEC, wr.l2_lines);
+    }
     uint32_t nxt[kWRows][kWords];
     if constexpr (PREFETCH) {
       if (c + kWarp < nchunks) {
@@ -360,6 +405,8 @@ __device__ __forceinline__ WarpRows warp_rows(const Quant& w, int e, const int (
   out.zeros = w.zeros ? w.zeros + (size_t)e * groups * N : nullptr;
 #pragma unroll
   for (int i = 0; i < kWRows; ++i) out.rows[i] = rows[i];
+  out.l2_ahead = w.l2_ahead;
+  out.l2_lines = w.l2_lines;
   return out;
 }
 
@@ -511,6 +558,7 @@ struct MmaWeights {
   const bf16* scales;     // expert e's [K/G, N]
   const bf16* zeros;      // expert e's [K/G, N] or nullptr
   int row[kTiles][2];
+  int l2_ahead, l2_lines;  // Quant's
 };
 
 // How a v4/v5 kernel turns codes into the A operand:
@@ -636,7 +684,23 @@ __device__ __forceinline__ void mma_block_sum(const MmaWeights& w, int N, int K,
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
   // No register prefetch of the next chunk: tried (a v5 that loaded chunk c + 4 before computing c) and
   // it was 2-12% slower at every measured point on an H100 (more registers, fewer blocks per SM).
+  // v7 prefetches into L2 instead: warp 0's 32 lanes hold the block's 32 weight rows (lane (g, t): tile
+  // t / 2, half t % 2), and each keeps its row's next l2_ahead steps of kWarps chunks (256 contiguous
+  // bytes a step) on their way into L2.
+  const int ahead = w.l2_ahead;
+  const uint8_t* pf_row = nullptr;
+  if (ahead > 0 && warp == 0) {
+    const int t = lane % 4;
+    pf_row = w.packed + (size_t)(t == 0 ? w.row[0][0] : t == 1 ? w.row[0][1] : t == 2 ? w.row[1][0] : w.row[1][1]) *
+                            (K / 2);
+    const int first = c_begin + kWarps, last = min(c_end, c_begin + kWarps * ahead);  // steps 1..ahead-1
+    if (last > first) prefetch_l2(pf_row + (size_t)first * kChunkBytes, (last - first) * kChunkBytes, w.l2_lines);
+  }
   for (int c = c_begin + warp; c < c_end; c += kWarps) {
+    if (pf_row != nullptr) {
+      const int first = c + kWarps * ahead, last = min(c_end, first + kWarps);
+      if (first < last) prefetch_l2(pf_row + (size_t)first * kChunkBytes, (last - first) * kChunkBytes, w.l2_lines);
+    }
     ChunkRegs<MODE> cur;
     load_chunk<MODE>(cur, w, N, K, G, c, t);
     mma_chunk<MODE, NT>(cur, c, t, brow, n_tiles, acc);
@@ -677,6 +741,8 @@ __device__ __forceinline__ MmaWeights mma_weights(const Quant& w, int e, const i
   for (int i = 0; i < kTiles; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) out.row[i][h] = min(base[i] + g + 8 * h, limit[i]);
+  out.l2_ahead = w.l2_ahead;
+  out.l2_lines = w.l2_lines;
   return out;
 }
 
@@ -859,8 +925,18 @@ constexpr int kMaxSplitRows = 256;
 // The dequant mode of a v4/v5 GEMM: v5's post-scaling where the chunk is one group and codes are symmetric.
 int mma_mode(int version, bool symmetric, int G) {
   if (!symmetric) return kAsym;
-  return version >= 5 && G % kChunk == 0 ? kSymPost : kSym;
+  return (version == 5 || version == 7) && G % kChunk == 0 ? kSymPost : kSym;
 }
+
+// v1-v7 as kernel families: v4, v5 and v7 take the tensor-core path where the shape allows; v3 (and v4/v5's
+// fallback) adds register double buffering to the v2 kernels; v6/v7 prefetch into L2.
+bool uses_mma(int version) { return version == 4 || version == 5 || version == 7; }
+bool register_prefetch(int version) { return version >= 3 && version <= 5; }
+
+// v6/v7's prefetch distance in a warp's K steps and how (moe_int4_set_l2_prefetch; defaults unless set).
+constexpr int kDefaultL2Ahead = 2;
+int g_l2_ahead = -1, g_l2_lines = 0;
+int l2_ahead(int version) { return version >= 6 ? (g_l2_ahead >= 0 ? g_l2_ahead : kDefaultL2Ahead) : 0; }
 
 template <int MODE>
 void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, const Quant& w, const int32_t* ids,
@@ -895,11 +971,18 @@ extern "C" int moe_int4_path(int version, int K, int G, const void* packed, cons
   // Activations are read 8 bf16 (16 bytes) at a time, so rows of K values must stay 16-byte aligned.
   if (a % 16 == 0 && K % 8 == 0) {
     // v4/v5: 128-code chunks, a lane's 32 codes within one group
-    if (version >= 4 && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
+    if (uses_mma(version) && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
     if (K % 32 == 0 && G % 32 == 0 && p % 16 == 0) return 16;  // rows of K/2 bytes stay 16-byte aligned
     if (G % 8 == 0 && p % 4 == 0) return 4;
   }
   return 1;  // v2..v5 cannot vectorise this shape: run v1
+}
+
+extern "C" int moe_int4_set_l2_prefetch(int steps, int per_line) {
+  if (steps < -1 || steps > 64 || per_line < 0 || per_line > 1) return -1;
+  g_l2_ahead = steps;
+  g_l2_lines = per_line;
+  return 0;
 }
 
 extern "C" int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
@@ -923,7 +1006,7 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
   if (load == 0) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   const Quant w{w13_packed, static_cast<const bf16*>(w13_scales), static_cast<const bf16*>(w13_zeros), 2 * F, H,
-                G13};
+                G13, l2_ahead(version), g_l2_lines};
   const bf16* xb = static_cast<const bf16*>(x);
   bf16* actb = static_cast<bf16*>(act);
   if (load == 1) {
@@ -944,7 +1027,7 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
     }
   } else {
     const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
-    const bool prefetch = version >= 3;
+    const bool prefetch = register_prefetch(version);
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w13_zeros == nullptr) {
       launch_gemm1_v2<true>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
@@ -966,7 +1049,8 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
   const int load = moe_int4_path(version, F, G2, w2_packed, act);
   if (load == 0 || splits < 1 || splits > kMaxSplits || (splits > 1 && load != 64)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
-  const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2};
+  const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2,
+                l2_ahead(version), g_l2_lines};
   const bf16* actb = static_cast<const bf16*>(act);
   if (load == 1) {
     const dim3 grid(ceil_div(H, kWarps), E);
@@ -989,7 +1073,7 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
     }
   } else {
     const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);
-    const bool prefetch = version >= 3;
+    const bool prefetch = register_prefetch(version);
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w2_zeros == nullptr) {
       launch_gemm2_v2<true>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,

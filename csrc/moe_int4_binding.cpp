@@ -219,10 +219,16 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::
   return combine(out, x.size(0), top_k);
 }
 
-// The path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3 load width, 64 = v4/v5 tensor cores), 0 = invalid.
+// The path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3/v6 load width, 64 = v4/v5/v7 tensor cores), 0 = invalid.
 int64_t path(int64_t version, int64_t K, int64_t group_size, const at::Tensor& packed, const at::Tensor& activations) {
   return moe_int4_path(static_cast<int>(version), to_int(K, "K"), to_int(group_size, "group_size"),
                        packed.data_ptr(), activations.data_ptr());
+}
+
+void set_l2_prefetch(int64_t steps, bool per_line) {
+  MOE_CHECK(steps >= -1 && steps <= 64, "moe_int4: the L2 prefetch distance must be -1 (default), 0 (off) or up "
+            "to 64 steps, got ", steps);
+  moe_int4_set_l2_prefetch(static_cast<int>(steps), per_line ? 1 : 0);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -241,6 +247,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("w2_group_size"), py::arg("sorted_token_ids"),
         py::arg("sorted_slots"), py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("top_k"),
         py::arg("version"));
-  m.def("path", &path, "the kernel path (1 = v1, 4/16 = v2/v3 load width, 64 = v4/v5 tensor cores, 0 = invalid)",
+  m.def("set_l2_prefetch", &set_l2_prefetch, "v6/v7 L2 prefetch: distance in K steps (-1 default, 0 off), and "
+        "per-line prefetches instead of bulk ones (sm_90)", py::arg("steps"), py::arg("per_line") = false);
+  m.def("path", &path, "the kernel path (1 = v1, 4/16 = v2/v3/v6 load width, 64 = v4/v5/v7 tensor cores, 0 = invalid)",
         py::arg("version"), py::arg("K"), py::arg("group_size"), py::arg("packed"), py::arg("activations"));
 }

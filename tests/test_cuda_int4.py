@@ -336,17 +336,17 @@ EMULATED_SMS = 4  # the GPU size the emulation's K-split rule assumes: small, so
 
 
 def expected_path(version: int, K: int, G: int) -> int:
-    """The path the launcher should pick (moe_int4_path) for aligned buffers: 1 = v1, 4/16 = v2/v3's load
-    width, 64 = v4/v5's tensor cores."""
+    """The path the launcher should pick (moe_int4_path) for aligned buffers: 1 = v1, 4/16 = v2/v3/v6's load
+    width, 64 = v4/v5/v7's tensor cores."""
     if version == 1:
         return 1
-    if version >= 4 and K % 128 == 0 and G % 32 == 0:
+    if version in (4, 5, 7) and K % 128 == 0 and G % 32 == 0:
         return 64
     return 16 if K % 32 == 0 and G % 32 == 0 else 4 if K % 8 == 0 and G % 8 == 0 else 1
 
 
 def expected_splits(version: int, E: int, H: int, F: int, G2: int, rows: int, sms: int) -> int:
-    """GEMM2's K splits (moe_int4_gemm2_splits): v4/v5 only, at most 256 rows, doubling while the blocks
+    """GEMM2's K splits (moe_int4_gemm2_splits): the tensor-core path only, at most 256 rows, doubling while the blocks
     are fewer than 4 per SM and each split keeps a chunk per warp."""
     if expected_path(version, F, G2) != 64 or rows > 256:
         return 1
@@ -356,7 +356,8 @@ def expected_splits(version: int, E: int, H: int, F: int, G2: int, rows: int, sm
     return s
 
 
-def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan, version: int, misalign=False):
+def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan, version: int, misalign=False,
+                  l2: tuple[int, bool] | None = None):
     """Run the emulated forward; returns (act, out, y, paths) as CPU tensors."""
     rc, out, _ = finished(builds, "emulation")
     assert rc == 0, f"the host emulation does not compile:\n{out[-4000:]}"
@@ -371,7 +372,8 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
     for name in ("sorted_token_ids", "sorted_slots", "sorted_weights", "expert_offsets"):
         _raw(getattr(plan, name)).tofile(tmp / f"{name}.bin")
     (tmp / "params.txt").write_text(f"{T} {k} {E} {H} {F} {q.w13.group_size} {q.w2.group_size} {version} "
-                                    f"{int(q.w13.symmetric)} {int(q.w2.symmetric)} {int(misalign)} {EMULATED_SMS}\n")
+                                    f"{int(q.w13.symmetric)} {int(q.w2.symmetric)} {int(misalign)} {EMULATED_SMS}"
+                                    + ("" if l2 is None else f" {l2[0]} {int(l2[1])}") + "\n")
     run = subprocess.run([str(builds[0] / "emulation"), str(tmp)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     paths = dict(p.split("=") for p in run.stdout.split()[1:])
@@ -389,7 +391,7 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
 
 @needs_cxx
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 6, 7])
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
 def test_emulated_kernels_match_reference(builds, case, version, tmp_path):
     # v4 on these shapes (K not a multiple of 128) takes v3's kernels: checks the fallback
@@ -399,7 +401,7 @@ def test_emulated_kernels_match_reference(builds, case, version, tmp_path):
 
 @needs_cxx
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
-@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("version", [4, 5, 7])
 @pytest.mark.parametrize("case", MMA_CASES, ids=[c[0] for c in MMA_CASES])
 def test_emulated_mma_kernels_match_reference(builds, case, version, tmp_path):
     _, E, H, F, k, T, skew, G13, G2, sym = case
@@ -409,9 +411,38 @@ def test_emulated_mma_kernels_match_reference(builds, case, version, tmp_path):
         assert paths["splits"] == 2
 
 
-def check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym) -> dict[str, int]:
+# v6/v7's L2 prefetch needs a warp to take more than one step along K: K > 1024 (v6: 32 lanes x 32 codes a
+# step) or K > 512 (v7: 4 warps x 128-code chunks). (id, version, E, H, F, T, G, symmetric, (steps, per_line)).
+PREFETCH_CASES = [
+    ("v6-bulk-partial-steps", 6, 2, 2112, 1056, 3, 32, True, (2, False)),  # H: 66 chunks = 2 steps + 2
+    ("v6-lines-far", 6, 2, 2112, 1056, 3, 32, False, (8, True)),  # distance past the row's end; asymmetric
+    ("v7-bulk", 7, 2, 1152, 640, 3, 128, True, (2, False)),  # H: 9 chunks = 2 steps of 4 + 1
+    ("v7-lines-one-ahead", 7, 3, 1152, 1152, 2, 128, True, (1, True)),
+]
+
+
+@needs_cxx
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
+@pytest.mark.parametrize("case", PREFETCH_CASES, ids=[c[0] for c in PREFETCH_CASES])
+def test_emulated_l2_prefetch(builds, case, tmp_path):
+    _, version, E, H, F, T, G, sym, l2 = case
+    q, x, ids, tw, plan = setup_case(E, H, F, 1, T, "uniform", G, sym)
+    act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version, l2=l2)
+    assert paths["prefetched"] > 0  # (each prefetch checked by the emulation, see check_emulated)
+    assert paths["gemm1"] == paths["gemm2"] == (16 if version == 6 else 64)
+    deq = q.dequantize()
+    assert relative_error(act, act_reference(x, deq, plan)) < TOL
+    assert relative_error(y, moe_reference(x, deq, ids, tw)) < TOL
+
+
+def check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym, l2=None) -> dict[str, int]:
     q, x, ids, tw, plan = setup_case(E, H, F, k, T, skew, G13, sym, G2=G2)
-    act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version)
+    act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version, l2=l2)
+    # the emulation checks every L2 prefetch (in a weight buffer, aligned, and only bytes a kernel loads);
+    # only v6/v7 prefetch at all
+    if version < 6:
+        assert paths["prefetched"] == 0
+    assert paths.pop("prefetched") >= 0
     assert paths == {"gemm1": expected_path(version, H, G13), "gemm2": expected_path(version, F, G2),
                      "splits": expected_splits(version, E, H, F, G2, T * k, EMULATED_SMS)}
     # NaN = an element no kernel wrote (the emulation fills outputs with NaN first)
