@@ -22,9 +22,9 @@
 extern "C" {
 #endif
 
-// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + register
-// prefetch, 4 tensor cores (mma.sync), 5 tensor cores + scales after the mma, 6 = 2 + L2 prefetch,
-// 7 = 5 + L2 prefetch.
+// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + register prefetch,
+// 4 tensor cores (mma.sync), 5 tensor cores + scales after the mma, 6 and 7 = 2 and 5 with GEMM2 and
+// combine overlapping the kernel before them (programmatic dependent launch, sm_90).
 #define MOE_INT4_LATEST_VERSION 7
 // GEMM2's most K splits (moe_int4_gemm2_splits), i.e. the most float32 `out` slices.
 #define MOE_INT4_MAX_SPLITS 8
@@ -52,15 +52,16 @@ cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, c
 int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
                           const void* w2_packed, const void* act);
 
-// v6/v7's L2 prefetch: distance in a warp's steps along K (0 turns it off, -1 restores the built-in
-// default) and per_line = 1 to prefetch 128-byte lines one by one instead of one bulk prefetch per range
-// (sm_90; older GPUs always prefetch by lines). Process-wide, for tuning runs; returns 0, or -1 (and
-// changes nothing) for values out of range.
-int moe_int4_set_l2_prefetch(int steps, int per_line);
-
 // Combine over k and the splits in a fixed order:
 //   y[t, h] = bf16(sum_{j < k} sum_{s < splits} out[s, t*k + j, h]).  y [T, H] bf16.
-cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, cudaStream_t stream);
+// `version` only decides how it is launched (v6/v7: overlapping the end of GEMM2).
+cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, int version,
+                             cudaStream_t stream);
+
+// v6/v7's GEMM2 prefetches up to this many bytes of its weights into L2 while GEMM1's last blocks run
+// (-1 restores the built-in default, 0 turns it off). Process-wide, for tuning runs; returns 0, or -1 (and
+// changes nothing) for a negative value other than -1.
+int moe_int4_set_warm_budget(long bytes);
 
 // num_tokens = T and num_rows = T*k (the length of the sorted arrays); T also bounds the rows of one
 // expert when each token's k experts are distinct, which the v2/v3 launch uses to pick the kernel

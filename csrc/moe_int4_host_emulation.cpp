@@ -13,14 +13,14 @@
 // emulations round the same way; moe_int4_dequant_check.cu checks them bit for bit).
 //
 // usage: moe_int4_host_emulation DIR   (files written by the test)
-//   DIR/params.txt: T top_k E H F G13 G2 version sym13 sym2 misalign_x sm_count [l2_steps l2_per_line]
+//   DIR/params.txt: T top_k E H F G13 G2 version sym13 sym2 misalign_x sm_count [warm_budget]
 //   (sm_count: the GPU size GEMM2's K-split rule assumes, moe_int4_gemm2_splits; small, so toy shapes split)
 //   DIR/x.bin [T,H] bf16; w13_packed.bin, w13_scales.bin, w13_zeros.bin (if !sym13); same for w2;
 //   sorted_token_ids.bin, sorted_slots.bin [T*k] int32; sorted_weights.bin [T*k] f32;
 //   expert_offsets.bin [E+1] int32.
 //   Writes DIR/act.bin [T*k,F] bf16, DIR/out.bin [T*k,H] f32, DIR/y.bin [T,H] bf16 and prints
 //   "path gemm1=<code> gemm2=<code> splits=<n>" (moe_int4_path of each GEMM, GEMM2's K splits), then
-//   "prefetched=<bytes>" (v6/v7's L2 prefetches, each checked: see emulated_prefetch_l2).
+//   "prefetched=<bytes>" (v6/v7's L2 warm-up prefetches, each checked: see emulated_prefetch_l2).
 #include <cuda_runtime.h>  // host declarations only: dim3, uint3, uint4, cudaStream_t, cudaError_t
 
 #include <algorithm>
@@ -266,6 +266,15 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t,
   emu::block = nullptr;
 }
 
+// Blocks run one kernel after another here, so a dependent launch is an ordinary one (the overlap exists on
+// the GPU only), and griddepcontrol compiles to nothing on the host.
+template <class... KernelArgs, class... Args>
+void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
+  launch(kernel, grid, threads, stream, args...);
+}
+
+bool griddep_supported() { return true; }
+
 #include "moe_int4.cu"
 
 // ---------------------------------------------------------------------------------- driver
@@ -322,9 +331,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bad params.txt\n");
     return 2;
   }
-  int l2_steps = -1, l2_lines = 0;  // optional: v6/v7's prefetch setting (moe_int4_set_l2_prefetch)
-  if (std::fscanf(pf, "%d %d", &l2_steps, &l2_lines) == 2 && moe_int4_set_l2_prefetch(l2_steps, l2_lines) != 0) {
-    std::fprintf(stderr, "bad L2 prefetch setting %d %d\n", l2_steps, l2_lines);
+  long warm_budget = -1;  // optional: v6/v7's L2 warm-up budget (moe_int4_set_warm_budget)
+  if (std::fscanf(pf, "%ld", &warm_budget) == 1 && moe_int4_set_warm_budget(warm_budget) != 0) {
+    std::fprintf(stderr, "bad warm-up budget %ld\n", warm_budget);
     return 2;
   }
   std::fclose(pf);
@@ -363,7 +372,7 @@ int main(int argc, char** argv) {
                                 reinterpret_cast<float*>(out.data), T, (int)rows, E, H, F, G2, version, splits,
                                 nullptr),
         "moe_int4_gemm2_weighted");
-  check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, nullptr),
+  check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, version, nullptr),
         "moe_int4_combine");
   for (const auto& r : emu::regions)
     for (size_t i = 0; i < r.bytes; ++i)

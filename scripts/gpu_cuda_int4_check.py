@@ -1,7 +1,7 @@
 """One-call GPU check of the CUDA INT4 kernel (csrc/moe_int4.cu): build, correctness, decode timings.
 
     python scripts/gpu_cuda_int4_check.py [--all-archs] [--presets mixtral deepseek-v3 qwen3-30b-a3b]
-                                          [--tokens 1 4 16] [--versions ...] [--l2 2 4 2l] [--timed kernels]
+                                          [--tokens 1 4 16] [--versions ...] [--warm-mb 0 16] [--timed kernels]
                                           [--skip-tests] [--budget-s 225]
 
 1. Builds the extension (for this GPU's architecture only, ~4x faster than the default four-architecture
@@ -15,9 +15,8 @@
    grouped GEMM on the bf16 weights) is timed beside it for scale. Each row prints the packed-weight
    bandwidth of the experts the routing touched (codes + scales (+ zeros)) against this GPU's measured
    device-copy bandwidth, and the relative error against the float32 reference on the dequantised
-   weights of those experts. --l2 sweeps v6/v7's L2 prefetch (moe_int4_set_l2_prefetch): each entry is a
-   distance in K steps, with an `l` suffix for per-line prefetches instead of bulk ones; v6/v7 get a row per
-   entry (impl "cuda_int4 v7 l2=4l"), the other versions one row.
+   weights of those experts. --warm-mb sweeps v6/v7's L2 warm-up budget (moe_int4_set_warm_budget, MB;
+   -1 = the built-in default): v6/v7 get a row per entry (impl "cuda_int4 v7 warm=16"), the others one row.
 
 Writes $OUT/cuda_int4_check.csv when OUT is set. Every row is guarded: a failure is printed and recorded,
 and the run goes on. Designed to finish in under 4 minutes on an H100 (the first build is ~1 minute of it).
@@ -72,12 +71,6 @@ def reference_touched(x, q: Int4ExpertWeights, topk_ids, topk_weights) -> torch.
     return y
 
 
-def parse_l2(entry: str) -> tuple[int, bool]:
-    """'4' -> (4, False) (bulk prefetch, 4 steps ahead), '4l' -> (4, True) (per-line prefetches)."""
-    lines = entry.endswith("l")
-    return int(entry[:-1] if lines else entry), lines
-
-
 def runner(grouped, x, w, q, plan, ids, tw, E: int, version: int | None, timed: str):
     """The call to time: grouped_mm on bf16 weights (version None), or cuda_int4 `version` on a prebuilt
     plan (timed = "kernels") or with the plan built inside (timed = "forward", like moe_tut.bench)."""
@@ -108,7 +101,8 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["mixtral", "deepseek-v3", "qwen3-30b-a3b"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--versions", nargs="+", type=int, default=sorted(ci4.VERSIONS))
-    ap.add_argument("--l2", nargs="+", default=["-1"], help="v6/v7 L2 prefetch settings to sweep (-1: default)")
+    ap.add_argument("--warm-mb", nargs="+", type=int, default=[-1],
+                    help="v6/v7 L2 warm-up budgets to sweep, MB (-1: the default)")
     ap.add_argument("--timed", choices=["kernels", "forward", "both"], default="both")
     ap.add_argument("--all-archs", action="store_true", help="build for sm_80/86/89/90 (the default build)")
     ap.add_argument("--skip-tests", action="store_true")
@@ -170,12 +164,12 @@ def main() -> int:
                 say(f"   skipped {name} T={T}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 rows.append(dict(gpu=gpu, preset=name, T=T, status="failed", reason=str(exc).splitlines()[0][:200]))
                 continue
-            impls = [(f"cuda_int4 v{v}" + (f" l2={e}" if v >= 6 and e != "-1" else ""), v, e)
-                     for v in args.versions for e in (args.l2 if v >= 6 else ["-1"])]
-            impls += [("grouped_mm bf16", None, "-1")] if bf16_ok else []
+            impls = [(f"cuda_int4 v{v}" + (f" warm={mb}" if v >= 6 and mb != -1 else ""), v, mb)
+                     for v in args.versions for mb in (args.warm_mb if v >= 6 else [-1])]
+            impls += [("grouped_mm bf16", None, -1)] if bf16_ok else []
             both = ("kernels", "forward") if args.timed == "both" else (args.timed,)
-            for impl, version, l2 in impls:
-                ext.set_l2_prefetch(*parse_l2(l2))
+            for impl, version, mb in impls:
+                ext.set_warm_budget(mb << 20 if mb > 0 else mb)
                 for timed in (both if version is not None else ("forward",)):
                     row = dict(gpu=gpu, preset=name, T=T, impl=impl, timed=timed, active_experts=active,
                                touched_MB=round(touched / 1e6, 2), status="ok", reason="")
@@ -215,7 +209,7 @@ def main() -> int:
             for row in rows:
                 writer.writerow({c: row.get(c, "") for c in COLUMNS})
         say(f"wrote {path}")
-    ext.set_l2_prefetch(-1, False)
+    ext.set_warm_budget(-1)
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -357,7 +357,7 @@ def expected_splits(version: int, E: int, H: int, F: int, G2: int, rows: int, sm
 
 
 def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan, version: int, misalign=False,
-                  l2: tuple[int, bool] | None = None):
+                  warm_budget: int | None = None):
     """Run the emulated forward; returns (act, out, y, paths) as CPU tensors."""
     rc, out, _ = finished(builds, "emulation")
     assert rc == 0, f"the host emulation does not compile:\n{out[-4000:]}"
@@ -373,7 +373,7 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
         _raw(getattr(plan, name)).tofile(tmp / f"{name}.bin")
     (tmp / "params.txt").write_text(f"{T} {k} {E} {H} {F} {q.w13.group_size} {q.w2.group_size} {version} "
                                     f"{int(q.w13.symmetric)} {int(q.w2.symmetric)} {int(misalign)} {EMULATED_SMS}"
-                                    + ("" if l2 is None else f" {l2[0]} {int(l2[1])}") + "\n")
+                                    + ("" if warm_budget is None else f" {warm_budget}") + "\n")
     run = subprocess.run([str(builds[0] / "emulation"), str(tmp)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     paths = dict(p.split("=") for p in run.stdout.split()[1:])
@@ -411,33 +411,38 @@ def test_emulated_mma_kernels_match_reference(builds, case, version, tmp_path):
         assert paths["splits"] == 2
 
 
-# v6/v7's L2 prefetch needs a warp to take more than one step along K: K > 1024 (v6: 32 lanes x 32 codes a
-# step) or K > 512 (v7: 4 warps x 128-code chunks). (id, version, E, H, F, T, G, symmetric, (steps, per_line)).
-PREFETCH_CASES = [
-    ("v6-bulk-partial-steps", 6, 2, 2112, 1056, 3, 32, True, (2, False)),  # H: 66 chunks = 2 steps + 2
-    ("v6-lines-far", 6, 2, 2112, 1056, 3, 32, False, (8, True)),  # distance past the row's end; asymmetric
-    ("v7-bulk", 7, 2, 1152, 640, 3, 128, True, (2, False)),  # H: 9 chunks = 2 steps of 4 + 1
-    ("v7-lines-one-ahead", 7, 3, 1152, 1152, 2, 128, True, (1, True)),
+# v6/v7's GEMM2 prefetches the first bytes of its block's weight rows into L2 before it waits for GEMM1:
+# the budget spread over every row the launch reads, in 128-byte lines, at most the block's bytes per row.
+# (id, version, E, H, F, T, G13, G2, symmetric, budget in bytes).
+WARM_CASES = [
+    ("v6-partial-block", 6, 3, 40, 1024, 2, 8, 32, True, 1 << 20),  # H = 40: the last block has 8 of 16 rows
+    ("v6-asym-small-budget", 6, 2, 64, 1024, 3, 32, 32, False, 40_000),  # ~300 bytes a row -> 256 of 512
+    ("v7-splits", 7, 4, 128, 1024, 1, 128, 128, True, 1 << 20),  # GEMM2 splits K: each split warms its own range
+    ("v7-partial-tile", 7, 3, 272, 512, 2, 16, 128, True, 1 << 20),  # H = 272: the last tile has 16 of 32 rows
 ]
 
 
 @needs_cxx
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
-@pytest.mark.parametrize("case", PREFETCH_CASES, ids=[c[0] for c in PREFETCH_CASES])
-def test_emulated_l2_prefetch(builds, case, tmp_path):
-    _, version, E, H, F, T, G, sym, l2 = case
-    q, x, ids, tw, plan = setup_case(E, H, F, 1, T, "uniform", G, sym)
-    act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version, l2=l2)
+@pytest.mark.parametrize("case", WARM_CASES, ids=[c[0] for c in WARM_CASES])
+def test_emulated_l2_warm_up(builds, case, tmp_path):
+    _, version, E, H, F, T, G13, G2, sym, budget = case
+    q, x, ids, tw, plan = setup_case(E, H, F, 2, T, "uniform", G13, sym, G2=G2)
+    act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version, warm_budget=budget)
     assert paths["prefetched"] > 0  # (each prefetch checked by the emulation, see check_emulated)
-    assert paths["gemm1"] == paths["gemm2"] == (16 if version == 6 else 64)
+    assert paths["gemm2"] == (16 if version == 6 else 64)
+    if case[0] == "v7-splits":
+        assert paths["splits"] > 1
     deq = q.dequantize()
     assert relative_error(act, act_reference(x, deq, plan)) < TOL
     assert relative_error(y, moe_reference(x, deq, ids, tw)) < TOL
+    _, _, y_cold, cold = run_emulation(builds, tmp_path, q, x, plan, version, warm_budget=0)
+    assert cold["prefetched"] == 0 and torch.equal(y, y_cold)  # a hint only: same bits without it
 
 
-def check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym, l2=None) -> dict[str, int]:
+def check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym) -> dict[str, int]:
     q, x, ids, tw, plan = setup_case(E, H, F, k, T, skew, G13, sym, G2=G2)
-    act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version, l2=l2)
+    act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version)
     # the emulation checks every L2 prefetch (in a weight buffer, aligned, and only bytes a kernel loads);
     # only v6/v7 prefetch at all
     if version < 6:

@@ -74,9 +74,9 @@ VERSIONS = {
     4: "tensor cores: mma.sync with the dequantised weights as A (16 columns) and up to 8 token rows as B; "
        "warps split K, GEMM2 splits K over blocks when its blocks would not fill the GPU",
     5: "v4 + scales applied to each 128-wide chunk's mma sums instead of to every weight (symmetric, G % 128 == 0)",
-    6: "v2 + each warp's next weight bytes prefetched into L2 (bulk prefetch on sm_90): more bytes in flight, "
-       "no registers",
-    7: "v5 + the same L2 prefetch",
+    6: "v2 launched to overlap: GEMM2 and combine start while the kernel before them ends (programmatic "
+       "dependent launch, sm_90), GEMM2 prefetching its first weight bytes into L2 meanwhile",
+    7: "v5 launched to overlap, as v6",
 }
 VERSION_ENV = "MOE_TUT_CUDA_INT4_VERSION"
 BUILD_DIR_ENV = "MOE_TUT_BUILD_DIR"
