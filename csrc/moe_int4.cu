@@ -107,53 +107,7 @@ struct Quant {
   const bf16* scales;     // [E, K/G, N]
   const bf16* zeros;      // [E, K/G, N], nullptr when symmetric
   int N, K, G;
-  int warm_bytes;  // v6/v7 GEMM2: bytes of each of the block's weight rows to prefetch into L2 before waiting
 };
-
-// Programmatic dependent launch (v6/v7, sm_90+). GEMM2 and combine are launched with the
-// programmatic-stream-serialization attribute, so they may start once every block of the kernel before
-// them has called launch_dependents (here: at its start), i.e. while that kernel's last blocks still run;
-// griddep_wait() then blocks until that kernel has finished and its writes are visible. Everything before
-// the wait must not read what the previous kernel writes. Launched the ordinary way (v1-v5), both are
-// no-ops: the dependency is already resolved when a block starts.
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void griddep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Asks L2 to fetch the 128-byte line holding p (a hint: no registers held, no wait, results never depend
-// on it). The CPU emulation checks the range [p, p + bytes) instead (in a weight buffer, 16-byte aligned,
-// and read by a kernel later).
-__device__ __forceinline__ void prefetch_l2_line(const void* p, int bytes) {
-#if defined(__CUDA_ARCH__)
-  (void)bytes;
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
-#elif defined(MOE_INT4_HOST_EMULATION)
-  emulated_prefetch_l2(p, bytes);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
-// v6/v7 GEMM2, before its griddep_wait: the block's `rows` weight rows (consecutive, from `first_row`) are
-// about to be read from byte `start` on; ask L2 for their first `bytes` (a multiple of 16) while the
-// previous kernel's last blocks still run, so DRAM stays busy across the kernel boundary.
-__device__ __forceinline__ void warm_rows_l2(const uint8_t* first_row, size_t row_bytes, int rows, size_t start,
-                                             int bytes) {
-  const int lines = (bytes + 127) / 128;
-  for (int i = threadIdx.x; i < rows * lines; i += blockDim.x) {
-    const int r = i / lines, off = (i % lines) * 128;
-    prefetch_l2_line(first_row + r * row_bytes + start + off, min(128, bytes - off));
-  }
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -441,7 +395,6 @@ template <int VEC, bool SYM, bool PREFETCH, int MAXR>
 __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                 const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
-  griddep_launch_dependents();  // v6: GEMM2 may start on SMs this grid's last blocks leave free
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp;
@@ -473,17 +426,10 @@ __global__ void __launch_bounds__(kThreads)
 gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                   const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
                   int E) {
-  griddep_launch_dependents();  // v6: combine may start early (it waits for this grid)
-  const int e = nth_active_expert(offsets, E, blockIdx.y);  // offsets come from the plan, not from GEMM1
+  const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp;
   const int H = w.N;
-  if (VEC == 16 && w.warm_bytes > 0) {  // (the 4-byte path is for toy shapes)
-    const int first = blockIdx.x * kWarps * kWRows;  // the block's 16 columns
-    warm_rows_l2(w.packed + ((size_t)e * H + first) * (w.K / 2), w.K / 2, min(kWarps * kWRows, H - first), 0,
-                 w.warm_bytes);
-  }
-  griddep_wait();  // v6: GEMM1 has finished and `act` is visible
   const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * kWRows;  // columns n0..n0+3
   if (n0 >= H) return;
   int rows[kWRows];
@@ -754,7 +700,6 @@ __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                  const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
   __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
-  griddep_launch_dependents();  // v7: GEMM2 may start on SMs this grid's last blocks leave free
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
@@ -787,8 +732,7 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
                    const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
                    int E, int num_rows) {
   __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
-  griddep_launch_dependents();  // v7: combine may start early (it waits for this grid)
-  const int e = nth_active_expert(offsets, E, blockIdx.y);  // offsets come from the plan, not from GEMM1
+  const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int H = w.N;
@@ -797,10 +741,6 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
   const MmaWeights mw = mma_weights(w, e, base, limit);
   const int nchunks = w.K / kChunk, per = (nchunks + gridDim.z - 1) / gridDim.z;
   const int c_begin = blockIdx.z * per, c_end = min(nchunks, c_begin + per);
-  if (w.warm_bytes > 0 && c_begin < c_end)
-    warm_rows_l2(w.packed + ((size_t)e * H + n0) * (w.K / 2), w.K / 2, min(kTiles * kTileRows, H - n0),
-                 (size_t)c_begin * kChunkBytes, min(w.warm_bytes, (c_end - c_begin) * kChunkBytes));
-  griddep_wait();  // v7: GEMM1 has finished and `act` is visible
   float* out_split = out + (size_t)blockIdx.z * num_rows * H;
   const int begin = offsets[e], end = offsets[e + 1];
   for (int rb = begin; rb < end; rb += 8 * NT) {
@@ -826,7 +766,6 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
 
 __global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__ y, int T, int top_k, int H,
                                int splits) {
-  griddep_wait();  // v6/v7: GEMM2 has finished and `out` is visible
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)T * H) return;
   const size_t t = idx / H, h = idx % H, slice = (size_t)T * top_k * H;
@@ -852,53 +791,7 @@ template <class... KernelArgs, class... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
   kernel<<<grid, threads, 0, stream>>>(args...);
 }
-
-// A launch that may overlap the end of the previous kernel on the stream (see griddep_wait). Launch errors
-// land where cudaGetLastError finds them, as with <<<>>>.
-template <class... KernelArgs, class... Args>
-void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kernel, args...);
-}
-
-// Programmatic dependent launch needs sm_90; elsewhere v6/v7 launch the ordinary way. The current
-// device's answer is cached (a device attribute query, so fine inside a CUDA-graph capture).
-bool griddep_supported() {
-  static int major[64] = {};  // 0: not asked yet
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
-  return major[dev] >= 9;
-}
 #endif
-
-// v6/v7 (see griddep_wait): GEMM2 and combine overlap the kernel before them, and GEMM2 warms L2 with up
-// to kWarmBudget bytes of its weights (moe_int4_set_warm_budget) before waiting.
-bool overlaps(int version) { return version >= 6; }
-constexpr long kDefaultWarmBudget = 16L << 20;
-long g_warm_budget = -1;  // -1: kDefaultWarmBudget
-
-// Bytes of each weight row a v6/v7 GEMM2 block prefetches: the budget spread over every (expert, row,
-// split) block-row the launch reads, in whole 128-byte lines, at most the row's bytes per split.
-int warm_bytes_per_row(int version, int num_rows, int E, int H, int F, int splits) {
-  const long budget = g_warm_budget >= 0 ? g_warm_budget : kDefaultWarmBudget;
-  if (!overlaps(version) || budget == 0 || num_rows <= 0) return 0;
-  const long rows = (long)(num_rows < E ? num_rows : E) * H * splits;
-  const long per_split = (long)F / 2 / splits;
-  long bytes = budget / rows;
-  if (bytes > per_split) bytes = per_split;
-  return (int)(bytes / 128 * 128);
-}
 
 // v2/v3 launch: 16-byte loads get every variant; the 4-byte path exists only for toy shapes (K or G
 // not a multiple of 32), so it is compiled once (no prefetch, passes of up to kMaxRows) to keep the
@@ -923,9 +816,8 @@ void launch_gemm1_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStrea
 }
 
 template <bool SYM>
-void launch_gemm2_v2(int load, bool prefetch, int max_rows, bool dependent, dim3 grid, cudaStream_t stream,
-                     const bf16* act, const Quant& w, const int32_t* slots, const float* rw, const int32_t* offs,
-                     float* out, int E) {
+void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* act,
+                     const Quant& w, const int32_t* slots, const float* rw, const int32_t* offs, float* out, int E) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int);
   Kernel k;
   if (load == 4) {
@@ -939,11 +831,7 @@ void launch_gemm2_v2(int load, bool prefetch, int max_rows, bool dependent, dim3
         : max_rows == 2 ? gemm2_weighted_v2<16, SYM, false, 2>
                         : gemm2_weighted_v2<16, SYM, false, kMaxRows>;
   }
-  if (dependent) {
-    launch_dependent(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
-  } else {
-    launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
-  }
+  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
 }
 
 bool sizes_ok(int E, int H, int F, int num_rows, int num_tokens) {
@@ -971,13 +859,8 @@ constexpr int kMaxSplitRows = 256;
 // The dequant mode of a v4/v5 GEMM: v5's post-scaling where the chunk is one group and codes are symmetric.
 int mma_mode(int version, bool symmetric, int G) {
   if (!symmetric) return kAsym;
-  return (version == 5 || version == 7) && G % kChunk == 0 ? kSymPost : kSym;
+  return version >= 5 && G % kChunk == 0 ? kSymPost : kSym;
 }
-
-// v6 runs v2's kernels and v7 v5's, launched to overlap (overlaps()); v3 and v4/v5's fallback add register
-// double buffering to v2's.
-bool uses_mma(int version) { return version == 4 || version == 5 || version == 7; }
-bool register_prefetch(int version) { return version >= 3 && version <= 5; }
 
 template <int MODE>
 void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, const Quant& w, const int32_t* ids,
@@ -990,17 +873,13 @@ void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, con
 }
 
 template <int MODE>
-void launch_gemm2_mma(int nt, bool dependent, dim3 grid, cudaStream_t stream, const bf16* act, const Quant& w,
-                      const int32_t* slots, const float* rw, const int32_t* offs, float* out, int E, int num_rows) {
+void launch_gemm2_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* act, const Quant& w, const int32_t* slots,
+                      const float* rw, const int32_t* offs, float* out, int E, int num_rows) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int, int);
   const Kernel k = nt == 1   ? gemm2_weighted_mma<MODE, 1>
                    : nt == 2 ? gemm2_weighted_mma<MODE, 2>
                              : gemm2_weighted_mma<MODE, 4>;
-  if (dependent) {
-    launch_dependent(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
-  } else {
-    launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
-  }
+  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
 }
 
 }  // namespace
@@ -1016,17 +895,11 @@ extern "C" int moe_int4_path(int version, int K, int G, const void* packed, cons
   // Activations are read 8 bf16 (16 bytes) at a time, so rows of K values must stay 16-byte aligned.
   if (a % 16 == 0 && K % 8 == 0) {
     // v4/v5: 128-code chunks, a lane's 32 codes within one group
-    if (uses_mma(version) && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
+    if (version >= 4 && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
     if (K % 32 == 0 && G % 32 == 0 && p % 16 == 0) return 16;  // rows of K/2 bytes stay 16-byte aligned
     if (G % 8 == 0 && p % 4 == 0) return 4;
   }
   return 1;  // v2..v5 cannot vectorise this shape: run v1
-}
-
-extern "C" int moe_int4_set_warm_budget(long bytes) {
-  if (bytes < -1) return -1;
-  g_warm_budget = bytes;
-  return 0;
 }
 
 extern "C" int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
@@ -1050,7 +923,7 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
   if (load == 0) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   const Quant w{w13_packed, static_cast<const bf16*>(w13_scales), static_cast<const bf16*>(w13_zeros), 2 * F, H,
-                G13, 0};
+                G13};
   const bf16* xb = static_cast<const bf16*>(x);
   bf16* actb = static_cast<bf16*>(act);
   if (load == 1) {
@@ -1071,7 +944,7 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
     }
   } else {
     const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
-    const bool prefetch = register_prefetch(version);
+    const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w13_zeros == nullptr) {
       launch_gemm1_v2<true>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
@@ -1093,9 +966,7 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
   const int load = moe_int4_path(version, F, G2, w2_packed, act);
   if (load == 0 || splits < 1 || splits > kMaxSplits || (splits > 1 && load != 64)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
-  const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2,
-                warm_bytes_per_row(version, num_rows, E, H, F, splits)};
-  const bool dependent = overlaps(version) && griddep_supported();
+  const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2};
   const bf16* actb = static_cast<const bf16*>(act);
   if (load == 1) {
     const dim3 grid(ceil_div(H, kWarps), E);
@@ -1105,33 +976,33 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
     const int nt = mma_n_tiles(num_tokens, num_rows, E);
     switch (mma_mode(version, w2_zeros == nullptr, G2)) {
       case kSymPost:
-        launch_gemm2_mma<kSymPost>(nt, dependent, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+        launch_gemm2_mma<kSymPost>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
                                    num_rows);
         break;
       case kSym:
-        launch_gemm2_mma<kSym>(nt, dependent, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+        launch_gemm2_mma<kSym>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
                                num_rows);
         break;
       default:
-        launch_gemm2_mma<kAsym>(nt, dependent, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+        launch_gemm2_mma<kAsym>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
                                 num_rows);
     }
   } else {
     const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);
-    const bool prefetch = register_prefetch(version);
+    const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w2_zeros == nullptr) {
-      launch_gemm2_v2<true>(load, prefetch, max_rows, dependent, grid, stream, actb, w, sorted_slots, sorted_weights,
+      launch_gemm2_v2<true>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
                             expert_offsets, out, E);
     } else {
-      launch_gemm2_v2<false>(load, prefetch, max_rows, dependent, grid, stream, actb, w, sorted_slots, sorted_weights,
+      launch_gemm2_v2<false>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
                              expert_offsets, out, E);
     }
   }
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, int version,
+extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits,
                                         cudaStream_t stream) {
   if (T < 0 || top_k <= 0 || H <= 0 || splits < 1 || splits > kMaxSplits) return cudaErrorInvalidValue;
   const size_t n = (size_t)T * H;
@@ -1139,11 +1010,6 @@ extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int to
   const int threads = 256;
   const size_t blocks = (n + threads - 1) / threads;
   if (blocks > 0x7FFFFFFFu) return cudaErrorInvalidValue;
-  if (overlaps(version) && griddep_supported()) {
-    launch_dependent(combine_kernel, dim3((unsigned)blocks), threads, stream, out, static_cast<bf16*>(y), T, top_k, H,
-                     splits);
-  } else {
-    launch(combine_kernel, dim3((unsigned)blocks), threads, stream, out, static_cast<bf16*>(y), T, top_k, H, splits);
-  }
+  launch(combine_kernel, (unsigned)blocks, threads, stream, out, static_cast<bf16*>(y), T, top_k, H, splits);
   return cudaGetLastError();
 }

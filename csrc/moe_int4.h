@@ -22,10 +22,9 @@
 extern "C" {
 #endif
 
-// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + register prefetch,
-// 4 tensor cores (mma.sync), 5 tensor cores + scales after the mma, 6 and 7 = 2 and 5 with GEMM2 and
-// combine overlapping the kernel before them (programmatic dependent launch, sm_90).
-#define MOE_INT4_LATEST_VERSION 7
+// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + prefetch,
+// 4 tensor cores (mma.sync), 5 tensor cores + prefetch.
+#define MOE_INT4_LATEST_VERSION 5
 // GEMM2's most K splits (moe_int4_gemm2_splits), i.e. the most float32 `out` slices.
 #define MOE_INT4_MAX_SPLITS 8
 
@@ -54,14 +53,7 @@ int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows
 
 // Combine over k and the splits in a fixed order:
 //   y[t, h] = bf16(sum_{j < k} sum_{s < splits} out[s, t*k + j, h]).  y [T, H] bf16.
-// `version` only decides how it is launched (v6/v7: overlapping the end of GEMM2).
-cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, int version,
-                             cudaStream_t stream);
-
-// v6/v7's GEMM2 prefetches up to this many bytes of its weights into L2 while GEMM1's last blocks run
-// (-1 restores the built-in default, 0 turns it off). Process-wide, for tuning runs; returns 0, or -1 (and
-// changes nothing) for a negative value other than -1.
-int moe_int4_set_warm_budget(long bytes);
+cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, cudaStream_t stream);
 
 // num_tokens = T and num_rows = T*k (the length of the sorted arrays); T also bounds the rows of one
 // expert when each token's k experts are distinct, which the v2/v3 launch uses to pick the kernel

@@ -179,8 +179,7 @@ at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, co
 }
 
 // y [T, H] bf16 = sum over each token's k slot rows (and the K splits) of out [splits * T*k, H] float32.
-at::Tensor combine(const at::Tensor& out, int64_t num_tokens, int64_t top_k, int64_t version) {
-  check_version(version);
+at::Tensor combine(const at::Tensor& out, int64_t num_tokens, int64_t top_k) {
   MOE_CHECK(out.dim() == 2, "moe_int4: out must be 2-D [splits * T*k, H], got shape ", out.sizes());
   check_tensor(out, "out", at::kFloat, 2, out.device());
   const int64_t rows = num_tokens * top_k;
@@ -193,7 +192,7 @@ at::Tensor combine(const at::Tensor& out, int64_t num_tokens, int64_t top_k, int
   auto y = at::empty({num_tokens, H}, out.options().dtype(at::kBFloat16));
   const c10::cuda::CUDAGuard guard(out.device());
   check_launch(moe_int4_combine(out.data_ptr<float>(), y.data_ptr(), to_int(num_tokens, "T"), to_int(top_k, "top_k"),
-                                to_int(H, "H"), static_cast<int>(splits), static_cast<int>(version),
+                                to_int(H, "H"), static_cast<int>(splits),
                                 c10::cuda::getCurrentCUDAStream(out.device().index()).stream()),
                "moe_int4_combine");
   return y;
@@ -217,18 +216,13 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::
       gemm1_swiglu(x, w13_packed, w13_scales, w13_zeros, sorted_token_ids, expert_offsets, w13_group_size, version);
   const at::Tensor out = gemm2_weighted(act, w2_packed, w2_scales, w2_zeros, sorted_slots, sorted_weights,
                                         expert_offsets, x.size(0), w2_group_size, version);
-  return combine(out, x.size(0), top_k, version);
+  return combine(out, x.size(0), top_k);
 }
 
-// The path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3/v6 load width, 64 = v4/v5/v7 tensor cores), 0 = invalid.
+// The path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3 load width, 64 = v4/v5 tensor cores), 0 = invalid.
 int64_t path(int64_t version, int64_t K, int64_t group_size, const at::Tensor& packed, const at::Tensor& activations) {
   return moe_int4_path(static_cast<int>(version), to_int(K, "K"), to_int(group_size, "group_size"),
                        packed.data_ptr(), activations.data_ptr());
-}
-
-void set_warm_budget(int64_t bytes) {
-  MOE_CHECK(bytes >= -1, "moe_int4: the warm-up budget must be -1 (default), 0 (off) or a byte count, got ", bytes);
-  moe_int4_set_warm_budget(static_cast<long>(bytes));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -241,15 +235,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2_packed"), py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("sorted_slots"),
         py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("num_tokens"), py::arg("group_size"),
         py::arg("version"));
-  m.def("combine", &combine, "y = sum over k of out, bf16 (version: how it is launched)", py::arg("out"),
-        py::arg("num_tokens"), py::arg("top_k"), py::arg("version") = 1);
-  m.def("set_warm_budget", &set_warm_budget, "v6/v7: bytes of GEMM2's weights prefetched into L2 while GEMM1 ends "
-        "(-1 default, 0 off)", py::arg("bytes"));
+  m.def("combine", &combine, "y = sum over k of out, bf16", py::arg("out"), py::arg("num_tokens"), py::arg("top_k"));
   m.def("forward", &forward, "the whole MoE forward: y [T, H] bf16", py::arg("x"), py::arg("w13_packed"),
         py::arg("w13_scales"), py::arg("w13_zeros"), py::arg("w13_group_size"), py::arg("w2_packed"),
         py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("w2_group_size"), py::arg("sorted_token_ids"),
         py::arg("sorted_slots"), py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("top_k"),
         py::arg("version"));
-  m.def("path", &path, "the kernel path (1 = v1, 4/16 = v2/v3/v6 load width, 64 = v4/v5/v7 tensor cores, 0 = invalid)",
+  m.def("path", &path, "the kernel path (1 = v1, 4/16 = v2/v3 load width, 64 = v4/v5 tensor cores, 0 = invalid)",
         py::arg("version"), py::arg("K"), py::arg("group_size"), py::arg("packed"), py::arg("activations"));
 }

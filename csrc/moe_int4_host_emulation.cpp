@@ -13,14 +13,13 @@
 // emulations round the same way; moe_int4_dequant_check.cu checks them bit for bit).
 //
 // usage: moe_int4_host_emulation DIR   (files written by the test)
-//   DIR/params.txt: T top_k E H F G13 G2 version sym13 sym2 misalign_x sm_count [warm_budget]
+//   DIR/params.txt: T top_k E H F G13 G2 version sym13 sym2 misalign_x sm_count
 //   (sm_count: the GPU size GEMM2's K-split rule assumes, moe_int4_gemm2_splits; small, so toy shapes split)
 //   DIR/x.bin [T,H] bf16; w13_packed.bin, w13_scales.bin, w13_zeros.bin (if !sym13); same for w2;
 //   sorted_token_ids.bin, sorted_slots.bin [T*k] int32; sorted_weights.bin [T*k] f32;
 //   expert_offsets.bin [E+1] int32.
 //   Writes DIR/act.bin [T*k,F] bf16, DIR/out.bin [T*k,H] f32, DIR/y.bin [T,H] bf16 and prints
-//   "path gemm1=<code> gemm2=<code> splits=<n>" (moe_int4_path of each GEMM, GEMM2's K splits), then
-//   "prefetched=<bytes>" (v6/v7's L2 warm-up prefetches, each checked: see emulated_prefetch_l2).
+//   "path gemm1=<code> gemm2=<code> splits=<n>" (moe_int4_path of each GEMM, GEMM2's K splits).
 #include <cuda_runtime.h>  // host declarations only: dim3, uint3, uint4, cudaStream_t, cudaError_t
 
 #include <algorithm>
@@ -213,44 +212,8 @@ inline void emulated_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint3
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
-// v6/v7's L2 prefetches, checked: each must be 16-byte aligned, a multiple of 16 bytes and inside a packed
-// weight buffer, and (checked after the kernels ran) every prefetched byte must also be loaded by a kernel,
-// so a prefetch can neither fault on a GPU nor fetch bytes no one reads.
-namespace emu {
-struct Region {
-  const uint8_t* begin;
-  size_t bytes;
-  std::vector<uint8_t> loaded, prefetched;
-};
-std::vector<Region> regions;
-size_t prefetched_bytes = 0;
-
-inline Region* region_of(const void* p, size_t n) {
-  const auto* b = static_cast<const uint8_t*>(p);
-  for (auto& r : regions)
-    if (b >= r.begin && b + n <= r.begin + r.bytes) return &r;
-  return nullptr;
-}
-}  // namespace emu
-
-inline void emulated_prefetch_l2(const void* p, int bytes) {
-  emu::Region* r = emu::region_of(p, bytes > 0 ? bytes : 0);
-  if (bytes <= 0 || bytes % 16 || reinterpret_cast<uintptr_t>(p) % 16 || r == nullptr) {
-    std::fprintf(stderr, "bad L2 prefetch: %d bytes at %p (16-byte aligned, a multiple of 16, in a weight buffer)\n",
-                 bytes, p);
-    std::exit(5);
-  }
-  const size_t off = static_cast<const uint8_t*>(p) - r->begin;
-  std::fill(r->prefetched.begin() + off, r->prefetched.begin() + off + bytes, 1);
-  emu::prefetched_bytes += bytes;
-}
-
 template <class T>
 inline T __ldg(const T* p) {
-  if (emu::Region* r = emu::region_of(p, sizeof(T))) {
-    const size_t off = reinterpret_cast<const uint8_t*>(p) - r->begin;
-    std::fill(r->loaded.begin() + off, r->loaded.begin() + off + sizeof(T), 1);
-  }
   return *p;
 }
 
@@ -265,15 +228,6 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t,
       for (unsigned bx = 0; bx < grid.x; ++bx) emu::run_block(threads, bx, by, bz);
   emu::block = nullptr;
 }
-
-// Blocks run one kernel after another here, so a dependent launch is an ordinary one (the overlap exists on
-// the GPU only), and griddepcontrol compiles to nothing on the host.
-template <class... KernelArgs, class... Args>
-void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
-  launch(kernel, grid, threads, stream, args...);
-}
-
-bool griddep_supported() { return true; }
 
 #include "moe_int4.cu"
 
@@ -331,11 +285,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bad params.txt\n");
     return 2;
   }
-  long warm_budget = -1;  // optional: v6/v7's L2 warm-up budget (moe_int4_set_warm_budget)
-  if (std::fscanf(pf, "%ld", &warm_budget) == 1 && moe_int4_set_warm_budget(warm_budget) != 0) {
-    std::fprintf(stderr, "bad warm-up budget %ld\n", warm_budget);
-    return 2;
-  }
   std::fclose(pf);
   const size_t rows = (size_t)T * k;
   // misalign_x shifts x by one bf16, so the launcher must notice and fall back to v1.
@@ -350,8 +299,6 @@ int main(int argc, char** argv) {
   auto slots = read_file(dir + "/sorted_slots.bin", rows * 4);
   auto sw = read_file(dir + "/sorted_weights.bin", rows * 4);
   auto offs = read_file(dir + "/expert_offsets.bin", (size_t)(E + 1) * 4);
-  for (auto [buf, bytes] : {std::pair{w13p.get(), (size_t)E * 2 * F * H / 2}, std::pair{w2p.get(), (size_t)E * H * F / 2}})
-    emu::regions.push_back({buf->data, bytes, std::vector<uint8_t>(bytes), std::vector<uint8_t>(bytes)});
   Buffer act(rows * F * 2);
   const int splits = moe_int4_gemm2_splits(version, E, H, F, G2, (int)rows, sm_count, w2p->data, act.data);
   Buffer out(splits * rows * H * 4), y((size_t)T * H * 2);
@@ -372,15 +319,8 @@ int main(int argc, char** argv) {
                                 reinterpret_cast<float*>(out.data), T, (int)rows, E, H, F, G2, version, splits,
                                 nullptr),
         "moe_int4_gemm2_weighted");
-  check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, version, nullptr),
+  check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, nullptr),
         "moe_int4_combine");
-  for (const auto& r : emu::regions)
-    for (size_t i = 0; i < r.bytes; ++i)
-      if (r.prefetched[i] && !r.loaded[i]) {
-        std::fprintf(stderr, "byte %zu of a weight buffer was prefetched but never loaded\n", i);
-        return 6;
-      }
-  std::printf("prefetched=%zu\n", emu::prefetched_bytes);
   write_file(dir + "/act.bin", act.data, rows * F * 2);
   write_file(dir + "/out.bin", out.data, splits * rows * H * 4);
   write_file(dir + "/y.bin", y.data, (size_t)T * H * 2);

@@ -1,22 +1,19 @@
 """One-call GPU check of the CUDA INT4 kernel (csrc/moe_int4.cu): build, correctness, decode timings.
 
     python scripts/gpu_cuda_int4_check.py [--all-archs] [--presets mixtral deepseek-v3 qwen3-30b-a3b]
-                                          [--tokens 1 4 16] [--versions ...] [--warm-mb 0 16] [--timed kernels]
-                                          [--skip-tests] [--budget-s 225]
+                                          [--tokens 1 4 16] [--skip-tests] [--budget-s 225]
 
 1. Builds the extension (for this GPU's architecture only, ~4x faster than the default four-architecture
    build, unless --all-archs is given or TORCH_CUDA_ARCH_LIST is set).
 2. Runs the GPU tests: pytest -m gpu tests/test_cuda_int4.py.
-3. Times one MoE decode forward at each T on each preset, for every kernel version (all, or --versions), two ways
-   (or only the one --timed names):
+3. Times one MoE decode forward at each T on each preset, for every kernel version (v1..v5, or --versions), two ways:
    `kernels` = the three launches on a prebuilt RoutingPlan (what the kernel itself costs) and `forward` =
    RoutingPlan.build + the kernels (the timed unit of moe_tut.bench). Timing is moe_tut.bench.timing's:
    CUDA-graph replay, L2 flushed before each replay, median of CUDA events. bf16 grouped_mm (torch's
    grouped GEMM on the bf16 weights) is timed beside it for scale. Each row prints the packed-weight
    bandwidth of the experts the routing touched (codes + scales (+ zeros)) against this GPU's measured
    device-copy bandwidth, and the relative error against the float32 reference on the dequantised
-   weights of those experts. --warm-mb sweeps v6/v7's L2 warm-up budget (moe_int4_set_warm_budget, MB;
-   -1 = the built-in default): v6/v7 get a row per entry (impl "cuda_int4 v7 warm=16"), the others one row.
+   weights of those experts.
 
 Writes $OUT/cuda_int4_check.csv when OUT is set. Every row is guarded: a failure is printed and recorded,
 and the run goes on. Designed to finish in under 4 minutes on an H100 (the first build is ~1 minute of it).
@@ -101,9 +98,6 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["mixtral", "deepseek-v3", "qwen3-30b-a3b"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--versions", nargs="+", type=int, default=sorted(ci4.VERSIONS))
-    ap.add_argument("--warm-mb", nargs="+", type=int, default=[-1],
-                    help="v6/v7 L2 warm-up budgets to sweep, MB (-1: the default)")
-    ap.add_argument("--timed", choices=["kernels", "forward", "both"], default="both")
     ap.add_argument("--all-archs", action="store_true", help="build for sm_80/86/89/90 (the default build)")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--budget-s", type=float, default=225.0, help="stop timing new rows after this long")
@@ -164,13 +158,9 @@ def main() -> int:
                 say(f"   skipped {name} T={T}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 rows.append(dict(gpu=gpu, preset=name, T=T, status="failed", reason=str(exc).splitlines()[0][:200]))
                 continue
-            impls = [(f"cuda_int4 v{v}" + (f" warm={mb}" if v >= 6 and mb != -1 else ""), v, mb)
-                     for v in args.versions for mb in (args.warm_mb if v >= 6 else [-1])]
-            impls += [("grouped_mm bf16", None, -1)] if bf16_ok else []
-            both = ("kernels", "forward") if args.timed == "both" else (args.timed,)
-            for impl, version, mb in impls:
-                ext.set_warm_budget(mb << 20 if mb > 0 else mb)
-                for timed in (both if version is not None else ("forward",)):
+            impls = [(f"cuda_int4 v{v}", v) for v in args.versions] + ([("grouped_mm bf16", None)] if bf16_ok else [])
+            for impl, version in impls:
+                for timed in (("kernels", "forward") if version is not None else ("forward",)):
                     row = dict(gpu=gpu, preset=name, T=T, impl=impl, timed=timed, active_experts=active,
                                touched_MB=round(touched / 1e6, 2), status="ok", reason="")
                     rows.append(row)
@@ -209,7 +199,6 @@ def main() -> int:
             for row in rows:
                 writer.writerow({c: row.get(c, "") for c in COLUMNS})
         say(f"wrote {path}")
-    ext.set_warm_budget(-1)
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 
