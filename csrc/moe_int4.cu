@@ -271,32 +271,9 @@ struct WarpRows {
   int rows[kWRows];       // the warp's weight rows (output columns; GEMM1: gate and up rows)
 };
 
-// The inner loop of the v2 family: plain (v2), with register double buffering (v3), or with codes as
-// float32 1 + c/16 and the scales applied per chunk (v6, 16-byte loads only).
-enum V2Kind { kPlain = 0, kPrefetch = 1, kFloatCodes = 2 };
-
-// v6: code p of packed word u (nibble p, k = 8w + p) as the float32 1 + c/16: its 4 bits moved to mantissa
-// bits 19..22 under 1.0's exponent, one shift and one LOP3, exact. Against v2's bf16x2 path this skips the
-// HSUB2/HMUL2 and the two widenings per pair: 3 instructions per weight with its FFMA instead of ~3.9.
-template <int P>
-__device__ __forceinline__ float code_over16_plus1(uint32_t u) {
-  constexpr int kShift = 19 - 4 * P;
-  const uint32_t moved = kShift >= 0 ? u << (kShift >= 0 ? kShift : 0) : u >> (kShift < 0 ? -kShift : 0);
-#ifdef __CUDA_ARCH__
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(moved), "n"(0x00780000u), "n"(0x3F800000u));
-  return __uint_as_float(r);  // 0xEA = (a & b) | c
-#else
-  return bits_to_float((moved & 0x00780000u) | 0x3F800000u);
-#endif
-}
-
-template <int VEC, bool SYM, int KIND, int R>
+template <int VEC, bool SYM, bool PREFETCH, int R>
 __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G, const bf16* (&xrow)[R],
                                          float (&acc)[kWRows][R], int lane) {
-  constexpr bool PREFETCH = KIND == kPrefetch;
-  constexpr bool FLOAT = KIND == kFloatCodes;
-  static_assert(!FLOAT || VEC == 16, "v6 runs on the 16-byte path");
   const size_t half = K / 2;
   constexpr int kWords = VEC / 4;
   constexpr int kVals = 2 * VEC;  // codes per chunk
@@ -332,22 +309,8 @@ __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G
     for (int i = 0; i < kWRows; ++i) {
       const bf16 s = wr.scales[g_row + wr.rows[i]];
       s2[i] = __bfloat162bfloat162(s);
-      sf[i] = SYM && !FLOAT ? 0.0f : bf16_to_float(s);
+      sf[i] = SYM ? 0.0f : bf16_to_float(s);
       zf[i] = SYM ? 0.0f : bf16_to_float(wr.zeros[g_row + wr.rows[i]]);
-    }
-    // v6: part = sum over the chunk of (1 + c/16) x and xsum = sum of x, so that
-    //   sum (c - 8) x = 16 part - 24 xsum  (symmetric: w = (c - 8) s)   and   sum c x = 16 (part - xsum),
-    // both multiplied by the chunk's scale once (float32 throughout: the weights are not rounded to bf16 first,
-    // as in v5). |part| stays within ~2x |xsum| + |sum c x| / 16, so the subtraction costs 2-3 of float32's
-    // 24 bits, far below the bf16 outputs' 8.
-    float part[kWRows][R], xsum[R];
-    if constexpr (FLOAT) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        xsum[r] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < kWRows; ++i) part[i][r] = 0.0f;
-      }
     }
 #pragma unroll
     for (int wd = 0; wd < kWords; ++wd) {
@@ -365,45 +328,14 @@ __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G
         xf[r][6] = bf16x2_lo(xv.w);
         xf[r][7] = bf16x2_hi(xv.w);
       }
-      if constexpr (FLOAT) {
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int p = 0; p < 8; ++p) xsum[r] += xf[r][p];
-#pragma unroll
-        for (int i = 0; i < kWRows; ++i) {
-          const uint32_t u = cur[i][wd];
-          const float w[8] = {code_over16_plus1<0>(u), code_over16_plus1<1>(u), code_over16_plus1<2>(u),
-                              code_over16_plus1<3>(u), code_over16_plus1<4>(u), code_over16_plus1<5>(u),
-                              code_over16_plus1<6>(u), code_over16_plus1<7>(u)};
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int p = 0; p < 8; ++p) part[i][r] = fmaf(w[p], xf[r][p], part[i][r]);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kWRows; ++i) {
-          const uint32_t u = cur[i][wd];
-          fma_pair<0, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
-          fma_pair<1, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
-          fma_pair<2, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
-          fma_pair<3, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
-        }
+      for (int i = 0; i < kWRows; ++i) {
+        const uint32_t u = cur[i][wd];
+        fma_pair<0, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
+        fma_pair<1, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
+        fma_pair<2, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
+        fma_pair<3, SYM, R>(u, s2[i], sf[i], zf[i], xf, acc[i]);
       }
-    }
-    if constexpr (FLOAT) {
-#pragma unroll
-      for (int i = 0; i < kWRows; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float s16 = 16.0f * sf[i];  // exact: a power-of-two multiple
-          if constexpr (SYM) {
-            acc[i][r] = fmaf(s16, fmaf(-1.5f, xsum[r], part[i][r]), acc[i][r]);
-          } else {
-            acc[i][r] = fmaf(s16, part[i][r] - xsum[r], fmaf(zf[i], xsum[r], acc[i][r]));
-          }
-        }
     }
     if constexpr (PREFETCH) {
       if (c + kWarp < nchunks) {
@@ -459,7 +391,7 @@ __device__ __forceinline__ void for_each_pass(int begin, int end, const Pass& pa
   }
 }
 
-template <int VEC, bool SYM, int KIND, int MAXR>
+template <int VEC, bool SYM, bool PREFETCH, int MAXR>
 __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                 const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
@@ -478,7 +410,7 @@ gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__
 #pragma unroll
     for (int r = 0; r < R; ++r) xrow[r] = x + (size_t)token_ids[rb + r] * w.K;
     float acc[kWRows][R];
-    dot_rows<VEC, SYM, KIND, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
+    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
     // lane 2r + j writes act[rb + r, n0 + j]
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -489,7 +421,7 @@ gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__
   });
 }
 
-template <int VEC, bool SYM, int KIND, int MAXR>
+template <int VEC, bool SYM, bool PREFETCH, int MAXR>
 __global__ void __launch_bounds__(kThreads)
 gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                   const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
@@ -510,7 +442,7 @@ gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restri
 #pragma unroll
     for (int r = 0; r < R; ++r) xrow[r] = act + (size_t)(rb + r) * w.K;
     float acc[kWRows][R];
-    dot_rows<VEC, SYM, KIND, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
+    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
     // lane 4r + i writes out[slot of row rb + r, n0 + i]: at most 16 lanes, one store each
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -861,43 +793,44 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t 
 }
 #endif
 
-// v2/v3/v6 launch: 16-byte loads get every variant; the 4-byte path exists only for toy shapes (K or G
-// not a multiple of 32), so it is compiled once (plain, passes of up to kMaxRows) to keep the build short,
-// and v3 and v6 run v2's kernel there.
-using Gemm1Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
-using Gemm2Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int);
-
-template <bool SYM, int KIND>
-Gemm1Kernel gemm1_v2_instance(int max_rows) {
-  return max_rows == 1   ? gemm1_swiglu_v2<16, SYM, KIND, 1>
-         : max_rows == 2 ? gemm1_swiglu_v2<16, SYM, KIND, 2>
-                         : gemm1_swiglu_v2<16, SYM, KIND, kMaxRows>;
-}
-
-template <bool SYM, int KIND>
-Gemm2Kernel gemm2_v2_instance(int max_rows) {
-  return max_rows == 1   ? gemm2_weighted_v2<16, SYM, KIND, 1>
-         : max_rows == 2 ? gemm2_weighted_v2<16, SYM, KIND, 2>
-                         : gemm2_weighted_v2<16, SYM, KIND, kMaxRows>;
-}
-
+// v2/v3 launch: 16-byte loads get every variant; the 4-byte path exists only for toy shapes (K or G
+// not a multiple of 32), so it is compiled once (no prefetch, passes of up to kMaxRows) to keep the
+// build short, and v3 runs v2's kernel there.
 template <bool SYM>
-void launch_gemm1_v2(int load, int kind, int max_rows, dim3 grid, cudaStream_t stream, const bf16* x,
+void launch_gemm1_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* x,
                      const Quant& w, const int32_t* ids, const int32_t* offs, bf16* act, int E, int F) {
-  const Gemm1Kernel k = load == 4              ? gemm1_swiglu_v2<4, SYM, kPlain, kMaxRows>
-                        : kind == kPrefetch    ? gemm1_v2_instance<SYM, kPrefetch>(max_rows)
-                        : kind == kFloatCodes ? gemm1_v2_instance<SYM, kFloatCodes>(max_rows)
-                                               : gemm1_v2_instance<SYM, kPlain>(max_rows);
+  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
+  Kernel k;
+  if (load == 4) {
+    k = gemm1_swiglu_v2<4, SYM, false, kMaxRows>;
+  } else if (prefetch) {
+    k = max_rows == 1   ? gemm1_swiglu_v2<16, SYM, true, 1>
+        : max_rows == 2 ? gemm1_swiglu_v2<16, SYM, true, 2>
+                        : gemm1_swiglu_v2<16, SYM, true, kMaxRows>;
+  } else {
+    k = max_rows == 1   ? gemm1_swiglu_v2<16, SYM, false, 1>
+        : max_rows == 2 ? gemm1_swiglu_v2<16, SYM, false, 2>
+                        : gemm1_swiglu_v2<16, SYM, false, kMaxRows>;
+  }
   launch(k, grid, kThreads, stream, x, w, ids, offs, act, E, F);
 }
 
 template <bool SYM>
-void launch_gemm2_v2(int load, int kind, int max_rows, dim3 grid, cudaStream_t stream, const bf16* act,
+void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* act,
                      const Quant& w, const int32_t* slots, const float* rw, const int32_t* offs, float* out, int E) {
-  const Gemm2Kernel k = load == 4              ? gemm2_weighted_v2<4, SYM, kPlain, kMaxRows>
-                        : kind == kPrefetch    ? gemm2_v2_instance<SYM, kPrefetch>(max_rows)
-                        : kind == kFloatCodes ? gemm2_v2_instance<SYM, kFloatCodes>(max_rows)
-                                               : gemm2_v2_instance<SYM, kPlain>(max_rows);
+  using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int);
+  Kernel k;
+  if (load == 4) {
+    k = gemm2_weighted_v2<4, SYM, false, kMaxRows>;
+  } else if (prefetch) {
+    k = max_rows == 1   ? gemm2_weighted_v2<16, SYM, true, 1>
+        : max_rows == 2 ? gemm2_weighted_v2<16, SYM, true, 2>
+                        : gemm2_weighted_v2<16, SYM, true, kMaxRows>;
+  } else {
+    k = max_rows == 1   ? gemm2_weighted_v2<16, SYM, false, 1>
+        : max_rows == 2 ? gemm2_weighted_v2<16, SYM, false, 2>
+                        : gemm2_weighted_v2<16, SYM, false, kMaxRows>;
+  }
   launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
 }
 
@@ -926,12 +859,8 @@ constexpr int kMaxSplitRows = 256;
 // The dequant mode of a v4/v5 GEMM: v5's post-scaling where the chunk is one group and codes are symmetric.
 int mma_mode(int version, bool symmetric, int G) {
   if (!symmetric) return kAsym;
-  return version == 5 && G % kChunk == 0 ? kSymPost : kSym;
+  return version >= 5 && G % kChunk == 0 ? kSymPost : kSym;
 }
-
-// Which v2-family loop a version runs (v4/v5 where they fall back: v3's).
-bool uses_mma(int version) { return version == 4 || version == 5; }
-int v2_kind(int version) { return version == 6 ? kFloatCodes : version >= 3 ? kPrefetch : kPlain; }
 
 template <int MODE>
 void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, const Quant& w, const int32_t* ids,
@@ -966,7 +895,7 @@ extern "C" int moe_int4_path(int version, int K, int G, const void* packed, cons
   // Activations are read 8 bf16 (16 bytes) at a time, so rows of K values must stay 16-byte aligned.
   if (a % 16 == 0 && K % 8 == 0) {
     // v4/v5: 128-code chunks, a lane's 32 codes within one group
-    if (uses_mma(version) && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
+    if (version >= 4 && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
     if (K % 32 == 0 && G % 32 == 0 && p % 16 == 0) return 16;  // rows of K/2 bytes stay 16-byte aligned
     if (G % 8 == 0 && p % 4 == 0) return 4;
   }
@@ -1015,13 +944,13 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
     }
   } else {
     const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
-    const int kind = v2_kind(version);
+    const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w13_zeros == nullptr) {
-      launch_gemm1_v2<true>(load, kind, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
+      launch_gemm1_v2<true>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
                             F);
     } else {
-      launch_gemm1_v2<false>(load, kind, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
+      launch_gemm1_v2<false>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
                              F);
     }
   }
@@ -1060,13 +989,13 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
     }
   } else {
     const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);
-    const int kind = v2_kind(version);
+    const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w2_zeros == nullptr) {
-      launch_gemm2_v2<true>(load, kind, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
+      launch_gemm2_v2<true>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
                             expert_offsets, out, E);
     } else {
-      launch_gemm2_v2<false>(load, kind, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
+      launch_gemm2_v2<false>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
                              expert_offsets, out, E);
     }
   }

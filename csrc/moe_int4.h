@@ -22,10 +22,9 @@
 extern "C" {
 #endif
 
-// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + register prefetch,
-// 4 tensor cores (mma.sync), 5 tensor cores + scales after the mma, 6 vectorised with float32 codes + scales
-// after each chunk.
-#define MOE_INT4_LATEST_VERSION 6
+// Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + prefetch,
+// 4 tensor cores (mma.sync), 5 tensor cores + prefetch.
+#define MOE_INT4_LATEST_VERSION 5
 // GEMM2's most K splits (moe_int4_gemm2_splits), i.e. the most float32 `out` slices.
 #define MOE_INT4_MAX_SPLITS 8
 
