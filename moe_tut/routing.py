@@ -247,11 +247,14 @@ class RoutingPlan:
         """Group token slots by expert. `validate` checks ids are in range (a host sync: off when timing).
 
         `method` picks how the tensors are built; every method gives bit-identical results:
-          "auto"    the single-launch Triton kernel (moe_tut.kernels.plan) for CUDA tensors with
-                    T*k <= its AUTO_MAX_ROWS, else the torch ops. The CPU always takes the torch ops:
-                    under Triton's interpreter the kernel is far slower.
+          "auto"    the Triton plan kernels (moe_tut.kernels.plan) for CUDA tensors with T*k <= its
+                    AUTO_MAX_ROWS (one launch) or AUTO_MULTI_MAX_ROWS (three launches), else the
+                    torch ops. The CPU always takes the torch ops: under Triton's
+                    interpreter the kernels are far slower.
           "torch"   ~15 small torch kernels (sort, scatter_add, cumsum, ...): any size, any device.
-          "kernel"  the Triton kernel; on the CPU it needs Triton's interpreter (tests use this).
+          "kernel"  the Triton kernels: a single CTA up to AUTO_MAX_ROWS rows, a multi-CTA counting
+                    sort above, up to its MAX_ROWS; on the CPU they need Triton's interpreter (tests
+                    use this).
         """
         if method not in PLAN_METHODS:
             raise ValueError(f"method must be one of {', '.join(PLAN_METHODS)}; got {method!r}")
