@@ -271,14 +271,7 @@ struct WarpRows {
   int rows[kWRows];       // the warp's weight rows (output columns; GEMM1: gate and up rows)
 };
 
-// Activations through the read-only path, or (COHERENT: v6's GEMM2, whose `act` other blocks of the same
-// launch wrote) from L2, bypassing L1.
-template <bool COHERENT>
-__device__ __forceinline__ uint4 load_activations(const bf16* p) {
-  return COHERENT ? __ldcg(reinterpret_cast<const uint4*>(p)) : __ldg(reinterpret_cast<const uint4*>(p));
-}
-
-template <int VEC, bool SYM, bool PREFETCH, int R, bool COHERENT = false>
+template <int VEC, bool SYM, bool PREFETCH, int R>
 __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G, const bf16* (&xrow)[R],
                                          float (&acc)[kWRows][R], int lane) {
   const size_t half = K / 2;
@@ -325,7 +318,7 @@ __device__ __forceinline__ void dot_rows(const WarpRows& wr, int N, int K, int G
       float xf[R][8];  // activations k0..k0+7 of each row, widened once and shared by kWRows weight rows
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const uint4 xv = load_activations<COHERENT>(xrow[r] + k0);
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xrow[r] + k0));
         xf[r][0] = bf16x2_lo(xv.x);
         xf[r][1] = bf16x2_hi(xv.x);
         xf[r][2] = bf16x2_lo(xv.y);
@@ -398,15 +391,14 @@ __device__ __forceinline__ void for_each_pass(int begin, int end, const Pass& pa
   }
 }
 
-// One block's GEMM1 tile: 8 columns (gate and up rows) of expert e (an active one); warps past the last
-// column leave early.
 template <int VEC, bool SYM, bool PREFETCH, int MAXR>
-__device__ __forceinline__ void gemm1_tile_v2(const bf16* __restrict__ x, const Quant& w,
-                                              const int32_t* __restrict__ token_ids,
-                                              const int32_t* __restrict__ offsets, bf16* __restrict__ act, int e,
-                                              int F, int bx) {
+__global__ void __launch_bounds__(kThreads)
+gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
+                const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
+  const int e = nth_active_expert(offsets, E, blockIdx.y);
+  if (e < 0) return;
   const int lane = threadIdx.x % kWarp;
-  const int n0 = (bx * kWarps + threadIdx.x / kWarp) * 2;  // this warp's columns: n0, n0 + 1
+  const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * 2;  // this warp's columns: n0, n0 + 1
   if (n0 >= F) return;
   const bool two = n0 + 1 < F;
   const int n1 = two ? n0 + 1 : n0;  // a missing second column re-reads the first; its result is dropped
@@ -431,22 +423,14 @@ __device__ __forceinline__ void gemm1_tile_v2(const bf16* __restrict__ x, const 
 
 template <int VEC, bool SYM, bool PREFETCH, int MAXR>
 __global__ void __launch_bounds__(kThreads)
-gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
-                const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
+gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
+                  const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
+                  int E) {
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
-  gemm1_tile_v2<VEC, SYM, PREFETCH, MAXR>(x, w, token_ids, offsets, act, e, F, blockIdx.x);
-}
-
-// One block's GEMM2 tile: 16 columns of expert e (an active one); warps past the last column leave early.
-template <int VEC, bool SYM, bool PREFETCH, int MAXR, bool COHERENT>
-__device__ __forceinline__ void gemm2_tile_v2(const bf16* __restrict__ act, const Quant& w,
-                                              const int32_t* __restrict__ slots, const float* __restrict__ route_w,
-                                              const int32_t* __restrict__ offsets, float* __restrict__ out, int e,
-                                              int bx) {
   const int lane = threadIdx.x % kWarp;
   const int H = w.N;
-  const int n0 = (bx * kWarps + threadIdx.x / kWarp) * kWRows;  // columns n0..n0+3
+  const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * kWRows;  // columns n0..n0+3
   if (n0 >= H) return;
   int rows[kWRows];
 #pragma unroll
@@ -458,7 +442,7 @@ __device__ __forceinline__ void gemm2_tile_v2(const bf16* __restrict__ act, cons
 #pragma unroll
     for (int r = 0; r < R; ++r) xrow[r] = act + (size_t)(rb + r) * w.K;
     float acc[kWRows][R];
-    dot_rows<VEC, SYM, PREFETCH, R, COHERENT>(wr, w.N, w.K, w.G, xrow, acc, lane);
+    dot_rows<VEC, SYM, PREFETCH, R>(wr, w.N, w.K, w.G, xrow, acc, lane);
     // lane 4r + i writes out[slot of row rb + r, n0 + i]: at most 16 lanes, one store each
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -467,134 +451,6 @@ __device__ __forceinline__ void gemm2_tile_v2(const bf16* __restrict__ act, cons
         if (lane == kWRows * r + i && n0 + i < H)
           out[(size_t)slots[rb + r] * H + n0 + i] = route_w[rb + r] * acc[i][r];
   });
-}
-
-template <int VEC, bool SYM, bool PREFETCH, int MAXR>
-__global__ void __launch_bounds__(kThreads)
-gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
-                  const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
-                  int E) {
-  const int e = nth_active_expert(offsets, E, blockIdx.y);
-  if (e < 0) return;
-  gemm2_tile_v2<VEC, SYM, PREFETCH, MAXR, false>(act, w, slots, route_w, offsets, out, e, blockIdx.x);
-}
-
-// ------------------------------------------------------------------------------------------ v6
-//
-// The whole decode forward in ONE launch, on v2's tiles. Why: at T = 1 each GEMM already reads its bytes
-// as fast as a plain reduction kernel does (results/h100/LOG.md, session 5), and what is left is the
-// ramp-up and tail every memory-bound launch pays (~15-20 us on an H100): one read of 182 MB takes 78 us,
-// 117 + 59 MB in two launches 92 us. So GEMM2 and the combine run in the same grid as GEMM1:
-//   - a persistent grid (about one wave) takes work items from a ticket counter, in order: every GEMM1
-//     tile (active expert a, 8 columns), then every GEMM2 tile (a, 16 columns);
-//   - a GEMM1 tile ends with a fence and done1[a] += 1; a GEMM2 tile of a first waits until done1[a]
-//     counts all of a's GEMM1 tiles, then reads act from L2 (other blocks wrote it in this launch);
-//   - a GEMM2 tile ends with a fence and done2[column tile] += 1; the block that completes a column
-//     tile's count (one tile per active expert) sums its columns of `out` over k in a fixed order into y,
-//     as combine does, so y stays bitwise reproducible.
-// No deadlock whatever the grid size or residency: tickets are taken in order, so every GEMM1 tile a
-// waiting block depends on was taken earlier by a block that is running it. The counters (`work`) are
-// zeroed by the launcher before each launch (a memset, not a kernel).
-struct FusedArgs {
-  const bf16* x;
-  Quant w13, w2;
-  const int32_t* token_ids;
-  const int32_t* slots;
-  const float* route_w;
-  const int32_t* offsets;
-  bf16* act;    // [T*k, F]
-  float* out;   // [T*k, H]
-  bf16* y;      // [T, H]
-  int* work;    // [1 + A + ceil(H / 16)]: ticket, done1[A], done2[column tiles]
-  int T, top_k, E, F, H, A;  // A = min(E, T*k): the active-expert slots
-};
-
-constexpr int kFusedMaxActive = 256;  // active-expert slots v6 lists in shared memory (A = min(E, T*k))
-
-// list[0..n) = the experts with rows, in expert order (n <= cap is the caller's to ensure: A <= cap);
-// returns n. Every thread of the block must call it. The same ballot scan as nth_active_expert, done once.
-__device__ int list_active_experts(const int32_t* __restrict__ offsets, int E, int* list) {
-  __shared__ int warp_counts[kWarps];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  int before = 0;
-  for (int base = 0; base < E; base += kThreads) {
-    const int e = base + threadIdx.x;
-    const bool active = e < E && offsets[e + 1] > offsets[e];
-    const uint32_t ballot = __ballot_sync(0xffffffffu, active);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int rank = before + __popc(ballot & ((1u << lane) - 1u)), total = 0;
-    for (int i = 0; i < kWarps; ++i) {
-      if (i < warp) rank += warp_counts[i];
-      total += warp_counts[i];
-    }
-    if (active && rank < kFusedMaxActive) list[rank] = e;
-    before += total;
-    __syncthreads();  // warp_counts may be overwritten
-  }
-  return before;
-}
-
-template <bool SYM, int MAXR>
-__global__ void __launch_bounds__(kThreads) forward_fused_v6(FusedArgs a) {
-  __shared__ int ticket, last;
-  __shared__ int experts[kFusedMaxActive];
-  const int n1 = (a.F + 2 * kWarps - 1) / (2 * kWarps), n2 = (a.H + kWRows * kWarps - 1) / (kWRows * kWarps);
-  const int items1 = a.A * n1, items = items1 + a.A * n2;
-  int* const next = a.work;
-  int* const done1 = a.work + 1;
-  int* const done2 = a.work + 1 + a.A;
-  const int active = list_active_experts(a.offsets, a.E, experts);
-  // Thread 0 asks for the next ticket as soon as it has the current one, so the atomic's round trip
-  // overlaps a tile's work instead of preceding it.
-  int upcoming = threadIdx.x == 0 ? atomicAdd(next, 1) : 0;
-  for (;;) {
-    if (threadIdx.x == 0) {
-      ticket = upcoming;
-      if (upcoming < items) upcoming = atomicAdd(next, 1);
-    }
-    __syncthreads();
-    const int item = ticket;
-    __syncthreads();  // everyone has read `ticket` before thread 0 may overwrite it
-    if (item >= items) break;
-    if (item < items1) {
-      const int ai = item / n1;
-      if (ai < active)
-        gemm1_tile_v2<16, SYM, false, MAXR>(a.x, a.w13, a.token_ids, a.offsets, a.act, experts[ai], a.F, item % n1);
-      __syncthreads();  // the tile's act stores are issued
-      if (threadIdx.x == 0) {
-        __threadfence();  // ... and visible device-wide before the count says so
-        atomicAdd(&done1[ai], 1);
-      }
-      continue;
-    }
-    const int ai = (item - items1) / n2, bx = (item - items1) % n2;
-    if (ai >= active) continue;  // the same for every thread
-    const int e = experts[ai];
-    if (threadIdx.x == 0) {
-      while (atomicAdd(&done1[ai], 0) < n1) __nanosleep(64);
-      __threadfence();
-    }
-    __syncthreads();
-    gemm2_tile_v2<16, SYM, false, MAXR, true>(a.act, a.w2, a.slots, a.route_w, a.offsets, a.out, e, bx);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      last = atomicAdd(&done2[bx], 1) == active - 1;
-      if (last) __threadfence();  // the other experts' tiles of these columns are visible to this block
-    }
-    __syncthreads();
-    if (last) {  // y[t, n0..n0+15] = sum over j < k of out[t * k + j, n], j in order
-      const int n0 = bx * kWRows * kWarps, cols = min(kWRows * kWarps, a.H - n0);
-      for (int i = threadIdx.x; i < a.T * cols; i += blockDim.x) {
-        const int t = i / cols, n = n0 + i % cols;
-        const float* src = a.out + (size_t)t * a.top_k * a.H + n;
-        float sum = 0.0f;
-        for (int j = 0; j < a.top_k; ++j) sum += __ldcg(src + (size_t)j * a.H);
-        a.y[(size_t)t * a.H + n] = __float2bfloat16_rn(sum);
-      }
-    }
-  }
 }
 
 // ------------------------------------------------------------------------------------------ v4/v5
@@ -935,15 +791,6 @@ template <class... KernelArgs, class... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
   kernel<<<grid, threads, 0, stream>>>(args...);
 }
-
-cudaError_t zero_async(void* p, size_t bytes, cudaStream_t stream) { return cudaMemsetAsync(p, 0, bytes, stream); }
-
-// Blocks of `kernel` (kThreads threads, static shared memory only) that fit on one SM at once.
-template <class Kernel>
-int blocks_per_sm(Kernel kernel) {
-  int n = 0;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) == cudaSuccess && n > 0 ? n : 1;
-}
 #endif
 
 // v2/v3 launch: 16-byte loads get every variant; the 4-byte path exists only for toy shapes (K or G
@@ -985,19 +832,6 @@ void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStrea
                         : gemm2_weighted_v2<16, SYM, false, kMaxRows>;
   }
   launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
-}
-
-template <bool SYM>
-void launch_fused_v6(int max_rows, int sm_count, cudaStream_t stream, const FusedArgs& args) {
-  using Kernel = void (*)(FusedArgs);
-  const Kernel k = max_rows == 1   ? forward_fused_v6<SYM, 1>
-                   : max_rows == 2 ? forward_fused_v6<SYM, 2>
-                                   : forward_fused_v6<SYM, kMaxRows>;
-  const int n1 = ceil_div(args.F, 2 * kWarps), n2 = ceil_div(args.H, kWRows * kWarps);
-  const long items = (long)args.A * (n1 + n2);
-  // about one wave: more blocks would only wait for tickets (and each counts the active experts once)
-  const long wave = (long)sm_count * blocks_per_sm(k);
-  launch(k, dim3((unsigned)(items < wave ? items : wave)), kThreads, stream, args);
 }
 
 bool sizes_ok(int E, int H, int F, int num_rows, int num_tokens) {
@@ -1061,7 +895,7 @@ extern "C" int moe_int4_path(int version, int K, int G, const void* packed, cons
   // Activations are read 8 bf16 (16 bytes) at a time, so rows of K values must stay 16-byte aligned.
   if (a % 16 == 0 && K % 8 == 0) {
     // v4/v5: 128-code chunks, a lane's 32 codes within one group
-    if ((version == 4 || version == 5) && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
+    if (version >= 4 && K % kChunk == 0 && G % 32 == 0 && p % 16 == 0) return 64;
     if (K % 32 == 0 && G % 32 == 0 && p % 16 == 0) return 16;  // rows of K/2 bytes stay 16-byte aligned
     if (G % 8 == 0 && p % 4 == 0) return 4;
   }
@@ -1110,7 +944,7 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
     }
   } else {
     const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
-    const bool prefetch = version >= 3 && version <= 5;  // v6's GEMMs alone are v2's
+    const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w13_zeros == nullptr) {
       launch_gemm1_v2<true>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
@@ -1155,7 +989,7 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
     }
   } else {
     const dim3 grid(ceil_div(H, kWarps * kWRows), num_rows < E ? num_rows : E);
-    const bool prefetch = version >= 3 && version <= 5;  // v6's GEMMs alone are v2's
+    const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w2_zeros == nullptr) {
       launch_gemm2_v2<true>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
@@ -1164,43 +998,6 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
       launch_gemm2_v2<false>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
                              expert_offsets, out, E);
     }
-  }
-  return cudaGetLastError();
-}
-
-extern "C" int moe_int4_fused_work_ints(int E, int H, int num_rows) {
-  return 1 + (num_rows < E ? num_rows : E) + ceil_div(H, kWRows * kWarps);
-}
-
-extern "C" cudaError_t moe_int4_forward_fused(const void* x, const uint8_t* w13_packed, const void* w13_scales,
-                                              const void* w13_zeros, int G13, const uint8_t* w2_packed,
-                                              const void* w2_scales, const void* w2_zeros, int G2,
-                                              const int32_t* sorted_token_ids, const int32_t* sorted_slots,
-                                              const float* sorted_weights, const int32_t* expert_offsets, void* act,
-                                              float* out, void* y, int* work, int num_tokens, int top_k, int E,
-                                              int H, int F, int sm_count, cudaStream_t stream) {
-  const long rows_l = (long)num_tokens * top_k;
-  if (top_k <= 0 || rows_l > 0x7FFFFFFF || !sizes_ok(E, H, F, (int)rows_l, num_tokens) || sm_count <= 0)
-    return cudaErrorInvalidValue;
-  const int rows = (int)rows_l;
-  if (moe_int4_path(6, H, G13, w13_packed, x) != 16 || moe_int4_path(6, F, G2, w2_packed, act) != 16 ||
-      (w13_zeros == nullptr) != (w2_zeros == nullptr) || (rows < E ? rows : E) > kFusedMaxActive)
-    return cudaErrorNotSupported;  // the caller runs the three launches instead
-  if (rows == 0) return cudaSuccess;
-  const cudaError_t err = zero_async(work, sizeof(int) * moe_int4_fused_work_ints(E, H, rows), stream);
-  if (err != cudaSuccess) return err;
-  const FusedArgs args{static_cast<const bf16*>(x),
-                       Quant{w13_packed, static_cast<const bf16*>(w13_scales), static_cast<const bf16*>(w13_zeros),
-                             2 * F, H, G13},
-                       Quant{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F,
-                             G2},
-                       sorted_token_ids, sorted_slots, sorted_weights, expert_offsets, static_cast<bf16*>(act), out,
-                       static_cast<bf16*>(y), work, num_tokens, top_k, E, F, H, rows < E ? rows : E};
-  const int max_rows = max_rows_per_pass(num_tokens);
-  if (w13_zeros == nullptr) {
-    launch_fused_v6<true>(max_rows, sm_count, stream, args);
-  } else {
-    launch_fused_v6<false>(max_rows, sm_count, stream, args);
   }
   return cudaGetLastError();
 }

@@ -23,9 +23,8 @@ extern "C" {
 #endif
 
 // Kernel versions (see the header of moe_int4.cu): 1 simple, 2 vectorised, 3 vectorised + prefetch,
-// 4 tensor cores (mma.sync), 5 tensor cores + scales after the mma, 6 = v2's tiles in one launch
-// (moe_int4_forward_fused; its GEMMs called one by one are v2's).
-#define MOE_INT4_LATEST_VERSION 6
+// 4 tensor cores (mma.sync), 5 tensor cores + prefetch.
+#define MOE_INT4_LATEST_VERSION 5
 // GEMM2's most K splits (moe_int4_gemm2_splits), i.e. the most float32 `out` slices.
 #define MOE_INT4_MAX_SPLITS 8
 
@@ -51,19 +50,6 @@ cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, c
 // the call takes the v4/v5 path): more only where GEMM2's blocks would leave SMs idle at decode sizes.
 int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows, int sm_count,
                           const void* w2_packed, const void* act);
-
-// v6: the whole forward (GEMM1 + SwiGLU, GEMM2 + routing weight, combine) in one launch, with the same
-// arguments and results as the three calls above (y bitwise equal to v2's). act [T*k, F] bf16 and out [T*k, H]
-// float32 are its scratch; work is moe_int4_fused_work_ints(E, H, T*k) int32s, zeroed here by a memset before
-// the launch. Returns cudaErrorNotSupported, having enqueued nothing, where v2 would not take its 16-byte
-// path for both GEMMs (or w13 and w2 differ in having zeros): then run the three launches.
-int moe_int4_fused_work_ints(int E, int H, int num_rows);
-cudaError_t moe_int4_forward_fused(const void* x, const uint8_t* w13_packed, const void* w13_scales,
-                                   const void* w13_zeros, int G13, const uint8_t* w2_packed, const void* w2_scales,
-                                   const void* w2_zeros, int G2, const int32_t* sorted_token_ids,
-                                   const int32_t* sorted_slots, const float* sorted_weights,
-                                   const int32_t* expert_offsets, void* act, float* out, void* y, int* work,
-                                   int num_tokens, int top_k, int E, int H, int F, int sm_count, cudaStream_t stream);
 
 // Combine over k and the splits in a fixed order:
 //   y[t, h] = bf16(sum_{j < k} sum_{s < splits} out[s, t*k + j, h]).  y [T, H] bf16.

@@ -198,7 +198,7 @@ at::Tensor combine(const at::Tensor& out, int64_t num_tokens, int64_t top_k) {
   return y;
 }
 
-// The whole forward: gemm1_swiglu -> gemm2_weighted -> combine (v6: one launch), y [T, H] bf16.
+// The whole forward: gemm1_swiglu -> gemm2_weighted -> combine, y [T, H] bf16.
 at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::Tensor& w13_scales,
                    const std::optional<at::Tensor>& w13_zeros, int64_t w13_group_size, const at::Tensor& w2_packed,
                    const at::Tensor& w2_scales, const std::optional<at::Tensor>& w2_zeros, int64_t w2_group_size,
@@ -212,42 +212,6 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::
                   w2_packed.size(1) == x.size(1) && 4 * w2_packed.size(2) == w13_packed.size(1),  // 2F = 2 * (2 * F/2)
               "moe_int4: w2_packed ", w2_packed.sizes(), " must be [E, H, F/2] to match w13_packed ",
               w13_packed.sizes(), " = [E, 2F, H/2] and x ", x.sizes());
-  if (version == 6) {  // one launch where the shapes allow (moe_int4_forward_fused), else v2's three
-    check_version(version);
-    const at::Device device = x.device();
-    check_tensor(x, "x", at::kBFloat16, 2, device);
-    const int64_t T = x.size(0), H = x.size(1), E = w13_packed.size(0), F = w13_packed.size(1) / 2, rows = T * top_k;
-    MOE_CHECK(H % 2 == 0 && F % 2 == 0 && F > 0, "moe_int4: H and F must be even (two 4-bit codes per byte), got H = ",
-              H, ", F = ", F);
-    check_quant(w13_packed, w13_scales, w13_zeros, "w13", E, 2 * F, H, w13_group_size, device);
-    check_quant(w2_packed, w2_scales, w2_zeros, "w2", E, H, F, w2_group_size, device);
-    check_routing_index(sorted_token_ids, "sorted_token_ids", rows, device);
-    check_routing_index(sorted_slots, "sorted_slots", rows, device);
-    check_tensor(sorted_weights, "sorted_weights", at::kFloat, 1, device);
-    MOE_CHECK(sorted_weights.numel() == rows, "moe_int4: sorted_weights must have ", rows, " entries, got ",
-              sorted_weights.numel());
-    check_routing_index(expert_offsets, "expert_offsets", E + 1, device);
-    const c10::cuda::CUDAGuard guard(device);
-    int sm_count = 0;  // a device attribute query: no stream work, so fine inside a CUDA-graph capture
-    check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device.index()),
-                 "cudaDeviceGetAttribute(multiProcessorCount)");
-    auto act = at::empty({rows, F}, x.options());
-    auto out = at::empty({rows, H}, x.options().dtype(at::kFloat));
-    auto y = at::empty({T, H}, x.options());
-    auto work = at::empty({moe_int4_fused_work_ints(to_int(E, "E"), to_int(H, "H"), to_int(rows, "T*k"))},
-                          x.options().dtype(at::kInt));
-    const cudaError_t err = moe_int4_forward_fused(
-        x.data_ptr(), w13_packed.data_ptr<uint8_t>(), w13_scales.data_ptr(), ptr_or_null(w13_zeros),
-        to_int(w13_group_size, "group_size"), w2_packed.data_ptr<uint8_t>(), w2_scales.data_ptr(), ptr_or_null(w2_zeros),
-        to_int(w2_group_size, "group_size"), sorted_token_ids.data_ptr<int32_t>(), sorted_slots.data_ptr<int32_t>(),
-        sorted_weights.data_ptr<float>(), expert_offsets.data_ptr<int32_t>(), act.data_ptr(), out.data_ptr<float>(),
-        y.data_ptr(), work.data_ptr<int32_t>(), to_int(T, "T"), to_int(top_k, "top_k"), to_int(E, "E"),
-        to_int(H, "H"), to_int(F, "F"), sm_count, c10::cuda::getCurrentCUDAStream(device.index()).stream());
-    if (err != cudaErrorNotSupported) {
-      check_launch(err, "moe_int4_forward_fused");
-      return y;
-    }
-  }
   const at::Tensor act =
       gemm1_swiglu(x, w13_packed, w13_scales, w13_zeros, sorted_token_ids, expert_offsets, w13_group_size, version);
   const at::Tensor out = gemm2_weighted(act, w2_packed, w2_scales, w2_zeros, sorted_slots, sorted_weights,

@@ -19,8 +19,7 @@
 //   sorted_token_ids.bin, sorted_slots.bin [T*k] int32; sorted_weights.bin [T*k] f32;
 //   expert_offsets.bin [E+1] int32.
 //   Writes DIR/act.bin [T*k,F] bf16, DIR/out.bin [T*k,H] f32, DIR/y.bin [T,H] bf16 and prints
-//   "path gemm1=<code> gemm2=<code> splits=<n> fused=<0|1>" (moe_int4_path of each GEMM, GEMM2's K splits,
-//   whether v6 ran its one-launch kernel).
+//   "path gemm1=<code> gemm2=<code> splits=<n>" (moe_int4_path of each GEMM, GEMM2's K splits).
 #include <cuda_runtime.h>  // host declarations only: dim3, uint3, uint4, cudaStream_t, cudaError_t
 
 #include <algorithm>
@@ -217,26 +216,6 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
-template <class T>
-inline T __ldcg(const T* p) {
-  return *p;
-}
-
-// Blocks run one after another on one OS thread, so atomics and fences need nothing more; a spin-wait
-// that does not end (a bug: v6's ticket order makes every wait end) aborts instead of hanging.
-inline int atomicAdd(int* p, int v) {
-  const int old = *p;
-  *p += v;
-  return old;
-}
-inline void __threadfence() {}
-inline void __nanosleep(unsigned) {
-  static long spins = 0;
-  if (++spins > 10000000) {
-    std::fprintf(stderr, "emulation: a spin-wait never ended\n");
-    std::exit(7);
-  }
-}
 
 template <class... KernelArgs, class... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t, Args... args) {
@@ -248,17 +227,6 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t,
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) emu::run_block(threads, bx, by, bz);
   emu::block = nullptr;
-}
-
-cudaError_t zero_async(void* p, size_t bytes, cudaStream_t) {
-  std::memset(p, 0, bytes);
-  return cudaSuccess;
-}
-
-// The emulation's "GPU" holds one block per SM at a time (blocks run one after another anyway).
-template <class Kernel>
-int blocks_per_sm(Kernel) {
-  return 1;
 }
 
 #include "moe_int4.cu"
@@ -338,34 +306,21 @@ int main(int argc, char** argv) {
   std::memset(act.data, 0xFF, rows * F * 2);
   std::memset(out.data, 0xFF, splits * rows * H * 4);
   std::memset(y.data, 0xFF, (size_t)T * H * 2);
+  std::printf("path gemm1=%d gemm2=%d splits=%d\n", moe_int4_path(version, H, G13, w13p->data, x->data),
+              moe_int4_path(version, F, G2, w2p->data, act.data), splits);
   const auto* ids32 = reinterpret_cast<const int32_t*>(ids->data);
   const auto* offs32 = reinterpret_cast<const int32_t*>(offs->data);
-  int fused = 0;
-  if (version == 6) {  // one launch where it can; its counters start as garbage to check the launcher zeroes them
-    std::vector<int> work(moe_int4_fused_work_ints(E, H, (int)rows), 0x5A5A5A5A);
-    const cudaError_t err = moe_int4_forward_fused(
-        x->data, w13p->data, w13s->data, w13z ? w13z->data : nullptr, G13, w2p->data, w2s->data,
-        w2z ? w2z->data : nullptr, G2, ids32, reinterpret_cast<const int32_t*>(slots->data),
-        reinterpret_cast<const float*>(sw->data), offs32, act.data, reinterpret_cast<float*>(out.data), y.data,
-        work.data(), T, k, E, H, F, sm_count, nullptr);
-    if (err != cudaErrorNotSupported) check(err, "moe_int4_forward_fused");
-    fused = err == cudaSuccess;
-  }
-  std::printf("path gemm1=%d gemm2=%d splits=%d fused=%d\n", moe_int4_path(version, H, G13, w13p->data, x->data),
-              moe_int4_path(version, F, G2, w2p->data, act.data), splits, fused);
-  if (!fused) {
-    check(moe_int4_gemm1_swiglu(x->data, w13p->data, w13s->data, w13z ? w13z->data : nullptr, ids32, offs32, act.data,
-                                T, (int)rows, E, H, F, G13, version, nullptr),
-          "moe_int4_gemm1_swiglu");
-    check(moe_int4_gemm2_weighted(act.data, w2p->data, w2s->data, w2z ? w2z->data : nullptr,
-                                  reinterpret_cast<const int32_t*>(slots->data),
-                                  reinterpret_cast<const float*>(sw->data), offs32,
-                                  reinterpret_cast<float*>(out.data), T, (int)rows, E, H, F, G2, version, splits,
-                                  nullptr),
-          "moe_int4_gemm2_weighted");
-    check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, nullptr),
-          "moe_int4_combine");
-  }
+  check(moe_int4_gemm1_swiglu(x->data, w13p->data, w13s->data, w13z ? w13z->data : nullptr, ids32, offs32, act.data,
+                              T, (int)rows, E, H, F, G13, version, nullptr),
+        "moe_int4_gemm1_swiglu");
+  check(moe_int4_gemm2_weighted(act.data, w2p->data, w2s->data, w2z ? w2z->data : nullptr,
+                                reinterpret_cast<const int32_t*>(slots->data),
+                                reinterpret_cast<const float*>(sw->data), offs32,
+                                reinterpret_cast<float*>(out.data), T, (int)rows, E, H, F, G2, version, splits,
+                                nullptr),
+        "moe_int4_gemm2_weighted");
+  check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, nullptr),
+        "moe_int4_combine");
   write_file(dir + "/act.bin", act.data, rows * F * 2);
   write_file(dir + "/out.bin", out.data, splits * rows * H * 4);
   write_file(dir + "/y.bin", y.data, (size_t)T * H * 2);

@@ -24,7 +24,7 @@ compute_90 PTX (so newer GPUs JIT-compile it), unless TORCH_CUDA_ARCH_LIST is se
 decides. The extension's name carries a hash of csrc/'s files, so editing any of them (headers
 included) builds afresh.
 
-Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1..6, see VERSIONS; default: DEFAULT_VERSION_T1
+Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1..5, see VERSIONS; default: DEFAULT_VERSION_T1
 for one token, DEFAULT_VERSION otherwise, the fastest measured on an H100),
 MOE_TUT_BUILD_DIR moves the build cache, TORCH_CUDA_ARCH_LIST overrides the target GPUs.
 """
@@ -59,7 +59,7 @@ HEADERS = ("moe_int4.h", "moe_int4_dequant.cuh")
 # binary compatibility holds within a major version, but their own cubins are tuned for them).
 TARGET_ARCHS = ("80", "86", "89", "90")
 PTX_ARCH = "90"  # also embed compute_90 PTX, which the driver JIT-compiles on newer GPUs
-LATEST_VERSION = 6  # = MOE_INT4_LATEST_VERSION in csrc/moe_int4.h
+LATEST_VERSION = 5  # = MOE_INT4_LATEST_VERSION in csrc/moe_int4.h
 MAX_SPLITS = 8  # = MOE_INT4_MAX_SPLITS: GEMM2's K splits, each a float32 [T*k, H] slice of `out`
 MAX_SPLIT_ROWS = 256  # = kMaxSplitRows in csrc/moe_int4.cu: no K split above this many rows (T*k)
 # The default by token count (H100, results/h100/cuda_int4_v1, kernels timed by CUDA-graph replay): at T = 1
@@ -74,8 +74,6 @@ VERSIONS = {
     4: "tensor cores: mma.sync with the dequantised weights as A (16 columns) and up to 8 token rows as B; "
        "warps split K, GEMM2 splits K over blocks when its blocks would not fill the GPU",
     5: "v4 + scales applied to each 128-wide chunk's mma sums instead of to every weight (symmetric, G % 128 == 0)",
-    6: "v2's tiles in one launch: GEMM1, GEMM2 and the combine as work items of a persistent grid, GEMM2 tiles "
-       "waiting on per-expert counts of finished GEMM1 tiles (no second ramp-up and tail)",
 }
 VERSION_ENV = "MOE_TUT_CUDA_INT4_VERSION"
 BUILD_DIR_ENV = "MOE_TUT_BUILD_DIR"
