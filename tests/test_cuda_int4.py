@@ -31,6 +31,7 @@ import torch
 
 from moe_tut.backends import BackendUnavailable, get_backend
 from moe_tut.backends import cuda_int4 as ci4
+from moe_tut.bench.timing import capture_graph
 from moe_tut.presets import custom, get_preset
 from moe_tut.quant import Int4ExpertWeights, QuantizedTensor, dequantize, quantize
 from moe_tut.reference import moe_reference, relative_error, swiglu
@@ -501,14 +502,7 @@ def test_gpu_graph_capture_and_determinism(ext, version):
     q, x, ids, tw, plan = setup_case(*shape, "uniform", 128, True, device="cuda")
     eager = ci4.cuda_int4_forward(x, q, plan, version=version)
     assert torch.equal(eager, ci4.cuda_int4_forward(x, q, plan, version=version))  # no atomics: same bits
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ci4.cuda_int4_forward(x, q, plan, version=version)
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        y = ci4.cuda_int4_forward(x, q, plan, version=version)
+    graph, y = capture_graph(lambda: ci4.cuda_int4_forward(x, q, plan, version=version))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)

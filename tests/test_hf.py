@@ -26,6 +26,7 @@ else:
 
 import moe_tut.hf as mhf  # noqa: E402
 from moe_tut.backends import BackendUnavailable, get_backend  # noqa: E402
+from moe_tut.bench.timing import capture_graph  # noqa: E402
 from moe_tut.presets import custom  # noqa: E402
 from moe_tut.quant import Int4ExpertWeights  # noqa: E402
 from moe_tut.reference import relative_error  # noqa: E402
@@ -399,14 +400,7 @@ def test_gpu_patched_block_is_graph_safe(backend):
     x2 = torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         expect, expect2 = block(x), block(x2)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            block(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = block(x)
+        graph, out = capture_graph(lambda: block(x))
         graph.replay()
         torch.cuda.synchronize()
         assert relative_error(out, expect) < 1e-3

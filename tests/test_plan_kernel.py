@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from moe_tut.bench.timing import capture_graph
 from moe_tut.kernels import plan as plan_kernel
 from moe_tut.routing import SKEWS, RoutingPlan, simulate_routing
 
@@ -326,14 +327,7 @@ def check_graph_replay(T, E, k, method):
     def build():
         out["plan"] = RoutingPlan.build(ids, w, E, validate=False, method=method)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        build()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        build()
+    graph, _ = capture_graph(build)
     new_ids, new_w = simulate_routing(T, E, k, "hot", seed=5, device="cuda")
     ids.copy_(new_ids)
     w.copy_(new_w)

@@ -9,6 +9,7 @@ import torch
 
 import moe_tut  # noqa: F401  (interpreter + its bf16 dot fix, before the kernels are defined)
 from moe_tut.backends import get_backend
+from moe_tut.bench.timing import capture_graph
 from moe_tut.env import interpreting
 from moe_tut.kernels import grouped_gemm as gg
 from moe_tut.presets import custom, get_preset
@@ -348,14 +349,7 @@ def test_gpu_fast_path_replays_in_a_cuda_graph():
     # graph_safe: no host sync, so capture works and replays match a fresh call
     x, w, ids, tw, plan = make_case(8, 1024, 2048, 2, 16, "uniform")
     y = gg.moe_forward_triton(x, w, plan)  # compile and autotune outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        gg.moe_forward_triton(x, w, plan)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_graph = gg.moe_forward_triton(x, w, plan)
+    graph, y_graph = capture_graph(lambda: gg.moe_forward_triton(x, w, plan))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y_graph, y)

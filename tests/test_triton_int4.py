@@ -13,6 +13,7 @@ import torch
 
 import moe_tut  # noqa: F401  (interpreter + its bf16 dot fix, before the kernels are defined)
 from moe_tut.backends import get_backend
+from moe_tut.bench.timing import capture_graph
 from moe_tut.env import interpreting
 from moe_tut.kernels import grouped_gemm as gg
 from moe_tut.kernels import int4_gemm as ig
@@ -445,14 +446,7 @@ def test_gpu_forward_replays_in_a_cuda_graph():
     # graph_safe: no host sync, so capture works and replays match a fresh call
     x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, 16, "uniform")
     y = ig.moe_forward_triton_int4(x, q, plan)  # compile and autotune outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ig.moe_forward_triton_int4(x, q, plan)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_graph = ig.moe_forward_triton_int4(x, q, plan)
+    graph, y_graph = capture_graph(lambda: ig.moe_forward_triton_int4(x, q, plan))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y_graph, y)

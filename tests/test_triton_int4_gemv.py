@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import moe_tut  # noqa: F401  (interpreter, before the kernels are defined)
+from moe_tut.bench.timing import capture_graph
 from moe_tut.kernels import int4_gemm as ig
 from moe_tut.kernels import int4_gemv as gv
 from moe_tut.presets import custom
@@ -335,14 +336,7 @@ def test_gpu_forward_replays_in_a_cuda_graph():
         return gv.moe_forward_int4_gemv(x, q, RoutingPlan.build(ids, tw, 8, validate=False))
 
     y = forward()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        forward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_graph = forward()
+    graph, y_graph = capture_graph(forward)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y_graph, y)

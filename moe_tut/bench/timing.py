@@ -44,6 +44,20 @@ def time_cpu(fn: Callable[[], object], reps: int = 3) -> Timing:
     return Timing(*_quantiles(times), method="cpu-clock", reps=reps)
 
 
+def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn captured in a CUDA graph, after one warm-up call on a side stream (as capture requires). Returns the
+    graph and what the captured call returned: tensors in the graph's memory, rewritten by each replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def time_cuda(fn: Callable[[], object], use_graph: bool = False, warmup_ms: float = 25.0,
               rep_ms: float = 100.0, min_reps: int = 10, max_reps: int = 1000) -> Timing:
     """Median over repeated calls with a cold L2. With use_graph, times graph replays of one call."""
@@ -52,15 +66,7 @@ def time_cuda(fn: Callable[[], object], use_graph: bool = False, warmup_ms: floa
     run = fn
     method = "cuda-events"
     if use_graph:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm-up on the side stream, as capture requires
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
+        run = capture_graph(fn)[0].replay
         method = "cuda-graph"
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
     # Estimate the time of one call to choose how many to time.
