@@ -131,16 +131,34 @@ def auto_eligible(num_rows: int, num_experts: int) -> bool:
 
 
 @triton.jit
+def _slot_experts(ids_ptr, ids_s0, ids_s1, s, live, K, E):
+    # The expert bin of each slot s (token s // K, choice s % K), read through the ids' strides. Padding
+    # lanes and out-of-range ids go to bin E, which no output reads and the sorts place after every
+    # expert: compared in the ids' own dtype, so int64 ids beyond the int32 range cannot wrap into a
+    # valid expert.
+    t = s // K
+    ids = tl.load(ids_ptr + t * ids_s0 + (s - t * K) * ids_s1, mask=live, other=0)
+    return tl.where(live & (ids >= 0) & (ids < E), ids, E).to(tl.int32)
+
+
+@triton.jit
+def _place_slots(w_ptr, w_s0, w_s1, slot, p, live, K, sorted_slots_ptr, sorted_tok_ptr, sorted_w_ptr,
+                 slot_to_sorted_ptr):
+    # Sorted position p gets its slot, the slot's token and float32 routing weight; the slot gets p.
+    tok = slot // K
+    w = tl.load(w_ptr + tok * w_s0 + (slot - tok * K) * w_s1, mask=live, other=0.0)
+    tl.store(sorted_slots_ptr + p, slot, mask=live)
+    tl.store(sorted_tok_ptr + p, tok, mask=live)
+    tl.store(sorted_w_ptr + p, w.to(tl.float32), mask=live)
+    tl.store(slot_to_sorted_ptr + slot, p, mask=live)
+
+
+@triton.jit
 def _plan_kernel(ids_ptr, ids_s0, ids_s1, w_ptr, w_s0, w_s1, N, K, E,
                  sorted_slots_ptr, sorted_tok_ptr, sorted_w_ptr, slot_to_sorted_ptr, counts_ptr, offsets_ptr,
                  N_PAD: tl.constexpr, E_BINS: tl.constexpr):
     s = tl.arange(0, N_PAD)
-    live = s < N
-    t = s // K
-    ids = tl.load(ids_ptr + t * ids_s0 + (s - t * K) * ids_s1, mask=live, other=0)
-    # Padding and out-of-range ids go to bin E: compared in the ids' own dtype, so int64 ids beyond the
-    # int32 range cannot wrap into a valid expert.
-    e = tl.where(live & (ids >= 0) & (ids < E), ids, E).to(tl.int32)
+    e = _slot_experts(ids_ptr, ids_s0, ids_s1, s, s < N, K, E)
 
     counts = tl.histogram(e, E_BINS)
     bins = tl.arange(0, E_BINS)
@@ -151,13 +169,8 @@ def _plan_kernel(ids_ptr, ids_s0, ids_s1, w_ptr, w_s0, w_s1, N, K, E,
     keys = tl.sort(e * N_PAD + s)
     slot = keys & (N_PAD - 1)
     p = tl.arange(0, N_PAD)
-    keep = p < N
-    tok = slot // K
-    w = tl.load(w_ptr + tok * w_s0 + (slot - tok * K) * w_s1, mask=keep, other=0.0)
-    tl.store(sorted_slots_ptr + p, slot, mask=keep)
-    tl.store(sorted_tok_ptr + p, tok, mask=keep)
-    tl.store(sorted_w_ptr + p, w.to(tl.float32), mask=keep)
-    tl.store(slot_to_sorted_ptr + slot, p, mask=keep)
+    _place_slots(w_ptr, w_s0, w_s1, slot, p, p < N, K, sorted_slots_ptr, sorted_tok_ptr, sorted_w_ptr,
+                 slot_to_sorted_ptr)
 
 
 @triton.jit
@@ -168,12 +181,10 @@ def _chunk_sort_kernel(ids_ptr, ids_s0, ids_s1, N, K, E, keys_ptr, hist_ptr,
     q = tl.arange(0, CHUNK)
     s = c * CHUNK + q
     live = s < N
-    t = s // K
-    ids = tl.load(ids_ptr + t * ids_s0 + (s - t * K) * ids_s1, mask=live, other=0)
-    # Bad ids and padding lanes -> bin E, as in the single-CTA kernel: the scan places bin E after every
-    # expert. Padding exists only in the last chunk, whose bin-E count no later chunk reads, and it sorts
-    # after that chunk's live slots (the slot is in the key), so it moves no output.
-    e = tl.where(live & (ids >= 0) & (ids < E), ids, E).to(tl.int32)
+    # Bad ids and padding lanes -> bin E: the scan places bin E after every expert. Padding exists only
+    # in the last chunk, whose bin-E count no later chunk reads, and it sorts after that chunk's live
+    # slots (the slot is in the key), so it moves no output.
+    e = _slot_experts(ids_ptr, ids_s0, ids_s1, s, live, K, E)
     hist = tl.histogram(e, E_BINS)
     bins = tl.arange(0, E_BINS)
     tl.store(hist_ptr + c * (E + 1) + bins, hist, mask=bins <= E)
@@ -220,12 +231,8 @@ def _chunk_place_kernel(keys_ptr, delta_ptr, w_ptr, w_s0, w_s1, N, K, E,
     e = key // CHUNK
     slot = c * CHUNK + (key & (CHUNK - 1))
     p = q + tl.load(delta_ptr + c * (E + 1) + e, mask=live, other=0)
-    tok = slot // K
-    w = tl.load(w_ptr + tok * w_s0 + (slot - tok * K) * w_s1, mask=live, other=0.0)
-    tl.store(sorted_slots_ptr + p, slot, mask=live)
-    tl.store(sorted_tok_ptr + p, tok, mask=live)
-    tl.store(sorted_w_ptr + p, w.to(tl.float32), mask=live)
-    tl.store(slot_to_sorted_ptr + slot, p, mask=live)
+    _place_slots(w_ptr, w_s0, w_s1, slot, p, live, K, sorted_slots_ptr, sorted_tok_ptr, sorted_w_ptr,
+                 slot_to_sorted_ptr)
 
 
 def _aligned(n: int) -> int:
