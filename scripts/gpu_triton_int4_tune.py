@@ -89,6 +89,23 @@ PREFILL_VARIANTS = {
                     "= magic +-5% (interleave shuffle gone, A split added)"),
     "pms": (PMS, "128,64,128,8,8,3", "128,128,128,8,8,3",
             "worse than magic: the per-step [BN,BM] scale FMAs cost ~2 FMA per weight value at BM=128"),
+    # session 6: ncu had the v0 prefill kernels latency-bound (one 8-warp program per SM at 255 registers, 39% of
+    # issue slots); ptxas (sm_90) says GEMM2's 128x128x128 tile spills 360 B. wb = weights as the dot's right
+    # operand (one dequantised tile in shared memory for both warpgroups; TTGIR: its wgmma waits each step)
+    "v0-g2n64": (V(), "128,64,128,8,8,3", "128,64,128,8,8,3",
+                 "GEMM2 on a tile that does not spill (248 regs): GEMM2 5.8 -> ~5 ms, forward -4%"),
+    "wb": (V(w_right=True), "128,64,128,8,8,3", "128,128,128,8,8,3",
+           "+-10% of v0-fixed: shared tile vs per-step wgmma wait (dequant no longer overlaps the MMA)"),
+    "wb-n64": (V(w_right=True), "128,64,128,8,8,3", "128,64,128,8,8,3", "= wb +-5% (no spills on either GEMM)"),
+    "w16": (V(), "128,64,128,8,16,3", "128,128,64,8,16,3",
+            "16 warps (4 per scheduler) at <= 128 regs: -10% if latency-bound; worse if its spills (120-176 B) bite"),
+    "wb-w16": (V(w_right=True), "128,64,128,8,16,3", "128,128,128,8,16,3",
+               "16 warps, GEMM1 without spills: -20-30% (mixtral ~15 ms) if latency is the limit"),
+    "wb-w16-magic": (V(w_right=True, magic=True), "128,64,128,8,16,3", "128,128,128,8,16,3",
+                     "wb-w16 -0-10% (I2F, a quarter-rate op, replaced by LOP3 + FADD)"),
+    "wb-bm256": (V(w_right=True), "256,64,64,8,8,3", "256,128,64,8,8,3",
+                 "dequant shared by 256 rows: -15% if dequant work binds; spills (32 / 328 B) may eat it"),
+    "wb-k64": (V(w_right=True), "128,64,64,8,8,3", "128,64,64,8,8,4", "191 / 198 regs, still 1 program per SM: = wb"),
 }
 FIELDS = ["phase", "preset", "T", "variant", "switches", "cfg1", "cfg2", "status", "rel_err", "ms", "p20_ms",
           "p80_ms", "timing", "packed_gbps", "gbps_with_scales", "pct_copy", "speedup_vs_bf16_triton",
