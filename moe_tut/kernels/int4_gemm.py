@@ -581,8 +581,8 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
                SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr,
                WB: tl.constexpr):
-    """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T (WB: computed as
-    [BLOCK_M, BLOCK_N] = A_tile @ W_tile^T in the K loop and transposed once after it).
+    """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T (WB: not transposed,
+    acc [BLOCK_M, BLOCK_N] = A_tile @ W_tile^T).
 
     SPLIT_K > 1: only K slice `k_slice` (K / SPLIT_K long, whole BLOCK_K steps); the tile's float32 partial
     sums go to c[k_slice] (with SWIGLU, gate at column n and up at N + n, no activation): the forward's
@@ -684,21 +684,39 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
         a_ptrs += BLOCK_K * stride_ak
         q_ptrs += (BLOCK_K // 2) * stride_qk
-    if WB:
-        acc = tl.trans(acc)
-        acc_up = tl.trans(acc_up)
+    # The epilogue works in the accumulator's orientation (rows along dim 1, or dim 0 with WB).
     if SWIGLU and SPLIT_K == 1:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
     if SCALE_ROWS:
-        acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
+        acc = acc * _along_rows(tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0), WB)
     if SCATTER_C:  # sorted row -> its token slot t*k + j
         c_rows = tl.load(c_rows_ptr + rows, mask=row_ok, other=0)
     else:
         c_rows = rows
-    c_ptrs = c_ptr + k_slice * stride_cs + c_rows.to(tl.int64)[None, :] * stride_cm + offs_n[:, None] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
+    c_ptrs = (c_ptr + k_slice * stride_cs + _along_rows(c_rows.to(tl.int64), WB) * stride_cm
+              + _along_cols(offs_n, WB) * stride_cn)
+    c_mask = _along_cols(n_ok, WB) & _along_rows(row_ok, WB)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
     if SWIGLU and SPLIT_K > 1:
-        tl.store(c_ptrs + N * stride_cn, acc_up.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
+        tl.store(c_ptrs + N * stride_cn, acc_up.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _along_rows(v, WB: tl.constexpr):
+    """A [BLOCK_M] vector as a row-indexed 2-D operand of the accumulator: [BLOCK_M, 1] with WB, else [1, BLOCK_M]."""
+    if WB:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _along_cols(v, WB: tl.constexpr):
+    """A [BLOCK_N] vector as a column-indexed 2-D operand of the accumulator (see _along_rows)."""
+    if WB:
+        return v[None, :]
+    else:
+        return v[:, None]
 
 
 @triton.heuristics({
