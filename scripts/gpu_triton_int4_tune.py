@@ -120,6 +120,13 @@ PREFILL_VARIANTS = {
                        "-0-5% vs wb-bm256-g2n64 (I2F replaced)"),
     "wb-bm512-g2": (V(w_right=True), "256,64,64,8,8,3", "512,64,64,8,16,3",
                     "GEMM2 dequant shared by 512 rows, 16 warps (72 B spill): GEMM2 -10%"),
+    # third run (second: bm256 13.77 ms mixtral / 19.99 deepseek-v3, every wb variant 16.7-23.5): around bm256
+    "bm256-g2n64": (V(), "256,64,64,8,8,3", "256,64,64,8,8,3", "GEMM2 without spills (232 regs): +-5% of bm256"),
+    "bm256-g2k128": (V(), "256,64,64,8,8,3", "256,64,128,8,8,2", "GEMM2 BN64 BK128, no spills: +-5% of bm256"),
+    "bm256-g2k32": (V(), "256,64,64,8,8,3", "256,128,32,8,8,4", "GEMM2 BK32: shorter dequant chains, +-5%"),
+    "bm256-g1k128": (V(), "256,64,128,8,8,2", "256,128,64,8,8,3", "GEMM1 half the K steps, 2 stages: +-5%"),
+    "bm256-s4": (V(), "256,64,64,8,8,4", "256,128,64,8,8,4", "+-3% of bm256 (loads are not the limit)"),
+    "bm256-magic": (V(magic=True), "256,64,64,8,8,3", "256,128,64,8,8,3", "-0-8% vs bm256 (I2F replaced)"),
 }
 FIELDS = ["phase", "preset", "T", "variant", "switches", "cfg1", "cfg2", "status", "rel_err", "ms", "p20_ms",
           "p80_ms", "timing", "packed_gbps", "gbps_with_scales", "pct_copy", "speedup_vs_bf16_triton",
