@@ -90,36 +90,14 @@ PREFILL_VARIANTS = {
     "pms": (PMS, "128,64,128,8,8,3", "128,128,128,8,8,3",
             "worse than magic: the per-step [BN,BM] scale FMAs cost ~2 FMA per weight value at BM=128"),
     # session 6: ncu had the v0 prefill kernels latency-bound (one 8-warp program per SM at 255 registers, 39% of
-    # issue slots); ptxas (sm_90) says GEMM2's 128x128x128 tile spills 360 B. wb = weights as the dot's right
-    # operand (one dequantised tile in shared memory for both warpgroups; TTGIR: its wgmma waits each step)
+    # issue slots); ptxas (sm_90) says GEMM2's 128x128x128 tile spills 360 B. Runs 1-2 also timed `wb` (weights as
+    # the dot's right operand, commit 4e4ef58): slower at every tile (16.7-23.5 ms), so the switch was removed.
     "v0-g2n64": (V(), "128,64,128,8,8,3", "128,64,128,8,8,3",
                  "GEMM2 on a tile that does not spill (248 regs): GEMM2 5.8 -> ~5 ms, forward -4%"),
-    "wb": (V(w_right=True), "128,64,128,8,8,3", "128,128,128,8,8,3",
-           "+-10% of v0-fixed: shared tile vs per-step wgmma wait (dequant no longer overlaps the MMA)"),
-    "wb-n64": (V(w_right=True), "128,64,128,8,8,3", "128,64,128,8,8,3", "= wb +-5% (no spills on either GEMM)"),
     "w16": (V(), "128,64,128,8,16,3", "128,128,64,8,16,3",
             "16 warps (4 per scheduler) at <= 128 regs: -10% if latency-bound; worse if its spills (120-176 B) bite"),
-    "wb-w16": (V(w_right=True), "128,64,128,8,16,3", "128,128,128,8,16,3",
-               "16 warps, GEMM1 without spills: -20-30% (mixtral ~15 ms) if latency is the limit"),
-    "wb-w16-magic": (V(w_right=True, magic=True), "128,64,128,8,16,3", "128,128,128,8,16,3",
-                     "wb-w16 -0-10% (I2F, a quarter-rate op, replaced by LOP3 + FADD)"),
-    "wb-bm256": (V(w_right=True), "256,64,64,8,8,3", "256,128,64,8,8,3",
-                 "dequant shared by 256 rows: -15% if dequant work binds; spills (32 / 328 B) may eat it"),
-    "wb-k64": (V(w_right=True), "128,64,64,8,8,3", "128,64,64,8,8,4", "191 / 198 regs, still 1 program per SM: = wb"),
     # session 6, second run (first: v0-fixed 19.62, wb 20.94, wb-bm256 16.94 ms, the rest slower): 256-row tiles
-    "bm256": (V(), "256,64,64,8,8,3", "256,128,64,8,8,3", "left operand at 256 rows: spills 168 / 248 B: > wb-bm256"),
-    "wb-bm256-g2n64": (V(w_right=True), "256,64,64,8,8,3", "256,64,64,8,8,3",
-                       "GEMM2 without spills (236 regs vs 255 + 328 B): -3-5% vs wb-bm256"),
-    "wb-bm256-n32": (V(w_right=True), "256,32,64,8,8,3", "256,64,64,8,8,3",
-                     "GEMM1 at 198 regs, no spills, but 2x the A-tile loads per weight: = wb-bm256-g2n64 +-5%"),
-    "wb-bm256-k128": (V(w_right=True), "256,64,128,8,8,2", "256,64,128,8,8,2",
-                      "half the K steps (fewer waits per tile), 2 stages: +-5%"),
-    "wb-bm256-s4": (V(w_right=True), "256,64,64,8,8,4", "256,64,64,8,8,4",
-                    "= wb-bm256-g2n64 (loads are not the limit)"),
-    "wb-bm256-magic": (V(w_right=True, magic=True), "256,64,64,8,8,3", "256,64,64,8,8,3",
-                       "-0-5% vs wb-bm256-g2n64 (I2F replaced)"),
-    "wb-bm512-g2": (V(w_right=True), "256,64,64,8,8,3", "512,64,64,8,16,3",
-                    "GEMM2 dequant shared by 512 rows, 16 warps (72 B spill): GEMM2 -10%"),
+    "bm256": (V(), "256,64,64,8,8,3", "256,128,64,8,8,3", "spills 168 / 248 B: slower than wb-bm256 (16.9 ms)"),
     # third run (second: bm256 13.77 ms mixtral / 19.99 deepseek-v3, every wb variant 16.7-23.5): around bm256
     "bm256-g2n64": (V(), "256,64,64,8,8,3", "256,64,64,8,8,3", "GEMM2 without spills (232 regs): +-5% of bm256"),
     "bm256-g2k128": (V(), "256,64,64,8,8,3", "256,64,128,8,8,2", "GEMM2 BN64 BK128, no spills: +-5% of bm256"),

@@ -246,10 +246,6 @@ class Int4Variant:
                      them; off: loaded one K step ahead into registers, so every short decode step
                      waits for a scale load issued one step earlier (a loaded memory latency). Needs
                      bf16 scales/zeros, even N and one group per K step; dropped where these fail
-    w_right          (prefill; without post_scale / split) the weights are the dot's right operand, read by
-                     the MMA from shared memory: acc [BLOCK_M, BLOCK_N] += A @ W^T, so the two warpgroups of
-                     an 8-warp program split the rows and share one dequantised tile (left operand: each
-                     warpgroup's registers hold it, converted there through a shared-memory round trip)
     split_k          K slices per decode GEMM tile (0: automatic, decode_split_k; 1: off), each slice's
                      float32 partial sums added up by a finisher (GEMM1: with the SwiGLU)
     programs_per_sm  persistent programs per SM (0: grouped_gemm.persistent_programs_per_sm's rule; a
@@ -268,7 +264,6 @@ class Int4Variant:
     split: bool = False
     asm: bool = False
     pipe_scales: bool = False
-    w_right: bool = False
     split_k: int = 0
     programs_per_sm: int = 0
     gemv: int = 0
@@ -280,9 +275,6 @@ class Int4Variant:
             raise ValueError(f"gemv is a token count (0 = off), got {self.gemv}")
         if self.asm and not (self.magic and self.post_scale and self.split):
             raise ValueError("the INT4 switch 'asm' needs 'magic', 'post' and 'split' too")
-        if self.w_right and (self.post_scale or self.split):
-            raise ValueError("the INT4 switch 'wb' works on the plain dequantise-then-dot path: not with 'post' "
-                             "or 'split'")
 
     @classmethod
     def parse(cls, text: str) -> Int4Variant:
@@ -300,8 +292,6 @@ class Int4Variant:
                 kw["asm"] = True
             elif item == "pipe":
                 kw["pipe_scales"] = True
-            elif item == "wb":
-                kw["w_right"] = True
             elif item.startswith("splitk="):
                 kw["split_k"] = int(item[7:])
             elif item.startswith("ppsm="):
@@ -312,13 +302,12 @@ class Int4Variant:
                 kw["gemv"] = int(item[5:])
             else:
                 raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} "
-                                 "(magic, post, split, asm, pipe, wb, splitk=N, ppsm=N, gemv, gemv=N)")
+                                 "(magic, post, split, asm, pipe, splitk=N, ppsm=N, gemv, gemv=N)")
         return cls(**kw)
 
     def label(self) -> str:
         parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split),
-                                              ("asm", self.asm), ("pipe", self.pipe_scales),
-                                              ("wb", self.w_right)) if on]
+                                              ("asm", self.asm), ("pipe", self.pipe_scales)) if on]
         if self.split_k:
             parts.append(f"splitk={self.split_k}")
         if self.programs_per_sm:
@@ -499,7 +488,7 @@ def _codes_f32(nib, MAGIC: tl.constexpr):
 def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                OUT_DTYPE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr, SPLIT: tl.constexpr,
-               ASM: tl.constexpr, WB: tl.constexpr = False):
+               ASM: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] += this K step's weight tile (packed bytes at q_ptrs) @ its A tile.
 
     a        [BLOCK_K, BLOCK_M] A^T tile (used unless SPLIT)
@@ -511,8 +500,6 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
              sum_k (c s + z) x = s * sum_k v x + (z - OFFSET s) * sum_k x. Needs BLOCK_K <= GROUP_SIZE.
     MAGIC    codes -> float by integer OR into a float's mantissa instead of I2F (a quarter-rate op).
     ASM      MAGIC + POST_SCALE + SPLIT with the unpack done by inline PTX on 32-bit words (_codes_asm).
-    WB       (v0 path only) the weights are the dot's right operand: `a` is the [BLOCK_M, BLOCK_K] A tile and
-             acc is [BLOCK_M, BLOCK_N] += a @ w^T, so the dequantised tile goes to shared memory for the MMA.
     """
     q_mask = n_ok[:, None]
     if not EVEN_K:
@@ -562,10 +549,7 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
         else:
             c3 = tl.reshape(c, (BLOCK_N, GROUPS_PER_TILE, GROUP_SIZE))
             w = tl.reshape(c3 * s[:, :, None] + z[:, :, None], (BLOCK_N, BLOCK_K))
-        if WB:
-            acc = tl.dot(a, tl.trans(w.to(OUT_DTYPE)), acc)
-        else:
-            acc = tl.dot(w.to(OUT_DTYPE), a, acc)
+        acc = tl.dot(w.to(OUT_DTYPE), a, acc)
     return acc
 
 
@@ -579,10 +563,8 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
-               SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr,
-               WB: tl.constexpr):
-    """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T (WB: not transposed,
-    acc [BLOCK_M, BLOCK_N] = A_tile @ W_tile^T).
+               SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T.
 
     SPLIT_K > 1: only K slice `k_slice` (K / SPLIT_K long, whole BLOCK_K steps); the tile's float32 partial
     sums go to c[k_slice] (with SWIGLU, gate at column n and up at N + n, no activation): the forward's
@@ -606,11 +588,8 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
     offs_k = k_begin + tl.arange(0, BLOCK_K)
     offs_kb = k_begin // 2 + tl.arange(0, BLOCK_K // 2)
     e64 = expert.to(tl.int64)  # all experts' bytes (glm5: 6.7e9 per tensor) pass 2**31
-    if WB:  # A tile [BLOCK_M, BLOCK_K]: the left operand
-        tl.static_assert(not (POST_SCALE or SPLIT))
-        a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    else:  # A^T tile [BLOCK_K, BLOCK_M]: the right operand of the dot
-        a_ptrs = a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + offs_k[:, None] * stride_ak
+    # A^T tile [BLOCK_K, BLOCK_M]: the right operand of the dot.
+    a_ptrs = a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + offs_k[:, None] * stride_ak
     q_ptrs = q_ptr + e64 * stride_qe + offs_n[:, None] * stride_qn + offs_kb[None, :] * stride_qk
     offs_kb = tl.arange(0, BLOCK_K // 2)  # relative, for _int4_step's ragged-K mask
     up_q_ptrs = q_ptrs + N * stride_qn  # SWIGLU: up rows N + n of the same columns, own scales
@@ -633,12 +612,8 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
         up_z_ptrs = z_ptrs + N * stride_zn
         p_stride_sg = stride_sg
         p_stride_zg = stride_zg
-    if WB:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # Without PIPE_SCALES, scales are loaded one K step ahead, in registers: 2 bytes per thread is too
     # narrow for Triton's cp.async pipeline (which streams the A and packed tiles), so a load issued in the
     # step that uses it would stall every step for a full memory latency. One step ahead still stalls a
@@ -654,14 +629,9 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             s_next, z_next, s_up_next, z_up_next = _step_params(
                 s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k0 + BLOCK_K, K, p_ok, p_stride_sg, p_stride_zg, GROUP_SIZE,
                 HAS_ZEROS, GROUPS_PER_TILE, SWIGLU, False, BLOCK_N)
-        if WB:
-            a_mask = row_ok[:, None]
-            if not EVEN_K:
-                a_mask = a_mask & (offs_k[None, :] - k_begin < K - k0)
-        else:
-            a_mask = row_ok[None, :]
-            if not EVEN_K:
-                a_mask = a_mask & (offs_k[:, None] - k_begin < K - k0)
+        a_mask = row_ok[None, :]
+        if not EVEN_K:
+            a_mask = a_mask & (offs_k[:, None] - k_begin < K - k0)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if SPLIT:  # rows 2j / 2j+1 of the A^T tile: the K positions of the low / high nibbles
             a_even, a_odd = tl.split(tl.permute(tl.reshape(a, (BLOCK_K // 2, 2, BLOCK_M)), (0, 2, 1)))
@@ -674,49 +644,28 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE,
                          GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT,
-                         ASM, WB)
+                         ASM)
         if SWIGLU:
             acc_up = _int4_step(acc_up, up_q_ptrs, s_up, z_up, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb,
                                 GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty,
-                                MAGIC, POST_SCALE, SPLIT, ASM, WB)
+                                MAGIC, POST_SCALE, SPLIT, ASM)
             up_q_ptrs += (BLOCK_K // 2) * stride_qk
         if not PIPE_SCALES:
             s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
         a_ptrs += BLOCK_K * stride_ak
         q_ptrs += (BLOCK_K // 2) * stride_qk
-    # The epilogue works in the accumulator's orientation (rows along dim 1, or dim 0 with WB).
     if SWIGLU and SPLIT_K == 1:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
     if SCALE_ROWS:
-        acc = acc * _along_rows(tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0), WB)
+        acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
     if SCATTER_C:  # sorted row -> its token slot t*k + j
         c_rows = tl.load(c_rows_ptr + rows, mask=row_ok, other=0)
     else:
         c_rows = rows
-    c_ptrs = (c_ptr + k_slice * stride_cs + _along_rows(c_rows.to(tl.int64), WB) * stride_cm
-              + _along_cols(offs_n, WB) * stride_cn)
-    c_mask = _along_cols(n_ok, WB) & _along_rows(row_ok, WB)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    c_ptrs = c_ptr + k_slice * stride_cs + c_rows.to(tl.int64)[None, :] * stride_cm + offs_n[:, None] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
     if SWIGLU and SPLIT_K > 1:
-        tl.store(c_ptrs + N * stride_cn, acc_up.to(c_ptr.dtype.element_ty), mask=c_mask)
-
-
-@triton.jit
-def _along_rows(v, WB: tl.constexpr):
-    """A [BLOCK_M] vector as a row-indexed 2-D operand of the accumulator: [BLOCK_M, 1] with WB, else [1, BLOCK_M]."""
-    if WB:
-        return v[:, None]
-    else:
-        return v[None, :]
-
-
-@triton.jit
-def _along_cols(v, WB: tl.constexpr):
-    """A [BLOCK_N] vector as a column-indexed 2-D operand of the accumulator (see _along_rows)."""
-    if WB:
-        return v[None, :]
-    else:
-        return v[:, None]
+        tl.store(c_ptrs + N * stride_cn, acc_up.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
 
 
 @triton.heuristics({
@@ -735,7 +684,7 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
                      SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
-                     SPLIT_K: tl.constexpr = 1, WB: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr = 1):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Row blocks per expert are only known on the device (they depend on the routing).
@@ -748,11 +697,11 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                    stride_qn, stride_qk, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn,
                    stride_cm, stride_cn, stride_cs, E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS,
                    SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT,
-                   ASM, PIPE_SCALES, SPLIT_K, WB)
+                   ASM, PIPE_SCALES, SPLIT_K)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
-                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K", "WB"]
+                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -871,7 +820,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
-                 PIPE_SCALES=pipe_scales, SPLIT_K=split_k, WB=variant.w_right and not variant.post_scale)
+                 PIPE_SCALES=pipe_scales, SPLIT_K=split_k)
     if config is not None:
         _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
