@@ -105,6 +105,15 @@ PREFILL_VARIANTS = {
     "bm256-g1k128": (V(), "256,64,128,8,8,2", "256,128,64,8,8,3", "GEMM1 half the K steps, 2 stages: +-5%"),
     "bm256-s4": (V(), "256,64,64,8,8,4", "256,128,64,8,8,4", "+-3% of bm256 (loads are not the limit)"),
     "bm256-magic": (V(magic=True), "256,64,64,8,8,3", "256,128,64,8,8,3", "-0-8% vs bm256 (I2F replaced)"),
+    # fourth run (third: bm256 13.65 / 19.96 ms; GEMM2 BN 64 or BK 128 slower, s4 and magic equal). stack = GEMM1's
+    # gate and up rows as one [2 BN, BK] tile and one dot: TTGIR warpsPerCTA [8, 1], wgmma n256, each warpgroup
+    # its own 64 weight rows (bm256 GEMM1: [4, 2], both warpgroups convert both tiles); ptxas: 8 B spill, not 168
+    "bm256-stack": (V(stack=True), "256,64,64,8,8,3", "256,128,64,8,8,3",
+                    "GEMM1 -15-25% (no duplicated fragments, n256 wgmma): forward ~12 ms mixtral"),
+    "bm256-stack-s4": (V(stack=True), "256,64,64,8,8,4", "256,128,64,8,8,4", "= bm256-stack"),
+    "bm256-stack-magic": (V(stack=True, magic=True), "256,64,64,8,8,3", "256,128,64,8,8,3", "= bm256-stack +-3%"),
+    "stack128": (V(stack=True), "128,64,128,8,8,3", "256,128,64,8,8,3", "128-row GEMM1 with stack: > bm256-stack"),
+    "stack128-k64": (V(stack=True), "128,64,64,8,8,4", "256,128,64,8,8,3", "> bm256-stack"),
 }
 FIELDS = ["phase", "preset", "T", "variant", "switches", "cfg1", "cfg2", "status", "rel_err", "ms", "p20_ms",
           "p80_ms", "timing", "packed_gbps", "gbps_with_scales", "pct_copy", "speedup_vs_bf16_triton",

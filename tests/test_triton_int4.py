@@ -200,7 +200,11 @@ def test_kernel_multiplies_with_exactly_the_dequantised_values(G, symmetric, blo
 # ---- kernel switches (Int4Variant): the decode experiments of scripts/gpu_triton_int4_tune.py -------
 
 
-@pytest.mark.parametrize("variant", VARIANTS[1:], ids=VARIANT_IDS[1:])
+# stack only changes GEMM1 (SwiGLU), so the single-GEMM exact-values test above has no use for it
+STACKED = [ig.Int4Variant(stack=True), ig.Int4Variant(stack=True, magic=True, post_scale=True, split=True)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:] + STACKED, ids=VARIANT_IDS[1:] + [v.label() for v in STACKED])
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]], ids=[CASES[1][0], CASES[4][0], CASES[5][0]])
 def test_variants_match_dequantised_reference(case, variant):
     x, q, ids, tw, plan = make_case(*case[1:])

@@ -246,6 +246,8 @@ class Int4Variant:
                      them; off: loaded one K step ahead into registers, so every short decode step
                      waits for a scale load issued one step earlier (a loaded memory latency). Needs
                      bf16 scales/zeros, even N and one group per K step; dropped where these fail
+    stack            GEMM1 (SwiGLU): gate and up rows in one [2 BLOCK_N, BLOCK_K] weight tile and one dot (see
+                     _int4_tile); not with pipe_scales (dropped there)
     split_k          K slices per decode GEMM tile (0: automatic, decode_split_k; 1: off), each slice's
                      float32 partial sums added up by a finisher (GEMM1: with the SwiGLU)
     programs_per_sm  persistent programs per SM (0: grouped_gemm.persistent_programs_per_sm's rule; a
@@ -264,6 +266,7 @@ class Int4Variant:
     split: bool = False
     asm: bool = False
     pipe_scales: bool = False
+    stack: bool = False
     split_k: int = 0
     programs_per_sm: int = 0
     gemv: int = 0
@@ -292,6 +295,8 @@ class Int4Variant:
                 kw["asm"] = True
             elif item == "pipe":
                 kw["pipe_scales"] = True
+            elif item == "stack":
+                kw["stack"] = True
             elif item.startswith("splitk="):
                 kw["split_k"] = int(item[7:])
             elif item.startswith("ppsm="):
@@ -302,12 +307,13 @@ class Int4Variant:
                 kw["gemv"] = int(item[5:])
             else:
                 raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} "
-                                 "(magic, post, split, asm, pipe, splitk=N, ppsm=N, gemv, gemv=N)")
+                                 "(magic, post, split, asm, pipe, stack, splitk=N, ppsm=N, gemv, gemv=N)")
         return cls(**kw)
 
     def label(self) -> str:
         parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split),
-                                              ("asm", self.asm), ("pipe", self.pipe_scales)) if on]
+                                              ("asm", self.asm), ("pipe", self.pipe_scales),
+                                              ("stack", self.stack)) if on]
         if self.split_k:
             parts.append(f"splitk={self.split_k}")
         if self.programs_per_sm:
@@ -563,8 +569,13 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
-               SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr):
+               SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr,
+               STACK: tl.constexpr):
     """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T.
+
+    STACK (SWIGLU only): the gate and up rows of the tile's columns are one [2 BLOCK_N, BLOCK_K] weight tile and
+    one dot (split into gate and up after the K loop), not two tiles and two dots. With 8 warps the two
+    warpgroups then take the gate and the up half (wgmma's 64 rows each) instead of both needing both tiles.
 
     SPLIT_K > 1: only K slice `k_slice` (K / SPLIT_K long, whole BLOCK_K steps); the tile's float32 partial
     sums go to c[k_slice] (with SWIGLU, gate at column n and up at N + n, no activation): the forward's
@@ -590,9 +601,20 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
     e64 = expert.to(tl.int64)  # all experts' bytes (glm5: 6.7e9 per tensor) pass 2**31
     # A^T tile [BLOCK_K, BLOCK_M]: the right operand of the dot.
     a_ptrs = a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + offs_k[:, None] * stride_ak
-    q_ptrs = q_ptr + e64 * stride_qe + offs_n[:, None] * stride_qn + offs_kb[None, :] * stride_qk
+    TWO_TILES: tl.constexpr = SWIGLU and not STACK  # gate and up in separate tiles and dots
+    W_ROWS: tl.constexpr = 2 * BLOCK_N if STACK else BLOCK_N  # rows of the weight tile
+    if STACK:  # weight rows: the gate rows n, then the up rows N + n, of the tile's columns
+        tl.static_assert(SWIGLU and not PIPE_SCALES)
+        j = tl.arange(0, W_ROWS)
+        w_cols = pid_n * BLOCK_N + j % BLOCK_N
+        w_rows = w_cols + (j // BLOCK_N) * N
+        w_ok = w_cols < N
+    else:
+        w_rows = offs_n
+        w_ok = n_ok
+    q_ptrs = q_ptr + e64 * stride_qe + w_rows[:, None] * stride_qn + offs_kb[None, :] * stride_qk
     offs_kb = tl.arange(0, BLOCK_K // 2)  # relative, for _int4_step's ragged-K mask
-    up_q_ptrs = q_ptrs + N * stride_qn  # SWIGLU: up rows N + n of the same columns, own scales
+    up_q_ptrs = q_ptrs + N * stride_qn  # TWO_TILES: up rows N + n of the same columns, own scales
     if PIPE_SCALES:  # int32 words = bf16 pairs (2i, 2i+1) of the tile's columns; strides in words
         n_pair = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
         p_ok = n_pair < N
@@ -605,30 +627,31 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
         p_stride_sg = stride_sg // 2
         p_stride_zg = stride_zg // 2
     else:
-        p_ok = n_ok
-        s_ptrs = s_ptr + e64 * stride_se + offs_n * stride_sn
-        z_ptrs = z_ptr + e64 * stride_ze + offs_n * stride_zn  # z_ptr is s_ptr when symmetric: never loaded
+        p_ok = w_ok
+        s_ptrs = s_ptr + e64 * stride_se + w_rows * stride_sn
+        z_ptrs = z_ptr + e64 * stride_ze + w_rows * stride_zn  # z_ptr is s_ptr when symmetric: never loaded
         up_s_ptrs = s_ptrs + N * stride_sn
         up_z_ptrs = z_ptrs + N * stride_zn
         p_stride_sg = stride_sg
         p_stride_zg = stride_zg
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((W_ROWS, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # Without PIPE_SCALES, scales are loaded one K step ahead, in registers: 2 bytes per thread is too
     # narrow for Triton's cp.async pipeline (which streams the A and packed tiles), so a load issued in the
     # step that uses it would stall every step for a full memory latency. One step ahead still stalls a
     # short (decode) step; PIPE_SCALES loads them as 4-byte words the pipeline takes, in the step itself.
     s, z, s_up, z_up = _step_params(s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k_begin, K, p_ok, p_stride_sg,
-                                    p_stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE, SWIGLU, PIPE_SCALES, BLOCK_N)
+                                    p_stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE, TWO_TILES, PIPE_SCALES,
+                                    BLOCK_N)
     for k0 in range(k_begin, k_begin + k_len, BLOCK_K):
         if PIPE_SCALES:
             s, z, s_up, z_up = _step_params(s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k0, K, p_ok, p_stride_sg,
-                                            p_stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE, SWIGLU, True,
+                                            p_stride_zg, GROUP_SIZE, HAS_ZEROS, GROUPS_PER_TILE, TWO_TILES, True,
                                             BLOCK_N)
         else:
             s_next, z_next, s_up_next, z_up_next = _step_params(
                 s_ptrs, z_ptrs, up_s_ptrs, up_z_ptrs, k0 + BLOCK_K, K, p_ok, p_stride_sg, p_stride_zg, GROUP_SIZE,
-                HAS_ZEROS, GROUPS_PER_TILE, SWIGLU, False, BLOCK_N)
+                HAS_ZEROS, GROUPS_PER_TILE, TWO_TILES, False, BLOCK_N)
         a_mask = row_ok[None, :]
         if not EVEN_K:
             a_mask = a_mask & (offs_k[:, None] - k_begin < K - k0)
@@ -642,10 +665,10 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             xsum = tl.sum(a.to(tl.float32), axis=0)
         else:
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE,
-                         GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT,
+        acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, w_ok, offs_kb, GROUP_SIZE,
+                         GROUPS_PER_TILE, W_ROWS, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT,
                          ASM)
-        if SWIGLU:
+        if TWO_TILES:
             acc_up = _int4_step(acc_up, up_q_ptrs, s_up, z_up, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb,
                                 GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty,
                                 MAGIC, POST_SCALE, SPLIT, ASM)
@@ -654,6 +677,8 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
         a_ptrs += BLOCK_K * stride_ak
         q_ptrs += (BLOCK_K // 2) * stride_qk
+    if STACK:  # [2 BLOCK_N, BLOCK_M] -> gate, up [BLOCK_N, BLOCK_M]
+        acc, acc_up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
     if SWIGLU and SPLIT_K == 1:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
     if SCALE_ROWS:
@@ -684,7 +709,7 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
                      SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
-                     SPLIT_K: tl.constexpr = 1):
+                     SPLIT_K: tl.constexpr = 1, STACK: tl.constexpr = False):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Row blocks per expert are only known on the device (they depend on the routing).
@@ -697,11 +722,11 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                    stride_qn, stride_qk, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn,
                    stride_cm, stride_cn, stride_cs, E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS,
                    SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT,
-                   ASM, PIPE_SCALES, SPLIT_K)
+                   ASM, PIPE_SCALES, SPLIT_K, STACK)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
-                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K"]
+                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K", "STACK"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -820,7 +845,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
-                 PIPE_SCALES=pipe_scales, SPLIT_K=split_k)
+                 PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales)
     if config is not None:
         _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
