@@ -603,11 +603,11 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
     a_ptrs = a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + offs_k[:, None] * stride_ak
     TWO_TILES: tl.constexpr = SWIGLU and not STACK  # gate and up in separate tiles and dots
     W_ROWS: tl.constexpr = 2 * BLOCK_N if STACK else BLOCK_N  # rows of the weight tile
-    if STACK:  # weight rows: the gate rows n, then the up rows N + n, of the tile's columns
+    if STACK:  # weight rows: 8 gate rows, then the 8 up rows of the same columns, and so on (see below)
         tl.static_assert(SWIGLU and not PIPE_SCALES)
         j = tl.arange(0, W_ROWS)
-        w_cols = pid_n * BLOCK_N + j % BLOCK_N
-        w_rows = w_cols + (j // BLOCK_N) * N
+        w_cols = pid_n * BLOCK_N + (j // 16) * 8 + j % 8
+        w_rows = w_cols + ((j // 8) % 2) * N
         w_ok = w_cols < N
     else:
         w_rows = offs_n
@@ -677,8 +677,13 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
         a_ptrs += BLOCK_K * stride_ak
         q_ptrs += (BLOCK_K // 2) * stride_qk
-    if STACK:  # [2 BLOCK_N, BLOCK_M] -> gate, up [BLOCK_N, BLOCK_M]
-        acc, acc_up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
+    if STACK:  # [2 BLOCK_N, BLOCK_M] -> gate, up [BLOCK_N, BLOCK_M]. In wgmma's accumulator layout a thread
+        # holds rows r and r + 8 of each 16: with 8-row blocks of gate and up alternating, each thread has the up
+        # value of every gate value it holds, so this split needs no data exchange (one block each would need the
+        # whole up half moved through shared memory to the other warpgroup).
+        acc = tl.reshape(tl.permute(tl.reshape(acc, (BLOCK_N // 8, 2, 8, BLOCK_M)), (0, 2, 3, 1)),
+                         (BLOCK_N, BLOCK_M, 2))
+        acc, acc_up = tl.split(acc)
     if SWIGLU and SPLIT_K == 1:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
     if SCALE_ROWS:
