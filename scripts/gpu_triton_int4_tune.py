@@ -82,6 +82,7 @@ DECODE_VARIANTS = {
            "= auto at T=1; worse at T=16 (partial sums: 8 x [rows, 2F] float32)"),
 }
 PREFILL_VARIANTS = {
+    "default": (ig.PREFILL_VARIANT, None, None, "the shipped prefill path (switches and autotuned tiles)"),
     "v0-auto": (V(), None, None, "v0: mixtral T=8192 ~19.6 ms"),
     "v0-fixed": (V(), "128,64,128,8,8,3", "128,128,128,8,8,3", "= v0-auto (its choices at T=8192)"),
     "magic": (V(magic=True), "128,64,128,8,8,3", "128,128,128,8,8,3", "-20-30% if dequant-bound (I2F gone)"),

@@ -383,12 +383,14 @@ roles = {  # role: flags, config, group size, zeros, switches
                               {**pms, "ASM": True, "PIPE_SCALES": True}),
     "decode-gemm2-pipe-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, {**pms, "PIPE_SCALES": True}),
     "decode-gemm1-splitk4": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False, {**pms, "SPLIT_K": 4}),
+    "prefill-gemm1-stack": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False, {"STACK": True}),
 }
 out = []
 for cc in (80, 90):
     for role, (flags, cfg, G, hz, switches) in roles.items():
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
-                     **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False, ASM=False, PIPE_SCALES=False, SPLIT_K=1),
+                     **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False, ASM=False, PIPE_SCALES=False, SPLIT_K=1,
+                               STACK=False),
                         **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
@@ -411,7 +413,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 14
+    assert len(results) == 16
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 

@@ -173,11 +173,14 @@ def fit(cfg: TileConfig, limit: int, weight_tiles: int, group_size: int, has_zer
     return None
 
 
-# Candidate tiles, picked with ptxas -v on sm_90 (group 128): none of them spills registers. The
-# dequantised tile is float32 in registers before its bf16 rounding, so BLOCK_N x BLOCK_K / threads
-# bounds the register use; wider tiles get 8 warps. (16, 64, 256) with 4 warps, (16, 128, 256) and
-# (128, 256, 64) were dropped: they spill in GEMM1, which dequantises a gate and an up tile per step.
+# Candidate tiles. The dequantised tile is float32 in registers before its bf16 rounding, so BLOCK_N x BLOCK_K /
+# threads bounds the register use; wider tiles get 8 warps. (16, 64, 256) with 4 warps, (16, 128, 256) and
+# (128, 256, 64) were dropped: they spill heavily in GEMM1. The 256-row tiles come first: at many rows per expert
+# each dequantised weight value then feeds 256 rows of the MMA, and on the H100 (results/h100/
+# triton_int4_prefill_v1) they took the mixtral T=8192 forward from 19.5 to 12.8 ms (with `stack`), although
+# ptxas reports small spills outside the K loop (GEMM2's 256x128x64: 248 B; none inside the loop's SASS).
 PREFILL_CONFIGS = (  # GEMM2 (one weight tile per step)
+    TileConfig(256, 128, 64, 8, 8, 3),
     TileConfig(128, 128, 64, 8, 8, 3),
     TileConfig(128, 128, 128, 8, 8, 3),
     TileConfig(64, 128, 128, 8, 8, 3),
@@ -185,6 +188,7 @@ PREFILL_CONFIGS = (  # GEMM2 (one weight tile per step)
     TileConfig(64, 64, 128, 8, 4, 4),
 )
 PREFILL_CONFIGS_FUSED = (  # GEMM1 (gate and up tiles per step): half the BLOCK_N of GEMM2's
+    TileConfig(256, 64, 64, 8, 8, 3),
     TileConfig(128, 64, 64, 8, 8, 3),
     TileConfig(128, 64, 128, 8, 8, 3),
     TileConfig(64, 64, 128, 8, 8, 3),
@@ -327,7 +331,9 @@ class Int4Variant:
 # All off = v0 (results/h100/triton_int4_v0) until scripts/gpu_triton_int4_tune.py has measured them.
 # H100 (results/h100/triton_int4_tune_v1): magic + post-scaling + split nibbles with 64 persistent programs
 # per SM was the fastest decode variant or within 2% of it at every point: mixtral T=16 0.66 -> 0.51 ms,
-# deepseek-v3 T=16 1.95 -> 1.50 ms, qwen3 T=128 0.30 -> 0.24 ms. Prefill: no variant beat v0.
+# deepseek-v3 T=16 1.95 -> 1.50 ms, qwen3 T=128 0.30 -> 0.24 ms. Prefill: no variant beat v0 then; `stack` did
+# (results/h100/triton_int4_prefill_v1, 256-row tiles, GEMM1 alone: mixtral T=8192 9.53 -> 8.54 ms, deepseek-v3
+# 13.21 -> 12.42 ms; forward 13.66 -> 12.76 and 19.90 -> 19.24 ms).
 # H100 (results/h100/triton_int4_tune_v2): + the inline-PTX unpack (asm) was 1-4% faster at every decode point
 # (mixtral T=1 0.152 -> 0.148 ms with split-K); split-K is automatic (decode_split_k).
 # H100 (results/h100/int4_gemv_v1, full forward incl. plan, graph replay): the GEMV kernels (int4_gemv) beat
@@ -335,7 +341,7 @@ class Int4Variant:
 # picks (mixtral T=1 0.128 vs 0.157 ms, T=4 0.289 vs 0.318; deepseek-v3 T=1 0.122 vs 0.154, T=4 0.392 vs
 # 0.456; qwen3 T=4 0.068 vs 0.078) and lost at T = 8 on mixtral (0.537 vs 0.404): gemv=4.
 DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=4")
-PREFILL_VARIANT = Int4Variant()
+PREFILL_VARIANT = Int4Variant(stack=True)
 
 
 def pinned_variant() -> Int4Variant | None:
