@@ -115,6 +115,12 @@ PREFILL_VARIANTS = {
     "bm256-stack-magic": (V(stack=True, magic=True), "256,64,64,8,8,3", "256,128,64,8,8,3", "= bm256-stack +-3%"),
     "stack128": (V(stack=True), "128,64,128,8,8,3", "256,128,64,8,8,3", "128-row GEMM1 with stack: > bm256-stack"),
     "stack128-k64": (V(stack=True), "128,64,64,8,8,4", "256,128,64,8,8,3", "> bm256-stack"),
+    # sixth run: ncu of the default (stack, 256-row tiles): issue-latency-bound (5.5-5.7 warp cycles per issued
+    # instruction, 2 warps per scheduler; top stalls: fixed-latency waits, short scoreboard, barriers). packed
+    # = the tile built by inline PTX (asm unpack + 2 fma.rn.bf16x2 per pair): GEMM2's K loop 337 -> 274 SASS
+    # instructions per step, its 32 I2F (quarter rate) gone
+    "stack-packed": (V(stack=True, packed=True), None, None, "-8-12% vs default (GEMM1 and GEMM2)"),
+    "stack-packed-fixed": (V(stack=True, packed=True), "256,64,64,8,8,3", "256,128,64,8,8,3", "= stack-packed"),
 }
 FIELDS = ["phase", "preset", "T", "variant", "switches", "cfg1", "cfg2", "status", "rel_err", "ms", "p20_ms",
           "p80_ms", "timing", "packed_gbps", "gbps_with_scales", "pct_copy", "speedup_vs_bf16_triton",

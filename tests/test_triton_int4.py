@@ -232,6 +232,10 @@ def test_variant_text_and_environment(monkeypatch):
     with pytest.raises(ValueError, match="needs 'magic', 'post' and 'split'"):
         ig.Int4Variant.parse("magic,asm")
     assert ig.Int4Variant.parse("v0") == ig.Int4Variant() == ig.Int4Variant.parse("")
+    p = ig.Int4Variant.parse("stack,packed")
+    assert p == ig.Int4Variant(stack=True, packed=True) and ig.Int4Variant.parse(p.label()) == p
+    with pytest.raises(ValueError, match="'packed' is the dequantise-then-dot path"):
+        ig.Int4Variant.parse("packed,post")
     with pytest.raises(ValueError, match="unknown"):
         ig.Int4Variant.parse("magic,fast")
     monkeypatch.setenv(ig.VARIANT_ENV, "magic,post")
@@ -252,6 +256,8 @@ def test_post_scale_lowers_block_k_to_the_group():
     cfg, v = ig.adapt_to_variant(TileConfig(16, 64, 128), 8, post)  # no BLOCK_K >= 16 inside a group of 8
     assert cfg.block_k == 128 and not v.post_scale
     assert ig.adapt_to_variant(TileConfig(16, 64, 256), 128, ig.Int4Variant())[0].block_k == 256
+    cfg, v = ig.adapt_to_variant(TileConfig(256, 64, 256), 64, ig.Int4Variant(packed=True))  # packed: likewise
+    assert cfg.block_k == 64 and v.packed
 
 
 # ---- clear errors before any kernel runs ------------------------------------------------------------
@@ -384,13 +390,17 @@ roles = {  # role: flags, config, group size, zeros, switches
     "decode-gemm2-pipe-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, {**pms, "PIPE_SCALES": True}),
     "decode-gemm1-splitk4": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False, {**pms, "SPLIT_K": 4}),
     "prefill-gemm1-stack": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False, {"STACK": True}),
+    # inline-PTX dequantisation (GPU only): fma.rn.bf16x2 must lower on sm_80 as well as sm_90
+    "prefill-gemm1-stack-packed": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False,
+                                   {"STACK": True, "PACKED": True}),
+    "prefill-gemm2-packed-zeros": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 128, True, {"PACKED": True}),
 }
 out = []
 for cc in (80, 90):
     for role, (flags, cfg, G, hz, switches) in roles.items():
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
                      **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False, ASM=False, PIPE_SCALES=False, SPLIT_K=1,
-                               STACK=False),
+                               STACK=False, PACKED=False),
                         **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
@@ -413,7 +423,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 16
+    assert len(results) == 20
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 
