@@ -187,6 +187,10 @@ PREFILL_CONFIGS = (  # GEMM2 (one weight tile per step)
     TileConfig(128, 64, 64, 8, 8, 3),
     TileConfig(64, 64, 128, 8, 4, 4),
 )
+# Tiles the autotuner only gets with `packed`: on Triton 3.6 / sm_90 the v0 dequantisation computes GEMM2 wrongly
+# at 256x128x64 with zero points and group 128 (relative error 0.31 on an H100, every other tile and the packed
+# path within 2e-3: results/h100/LOG.md, session 6), so without packed (fp16 activations) that tile is left out.
+PACKED_ONLY_CONFIGS = (TileConfig(256, 128, 64, 8, 8, 3),)
 PREFILL_CONFIGS_FUSED = (  # GEMM1 (gate and up tiles per step): half the BLOCK_N of GEMM2's
     TileConfig(256, 64, 64, 8, 8, 3),
     TileConfig(128, 64, 64, 8, 8, 3),
@@ -342,7 +346,8 @@ class Int4Variant:
 # per SM was the fastest decode variant or within 2% of it at every point: mixtral T=16 0.66 -> 0.51 ms,
 # deepseek-v3 T=16 1.95 -> 1.50 ms, qwen3 T=128 0.30 -> 0.24 ms. Prefill: no variant beat v0 then; `stack` did
 # (results/h100/triton_int4_prefill_v1, 256-row tiles, GEMM1 alone: mixtral T=8192 9.53 -> 8.54 ms, deepseek-v3
-# 13.21 -> 12.42 ms; forward 13.66 -> 12.76 and 19.90 -> 19.24 ms).
+# 13.21 -> 12.42 ms; forward 13.66 -> 12.76 and 19.90 -> 19.24 ms), and so did `packed` on top of it (GEMM alone,
+# mixtral: 8.70 -> 8.10 and 4.25 -> 3.91 ms; deepseek-v3 GEMM2 6.45 -> 5.77, GEMM1 12.45 -> 12.69).
 # H100 (results/h100/triton_int4_tune_v2): + the inline-PTX unpack (asm) was 1-4% faster at every decode point
 # (mixtral T=1 0.152 -> 0.148 ms with split-K); split-K is automatic (decode_split_k).
 # H100 (results/h100/int4_gemv_v1, full forward incl. plan, graph replay): the GEMV kernels (int4_gemv) beat
@@ -350,7 +355,7 @@ class Int4Variant:
 # picks (mixtral T=1 0.128 vs 0.157 ms, T=4 0.289 vs 0.318; deepseek-v3 T=1 0.122 vs 0.154, T=4 0.392 vs
 # 0.456; qwen3 T=4 0.068 vs 0.078) and lost at T = 8 on mixtral (0.537 vs 0.404): gemv=4.
 DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=4")
-PREFILL_VARIANT = Int4Variant(stack=True)
+PREFILL_VARIANT = Int4Variant(stack=True, packed=True)
 
 
 def pinned_variant() -> Int4Variant | None:
@@ -880,19 +885,21 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     if rows == 0:
         return out
     variant = variant or Int4Variant()
+    sms, on_gpu = num_sms(a.device), a.device.type == "cuda"
     if config is not None:
         config, variant = adapt_to_variant(config, G, variant)
     else:
         adapted = [adapt_to_variant(c, G, variant) for c in configs]
         configs = list(dict.fromkeys(c for c, _ in adapted))
         variant = adapted[0][1]
+        packed = variant.packed and on_gpu and a.dtype == torch.bfloat16
+        if not packed and len(configs) > 1:
+            configs = [c for c in configs if c not in PACKED_ONLY_CONFIGS] or configs
     if config is None and len(configs) == 1:
         config = configs[0]
     if split_k < 1 or (split_k > 1 and K % (split_k * (config.block_k if config is not None
                                                         else max(c.block_k for c in configs)))):
         raise ValueError(f"split_k={split_k}: K={K} must be a multiple of split_k * BLOCK_K")
-
-    sms, on_gpu = num_sms(a.device), a.device.type == "cuda"
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
