@@ -76,7 +76,10 @@ against the even / odd rows of the A tile instead of interleaving them; `ppsm=N`
 programs per SM. v0's decode loop is bound by its two conversions per weight value (I2F, F2F; see
 results/h100/LOG.md, section triton_int4), which magic + post remove. `gemv` (or `gemv=N`) sends decode
 batches of T <= 4 (N) tokens to the GEMV kernels of int4_gemv.py, which use no tl.dot (default gemv=4,
-measured with scripts/gpu_int4_gemv.py).
+measured with scripts/gpu_int4_gemv.py). Prefill runs `stack` (GEMM1's gate and up rows as one weight tile,
+alternating in 8-row blocks, one dot) and `packed` (the weight tile built by inline PTX: prmt/lop3 unpack,
+then fma.rn.bf16x2 with the scale), measured with scripts/gpu_triton_int4_tune.py and
+scripts/gpu_int4_prefill_gemms.py (results/h100/LOG.md, session 6).
 
 A pinned config (argument `config`, or MOE_TUT_TRITON_INT4_CONFIG="BM,BN,BK,GROUP_M,warps,stages")
 overrides both; `path="decode"/"prefill"` forces a regime (tests use it). Under Triton's CPU
