@@ -86,15 +86,6 @@ def test_fast_path_tma(case):
     check(gg.moe_forward_triton, x, w, ids, tw, plan, config=SMALL, tma=True)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_fast_path_stack(case, monkeypatch):
-    # GEMM1's gate and up columns in one tile, alternating in 8-column blocks (F not a multiple of BLOCK_N in
-    # several cases: the partial block's columns past F are masked), split after the K loop
-    monkeypatch.setenv(gg.STACK_ENV, "1")
-    x, w, ids, tw, plan = make_case(*case[1:])
-    check(gg.moe_forward_triton, x, w, ids, tw, plan, config=SMALL)
-
-
 def test_tma_choice(monkeypatch):
     dev = torch.device(DEVICE)
     assert gg.want_tma(dev, False) is False
@@ -337,15 +328,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_gpu_mid_size(version, T):
     x, w, ids, tw, plan = make_case(8, 1024, 2048, 2, T, "zipf")
     check(gg.VERSIONS[version], x, w, ids, tw, plan)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("T", [16, 1000])
-def test_gpu_fast_path_stack(T, monkeypatch):
-    monkeypatch.setenv(gg.STACK_ENV, "1")
-    x, w, ids, tw, plan = make_case(8, 1024, 2048, 2, T, "zipf")
-    check(gg.moe_forward_triton, x, w, ids, tw, plan)
 
 
 @gpu

@@ -104,7 +104,6 @@ from ..weights import ExpertWeights
 CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
 CONFIG2_ENV = "MOE_TUT_TRITON_CONFIG2"  # same format: pins the fast path's GEMM2 only (overrides CONFIG_ENV there)
 TMA_ENV = "MOE_TUT_TRITON_TMA"  # "1": weights (and GEMM2's A) through TMA tensor descriptors where supported
-STACK_ENV = "MOE_TUT_TRITON_STACK"  # "1": GEMM1's gate and up columns as one weight tile and one dot (pointer loads)
 LOOP_ENV = "MOE_TUT_TRITON_LOOP"  # "flatten", "ws" or "flatten,ws": tl.range options of the persistent loop
 DECODE_ENV = "MOE_TUT_DECODE_MAX_ROWS"  # overrides DECODE_MAX_ROWS_PER_EXPERT (an integer, 0 = never decode)
 DECODE_MAX_ROWS_PER_EXPERT = 8  # at or below this many rows per expert (mean), use the decode config (H100: see LOG)
@@ -236,14 +235,6 @@ def decode_max_rows() -> int:
 def is_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """The fast path's shape rule: decode when T*k / E <= decode_max_rows() (default 16)."""
     return num_tokens * top_k <= decode_max_rows() * num_experts
-
-
-def want_stack(stack: bool | None = None) -> bool:
-    """Whether a v4 SwiGLU GEMM stacks gate and up into one tile (_gemm_tile's STACK): the argument, else
-    MOE_TUT_TRITON_STACK ("1" / "0"), else off (an experiment until measured)."""
-    if stack is not None:
-        return stack
-    return os.environ.get(STACK_ENV, "").strip() == "1"
 
 
 def loop_options() -> tuple[bool, bool]:
@@ -424,13 +415,8 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
                E: tl.constexpr, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr,
                SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr, MAP_FROM_OFFSETS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_W: tl.constexpr, TMA_A: tl.constexpr,
-               STACK: tl.constexpr = False):
-    """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store.
-
-    STACK (SWIGLU, pointer loads): the gate and up columns are one [BLOCK_K, 2 BLOCK_N] weight tile and one dot,
-    alternating in blocks of 8 columns; wgmma's accumulator gives a thread columns c and c + 8 of each 16, so the
-    split into gate and up after the K loop stays in registers (as int4_gemm's stack does with weight rows)."""
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_W: tl.constexpr, TMA_A: tl.constexpr):
+    """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store."""
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, block_expert_ptr,
                                                    block_row_start_ptr, E, E_PAD, BLOCK_M,
@@ -449,18 +435,8 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
     a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     # Weight rows are W's output columns: load a [BLOCK_K, BLOCK_N] slice of W[e]^T.
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    if STACK:
-        tl.static_assert(SWIGLU and not TMA_W)
-        j = tl.arange(0, 2 * BLOCK_N)
-        w_cols = pid_n * BLOCK_N + (j // 16) * 8 + j % 8
-        w_ok = w_cols < N
-        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
-                  + (w_cols + ((j // 8) % 2) * N)[None, :] * stride_wn)
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    else:
-        w_ok = n_ok
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWIGLU and not STACK:  # up rows F + n of the same columns n, in a second accumulator
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWIGLU:  # up rows F + n of the same columns n, in a second accumulator
         up_ptrs = w_ptrs + N * stride_wn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # TMA (sm_90+): the weight tile [BLOCK_N, BLOCK_K] comes from a 2-D view W [E * N_W, K] by one
@@ -470,7 +446,7 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
     w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
     for k0 in range(0, K, BLOCK_K):
         a_mask = row_ok[:, None]
-        w_mask = w_ok[None, :]
+        w_mask = n_ok[None, :]
         if not EVEN_K:
             a_mask = a_mask & (offs_k[None, :] < K - k0)
             w_mask = w_mask & (offs_k[:, None] < K - k0)
@@ -484,14 +460,11 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
                 acc_up = tl.dot(a, w_desc.load([w_row + N, k0]).T, acc_up)
         else:
             acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc)
-            if SWIGLU and not STACK:
+            if SWIGLU:
                 acc_up = tl.dot(a, tl.load(up_ptrs, mask=w_mask, other=0.0), acc_up)
                 up_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    if STACK:  # [BLOCK_M, 2 BLOCK_N] -> gate, up [BLOCK_M, BLOCK_N]
-        acc, acc_up = tl.split(tl.reshape(tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N // 8, 2, 8)), (0, 1, 3, 2)),
-                                          (BLOCK_M, BLOCK_N, 2)))
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
     if SCALE_ROWS:
@@ -516,8 +489,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      TMA_W: tl.constexpr = False, TMA_A: tl.constexpr = False,
-                     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
-                     STACK: tl.constexpr = False):
+                     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
     # Descriptors are made once per program (in-kernel: a little global scratch from the allocator
     # given to triton.set_allocator), not per tile.
     if TMA_W:
@@ -545,7 +517,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
-                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A, STACK)
+                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A)
     else:
         tile = tl.program_id(0)
         if tile < num_tiles:  # the grid is a host-side upper bound; the rest exit at once
@@ -553,7 +525,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
-                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A, STACK)
+                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A)
 
 
 def _autotune_bench(fn, quantiles):
@@ -573,7 +545,7 @@ def _interpreter_bench(fn, quantiles):
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C",
-                "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A", "FLATTEN", "WARP_SPECIALIZE", "STACK"]
+                "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A", "FLATTEN", "WARP_SPECIALIZE"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -637,8 +609,7 @@ def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch.Tensor, *,
                  gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                  scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
-                 configs: list[TileConfig] | None = None, tma: bool | None = None,
-                 stack: bool | None = None) -> torch.Tensor:
+                 configs: list[TileConfig] | None = None, tma: bool | None = None) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
 
     a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -652,8 +623,6 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     tma          (v4 only) load the weights, and a sorted A, through TMA tensor descriptors: True,
                  False, or None for MOE_TUT_TRITON_TMA / USE_TMA_DEFAULT; only where tma_supported()
                  and the tensors meet TMA's alignment rules, else the pointer loads
-    stack        (v4, swiglu) gate and up columns as one tile and one dot (pointer loads, no TMA for the
-                 weights): True, False, or None for MOE_TUT_TRITON_STACK (default off)
     """
     schedule = SCHEDULES[version]
     E, n_w, K = w.shape
@@ -691,8 +660,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         block_expert, block_row_start = block_map.block_expert, block_map.block_row_start
         num_blocks = block_map.num_blocks
     sms, on_gpu = num_sms(w.device), w.device.type == "cuda"
-    stack = swiglu and schedule.map_from_offsets and want_stack(stack)
-    tma_w = schedule.map_from_offsets and want_tma(w.device, tma) and _tma_ok(w) and not stack
+    tma_w = schedule.map_from_offsets and want_tma(w.device, tma) and _tma_ok(w)
     tma_a = tma_w and not gather_rows and _tma_ok(a)
     flatten, warp_specialize = loop_options() if schedule.persistent else (False, False)
     if tma_w and on_gpu:
@@ -713,7 +681,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
                  SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
                  PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, FLATTEN=flatten,
-                 WARP_SPECIALIZE=warp_specialize, STACK=stack)
+                 WARP_SPECIALIZE=warp_specialize)
     if config is not None:
         _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
