@@ -61,6 +61,12 @@ VARIANTS = {
     "gemv-s1": (None, None, dict(split_k=1), 1, "mixtral T=1 +20-40% (GEMM2: 128 programs for 132 SMs)"),
     "gemv-s2": (None, None, dict(split_k=2), 1, "between gemv-s1 and gemv at mixtral T=1; = gemv elsewhere"),
     "gemv-rows2": (None, None, dict(rows=2), 2, "worse than gemv (rows=1) unless experts get 2+ rows: +33% instr"),
+    # session 6: ncu at mixtral T=1 (results/h100/int4_gemv_ncu_v1): GEMM1 85 us at 43% of DRAM peak, 15.5 stall
+    # cycles on long scoreboard per instruction (cuda_int4 v2: 55 us, 67%, 2.4), 896 programs (6.8 per SM, up to 9
+    # fit): too few loads in flight. GEMM1 split-K gives it more programs (GEMM2, already split 8, unchanged)
+    **{f"gemv-g1s{s}": (replace(gv.DEFAULT_GEMM1_CONFIG, split_k=s), None, {}, 1,
+                        "GEMM1 85 -> ~65-70 us at mixtral T=1 (up to 9 programs resident per SM, not 6.8)")
+       for s in (2, 4, 8)},
 }
 FIELDS = ["preset", "T", "backend", "variant", "cfg1", "cfg2", "split1", "split2", "rows", "status", "rel_err", "ms",
           "p20_ms", "p80_ms", "timing", "int4_gb", "gbps", "pct_copy", "speedup_vs_bf16_triton", "bf16_triton_ms",
