@@ -67,12 +67,6 @@ VARIANTS = {
     **{f"gemv-g1s{s}": (replace(gv.DEFAULT_GEMM1_CONFIG, split_k=s), None, {}, 1,
                         "GEMM1 85 -> ~65-70 us at mixtral T=1 (up to 9 programs resident per SM, not 6.8)")
        for s in (2, 4, 8)},
-    # the packed words loaded one K step ahead (GemvConfig.prefetch): twice the weight bytes in flight per thread
-    "gemv-p": (replace(gv.DEFAULT_GEMM1_CONFIG, prefetch=True), replace(gv.DEFAULT_GEMM2_CONFIG, prefetch=True), {}, 1,
-               "mixtral T=1 0.128 -> ~0.105 ms (GEMM1 85 -> ~65 us; GEMM2 already near cuda_int4's 32 us: -0-10%)"),
-    "gemv-p-g1s2": (replace(gv.DEFAULT_GEMM1_CONFIG, prefetch=True, split_k=2),
-                    replace(gv.DEFAULT_GEMM2_CONFIG, prefetch=True), {}, 1, "= gemv-p -0-5%"),
-    "gemv-g1p": (replace(gv.DEFAULT_GEMM1_CONFIG, prefetch=True), None, {}, 1, "between gemv and gemv-p"),
 }
 FIELDS = ["preset", "T", "backend", "variant", "cfg1", "cfg2", "split1", "split2", "rows", "status", "rel_err", "ms",
           "p20_ms", "p80_ms", "timing", "int4_gb", "gbps", "pct_copy", "speedup_vs_bf16_triton", "bf16_triton_ms",

@@ -70,11 +70,6 @@ CASES = [
     ("split-k2-top1", dict(E=3, H=256, F=256, k=1, T=2, G=128), dict(split_k=2)),
     ("small-blocks", dict(E=4, H=128, F=128, k=2, T=2, G=128),
      dict(config=GemvConfig(16, 64, 2), config2=GemvConfig(32, 32, 1))),  # many programs and K steps
-    # packed words loaded one step ahead: many K steps (the clamped last fetch), zero points, K slices
-    ("prefetch-asym-G32", dict(E=4, H=128, F=256, k=2, T=3, G=32, symmetric=False),
-     dict(config=GemvConfig(16, 32, 2, prefetch=True), config2=GemvConfig(32, 32, 1, prefetch=True))),
-    ("prefetch-split-k2", dict(E=4, H=256, F=512, k=2, T=1, G=128),
-     dict(config=GemvConfig(32, 64, 4, 2, True), config2=GemvConfig(64, 64, 4, 2, True))),
 ]
 
 
@@ -221,8 +216,6 @@ def test_rows_split_and_block_rules():
     assert gv.adapt_block_k(GemvConfig(32, 128, 4), 96).block_k == 32
     assert gv.adapt_block_k(GemvConfig(32, 128, 4), 256).block_k == 128
     assert GemvConfig.parse("64, 128, 8, 2") == GemvConfig(64, 128, 8, 2)
-    assert GemvConfig.parse("32,128,4,0,1") == GemvConfig(32, 128, 4, prefetch=True)
-    assert GemvConfig(32, 128, 4, 2, True).label() == "n32k128w4s2p"
     with pytest.raises(ValueError, match="BLOCK_N,BLOCK_K,warps"):
         GemvConfig.parse("64,128")
     with pytest.raises(ValueError, match="power of two"):
@@ -266,14 +259,12 @@ roles = {  # role: flags, N, K, group size, zeros, config
               False, gv.DEFAULT_GEMM1_CONFIG),
     "gemm2-asym-splitk4": (dict(GATHER_X=False, SWIGLU=False, ACT_OUT=False, WEIGHT_SCATTER=True, SPLIT_K=4), 4096,
                            14336, 128, True, gv.DEFAULT_GEMM2_CONFIG),
-    "gemm1-prefetch": (dict(GATHER_X=True, SWIGLU=True, ACT_OUT=True, WEIGHT_SCATTER=False, SPLIT_K=2), 14336, 4096,
-                       128, False, gv.GemvConfig(32, 128, 4, prefetch=True)),
 }
 out = []
 for cc in (80, 90):
     for role, (flags, N, K, G, hz, cfg) in roles.items():
         const = dict(flags, N=N, KW=K // 8, E=8, E_PAD=16, GROUP_SIZE=G, HAS_ZEROS=hz, ROWS=1, BLOCK_N=cfg.block_n,
-                     BLOCK_K=cfg.block_k, ONE_IN_MASK=cc < 90, PREFETCH=cfg.prefetch)  # as one_in_mask picks it
+                     BLOCK_K=cfg.block_k, ONE_IN_MASK=cc < 90)  # as one_in_mask picks it
         kernel = compile_kernel(
             gv._gemv_kernel, const,
             ptr_types=dict(x_ptr="*fp32", xw_ptr="*fp32", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
@@ -296,7 +287,7 @@ def test_kernel_compiles_for_sm80_and_sm90_without_conversions_in_the_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 6
+    assert len(results) == 4
     for r in results:
         # GEMM1: gate and up words + 8 activation vectors; GEMM2: words + 8 activation vectors + word sums
         assert r["loop_converts"] == 0 and r["v4_loads"] >= 9, r

@@ -102,9 +102,8 @@ ONE_BITS = 0x3F800000  # float32 1.0
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Block sizes of one GEMV GEMM: BLOCK_N weight rows x BLOCK_K values of K per step, num_warps,
-    split_k (K slices, a power of two; 0 = automatic, gemv_split_k), and prefetch (the packed words loaded one
-    K step ahead, _gemv_kernel's PREFETCH).
+    """Block sizes of one GEMV GEMM: BLOCK_N weight rows x BLOCK_K values of K per step, num_warps, and
+    split_k (K slices, a power of two; 0 = automatic, gemv_split_k).
 
     BLOCK_K is lowered to the group size's largest power-of-two divisor where it is larger (adapt_block_k),
     so a step always lies in one group and K (a multiple of the group) is a multiple of BLOCK_K. There is
@@ -116,7 +115,6 @@ class GemvConfig:
     block_k: int = 128
     num_warps: int = 4
     split_k: int = 0
-    prefetch: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -130,19 +128,18 @@ class GemvConfig:
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """'BLOCK_N,BLOCK_K,warps[,split_k[,prefetch]]', e.g. '32,128,4' or '64,128,8,2,1'."""
+        """'BLOCK_N,BLOCK_K,warps[,split_k]', e.g. '32,128,4' or '64,128,8,2'."""
         try:
             values = [int(v) for v in text.replace(" ", "").split(",")]
-            if not 3 <= len(values) <= 5 or (len(values) == 5 and values[4] not in (0, 1)):
+            if not 3 <= len(values) <= 4:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"a GEMV config is 'BLOCK_N,BLOCK_K,warps[,split_k[,prefetch 0/1]]' (e.g. 32,128,4), "
-                             f"got {text!r}") from None
-        return cls(*values[:4], *(bool(v) for v in values[4:]))
+            raise ValueError(f"a GEMV config is 'BLOCK_N,BLOCK_K,warps[,split_k]' (e.g. 32,128,4), got {text!r}"
+                             ) from None
+        return cls(*values)
 
     def label(self) -> str:
-        return (f"n{self.block_n}k{self.block_k}w{self.num_warps}" + (f"s{self.split_k}" if self.split_k else "")
-                + ("p" if self.prefetch else ""))
+        return f"n{self.block_n}k{self.block_k}w{self.num_warps}" + (f"s{self.split_k}" if self.split_k else "")
 
 
 # Defaults before any GPU timing (scripts/gpu_int4_gemv.py measures the candidates), chosen from the sm_90
@@ -327,8 +324,7 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                  N: tl.constexpr, KW: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, GATHER_X: tl.constexpr, SWIGLU: tl.constexpr,
                  ACT_OUT: tl.constexpr, WEIGHT_SCATTER: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False,
-                 PREFETCH: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False):
     """One program: ROWS sorted rows of one expert x BLOCK_N output columns x one K slice.
 
     x_ptr/xw_ptr  prepared activations x' [*, 8*KW] and word sums [*, KW] (rows: x_rows[r] with GATHER_X)
@@ -377,30 +373,10 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
         xw_base = xw_ptr + x_rows.to(tl.int64)[:, None, None] * stride_xwm
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
         acc_up = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
-        # The packed words are loaded one K step ahead (PREFETCH): Triton does not software-pipeline these
-        # loads (no tl.dot), and with one step's words in flight per thread the loop waited on DRAM latency
-        # (ncu, mixtral T=1: GEMM1 at 43% of DRAM peak, 15 long-scoreboard stall cycles per instruction).
-        # The last step fetches its own words again (clamped), which the caches serve.
-        w_last = w_begin + w_len - BLOCK_W
-        if PREFETCH:
-            w_next = tl.load(q_rows + w_begin + offs_w)
-            if SWIGLU:
-                w_up_next = tl.load(q_rows + N * stride_qn + w_begin + offs_w)
         for w0 in range(w_begin, w_begin + w_len, BLOCK_W):
             # No masks: BLOCK_K divides the group size, which divides K, so every step is whole and lies in
             # one group (one scale per row), and rows/columns are clamped above.
             cols = w0 + offs_w
-            if PREFETCH:
-                w = w_next
-                cols_next = tl.minimum(w0 + BLOCK_W, w_last) + offs_w
-                w_next = tl.load(q_rows + cols_next)
-                if SWIGLU:
-                    w_up = w_up_next
-                    w_up_next = tl.load(q_rows + N * stride_qn + cols_next)
-            else:
-                w = tl.load(q_rows + cols)
-                if SWIGLU:
-                    w_up = tl.load(q_rows + N * stride_qn + cols)
             x_ptrs = x_base + cols
             x0 = tl.load(x_ptrs)
             x1 = tl.load(x_ptrs + KW)
@@ -411,6 +387,7 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
             x6 = tl.load(x_ptrs + 6 * KW)
             x7 = tl.load(x_ptrs + 7 * KW)
             g = (w0 * 8) // GROUP_SIZE
+            w = tl.load(q_rows + cols)
             # acc += s * p and acc += z * X as two statements: one FFMA each per word (as one expression the
             # compiler emits FMUL + FFMA + FADD)
             acc += tl.load(s_row + g * stride_sg).to(tl.float32) * _word_sums(w, x0, x1, x2, x3, x4, x5, x6, x7,
@@ -419,6 +396,7 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                 xw = tl.load(xw_base + cols)
                 acc += tl.load(z_row + g * stride_zg).to(tl.float32) * xw
             if SWIGLU:  # the up rows N + n of the same columns: same activations, own scales
+                w_up = tl.load(q_rows + N * stride_qn + cols)
                 acc_up += tl.load(s_row + N * stride_sn + g * stride_sg).to(tl.float32) * _word_sums(
                     w_up, x0, x1, x2, x3, x4, x5, x6, x7, one_bits, SYMMETRIC, ONE_IN_MASK)
                 if HAS_ZEROS:
@@ -559,7 +537,7 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        ONE_IN_MASK=one_in_mask(xp.device), PREFETCH=config.prefetch, num_warps=config.num_warps)
+        ONE_IN_MASK=one_in_mask(xp.device), num_warps=config.num_warps)
 
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
