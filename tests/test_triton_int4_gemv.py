@@ -204,10 +204,11 @@ def test_rows_split_and_block_rules():
     assert gv.rows_per_block(1, 2, 8) == 1 and gv.rows_per_block(4, 2, 8) == 1  # mixtral T=1, 4
     assert gv.rows_per_block(8, 2, 8) == 2 and gv.rows_per_block(64, 2, 8) == gv.MAX_ROWS_PER_BLOCK
     assert gv.rows_per_block(4, 8, 256) == 1  # deepseek-v3
-    # H100 (132 SMs), BLOCK_K 128: mixtral T=1 GEMM1 at BLOCK_N 32 (2 x 448 programs) is not split; GEMM2
-    # (K = 14336) is, in 8 at BLOCK_N 64 (2 x 64 programs), in 4 at BLOCK_N 32; qwen3 T=1 GEMM2 (K = 768)
-    # cannot be (slices would be < 512)
-    assert gv.gemv_split_k(896, 4096, 128, 132) == 1
+    # H100 (132 SMs), BLOCK_K 128: mixtral T=1 GEMM1 at BLOCK_N 32 (2 x 448 programs, 6.8 per SM) is split in 2,
+    # a GEMM with 7 per SM is not; GEMM2 (K = 14336) in 8 at BLOCK_N 64 (2 x 64 programs), in 4 at BLOCK_N 32;
+    # qwen3 T=1 GEMM2 (K = 768) cannot be (slices would be < 512)
+    assert gv.gemv_split_k(896, 4096, 128, 132) == 2
+    assert gv.gemv_split_k(7 * 132, 4096, 128, 132) == 1
     assert gv.gemv_split_k(128, 14336, 128, 132) == 8
     assert gv.gemv_split_k(256, 14336, 128, 132) == 4
     assert gv.gemv_split_k(8, 14336, 128, 132) == gv.GEMV_SPLIT_K_MAX

@@ -93,7 +93,10 @@ from .grouped_gemm import _alloc, _capability, _cuda_index, _locate_row_block, m
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
 
 MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
-GEMV_PROGRAMS_PER_SM = 4  # split K until a GEMM has this many programs per SM (or the limits below)
+# Split K until a GEMM has this many programs per SM (or the limits below). 7, not 4: mixtral T=1's GEMM1 (896
+# programs, 6.8 per SM, up to 9 resident) waited on DRAM latency (ncu: 43% of DRAM peak; results/h100/
+# int4_gemv_ncu_v1) and two K slices took the forward from 0.128 to 0.120 ms on an H100 (results/h100/LOG.md).
+GEMV_PROGRAMS_PER_SM = 7
 GEMV_SPLIT_K_MAX = 8
 GEMV_MIN_SLICE = 512  # K per slice: shorter slices spend more on partial sums than they win
 WORD_VALUES = 8  # 4-bit codes per int32 word
