@@ -645,7 +645,8 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
 
     STACK (SWIGLU only): the gate and up rows of the tile's columns are one [2 BLOCK_N, BLOCK_K] weight tile and
     one dot (split into gate and up after the K loop), not two tiles and two dots. With 8 warps the two
-    warpgroups then take the gate and the up half (wgmma's 64 rows each) instead of both needing both tiles.
+    warpgroups then each take 64 of its rows (wgmma's M) and dequantise only those, instead of both needing
+    both tiles (they split the tokens then).
 
     SPLIT_K > 1: only K slice `k_slice` (K / SPLIT_K long, whole BLOCK_K steps); the tile's float32 partial
     sums go to c[k_slice] (with SWIGLU, gate at column n and up at N + n, no activation): the forward's
