@@ -22,7 +22,6 @@ and the run goes on. Designed to finish in under 4 minutes on an H100 (the first
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from moe_tut.backends import cuda_int4 as ci4
 from moe_tut.backends import get_backend
 from moe_tut.bench.ceilings import measure_ceilings
 from moe_tut.bench.harness import make_inputs
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 from moe_tut.quant import Int4ExpertWeights, QuantizedTensor, dequantize
 from moe_tut.reference import expert_ffn_fp32, relative_error
@@ -191,13 +191,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     out = os.environ.get("OUT")
     if out:
-        path = Path(out) / "cuda_int4_check.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({c: row.get(c, "") for c in COLUMNS})
+        path = write_csv(Path(out) / "cuda_int4_check.csv", rows, COLUMNS)
         say(f"wrote {path}")
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0

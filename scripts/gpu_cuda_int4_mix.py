@@ -9,7 +9,6 @@ checked against the float32 reference on the dequantised weights. Writes cuda_in
 """
 
 import argparse
-import csv
 import functools
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from moe_tut import ExpertWeights, RoutingPlan, get_preset
 from moe_tut.backends import cuda_int4 as ci4
 from moe_tut.bench.harness import make_inputs
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 from moe_tut.quant import Int4ExpertWeights, int4_moe_reference
 from moe_tut.reference import relative_error
@@ -58,9 +58,5 @@ for name in args.presets:
                 print(f"{name:12s} T={T:<3d} gemm1 v{v1} gemm2 v{v2}: {us:7.1f} us  err {err:.2e}", flush=True)
     del q
     torch.cuda.empty_cache()
-path = Path(os.environ.get("OUT", ".")) / "cuda_int4_mix.csv"
-with path.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+path = write_csv(Path(os.environ.get("OUT", ".")) / "cuda_int4_mix.csv", rows)
 print(f"wrote {path}")

@@ -39,7 +39,6 @@ Exit status: 0 when every row passed or was skipped, 1 if any row FAILed its cor
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -54,7 +53,7 @@ import torch
 
 import moe_tut
 import moe_tut.hf as mhf
-from moe_tut.bench.results import git_commit
+from moe_tut.bench.results import git_commit, write_csv
 from moe_tut.presets import custom, get_preset
 
 BLOCKS = {"mixtral": "mixtral", "qwen3_moe": "qwen3-30b-a3b"}  # architecture -> preset with its shape
@@ -157,11 +156,7 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - start
 
     keys = list(mhf.ROW_KEYS)
-    with open(out_dir / "hf_bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys + ["gpu"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "gpu": gpu})
+    write_csv(out_dir / "hf_bench.csv", [{**r, "gpu": gpu} for r in rows], keys + ["gpu"])
     failed = [r for r in rows if r["status"] == "FAIL"]
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -14,7 +14,6 @@ Prints a table and writes host_overhead.csv under $OUT (or --out).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from moe_tut import ExpertWeights, RoutingPlan, get_backend, get_preset
 from moe_tut.bench.harness import make_inputs
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 
 
@@ -68,11 +68,7 @@ def main() -> int:
                 print(f"{name:14s} {T:5d} {bname:10s} {ev:9.3f} {gr:9.3f} {ho:8.3f}", flush=True)
         del w
         torch.cuda.empty_cache()
-    path = Path(args.out) / "host_overhead.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = write_csv(Path(args.out) / "host_overhead.csv", rows)
     print(f"wrote {path}")
     return 0
 

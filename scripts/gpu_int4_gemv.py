@@ -26,7 +26,6 @@ Writes int4_gemv.csv under --out (default $OUT). Progress is printed (flushed) r
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -39,6 +38,7 @@ import torch
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error, simulate_routing
 from moe_tut.bench.ceilings import measure_copy_gbps
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cpu, time_cuda
 from moe_tut.kernels import int4_gemv as gv
 from moe_tut.quant import int4_moe_reference
@@ -264,12 +264,7 @@ def main():
         print_table(rows)
         log(f"\ndone in {time.time() - start:.0f} s")
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            path = os.path.join(args.out, "int4_gemv.csv")
-            with open(path, "w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                wr.writeheader()
-                wr.writerows(rows)
+            path = write_csv(os.path.join(args.out, "int4_gemv.csv"), rows, FIELDS)
             with open(os.path.join(args.out, "int4_gemv_command.txt"), "w") as f:
                 f.write(" ".join([sys.executable, *sys.argv]) + "\n")
             log(f"wrote {path}")

@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -26,6 +25,7 @@ import torch
 
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error, simulate_routing
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cpu, time_cuda
 from moe_tut.kernels import grouped_gemm as gg
 from moe_tut.kernels import int4_gemm as ig
@@ -140,13 +140,7 @@ def main():
                 print(f"{preset:<13} GEMM{gemm} {name:<16} {row.get('ms', row['status']):>9} ms  "
                       f"x{row.get('ratio_vs_bf16', '-')}  err {row.get('rel_err', '-')}  {row['config']}", flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "prefill_gemms.csv")
-        with open(path, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            wr.writeheader()
-            wr.writerows(rows_out)
-        print("wrote", path)
+        print("wrote", write_csv(os.path.join(args.out, "prefill_gemms.csv"), rows_out, FIELDS))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Writes int4_probe.csv under $OUT.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from dataclasses import replace
@@ -33,6 +32,7 @@ import torch
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error, simulate_routing
 from moe_tut.bench.ceilings import measure_copy_gbps
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 from moe_tut.kernels import int4_gemm as ig
 from moe_tut.kernels.grouped_gemm import TileConfig
@@ -144,16 +144,10 @@ def main() -> int:
                                      gpu=gpu, copy_gbps=f"{copy_gbps:.0f}"))
                     log(f"{preset:<12} T={T:<4} {gname} {name:<10} {t.median_ms:8.4f} ms {gbps:6.0f} GB/s "
                         f"{100 * gbps / copy_gbps:5.1f}%")
-            with open(path, "w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=FIELDS)
-                wr.writeheader()
-                wr.writerows(rows)
+            write_csv(path, rows, FIELDS)
         del q, qb13, qb2
         torch.cuda.empty_cache()
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=FIELDS)
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(path, rows, FIELDS)
     log(f"wrote {path}; {failed} correctness failures")
     return 1 if failed else 0
 

@@ -40,7 +40,6 @@ is spent. Writes $OUT/plan_check.csv when OUT is set. Exit status 1 if any corre
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import random
 import sys
@@ -49,6 +48,7 @@ import time
 import torch
 
 import moe_tut
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 from moe_tut.kernels import plan as plan_kernel
 from moe_tut.routing import SKEWS, RoutingPlan, _auto_method, simulate_routing
@@ -318,12 +318,7 @@ def main() -> int:
     say(f"\ntotal {time.perf_counter() - t_start:.1f} s")
     out = os.environ.get("OUT")
     if out:
-        path = os.path.join(out, "plan_check.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        say(f"wrote {path}")
+        say(f"wrote {write_csv(os.path.join(out, 'plan_check.csv'), rows, COLUMNS)}")
     return 1 if failures else 0
 
 

@@ -15,13 +15,13 @@ writes read_floor.csv under --out or $OUT.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 
 import torch
 
 from moe_tut.bench.ceilings import measure_ceilings
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 
 
@@ -43,13 +43,7 @@ def main() -> None:
                          pct_of_copy=round(100 * gbps / copy, 1)))
         print(f"{mb:7.1f} MB  {tm.median_ms * 1e3:8.1f} us  {gbps:6.0f} GB/s  {100 * gbps / copy:5.1f}% of copy")
     if args.out:
-        path = Path(args.out) / "read_floor.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+        print(f"wrote {write_csv(Path(args.out) / 'read_floor.csv', rows)}")
 
 
 if __name__ == "__main__":

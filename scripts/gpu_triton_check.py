@@ -22,7 +22,6 @@ under --out, when either is given.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ import torch
 
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, moe_reference, relative_error, simulate_routing
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 from moe_tut.kernels import grouped_gemm as gg
 from moe_tut.presets import custom
@@ -202,11 +202,7 @@ def main(argv=None) -> int:
         for line in report:
             log(line)
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "triton_check.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(os.path.join(args.out, "triton_check.csv"), rows, FIELDS)
             with open(os.path.join(args.out, "triton_autotune.txt"), "w") as f:
                 f.write("\n".join(report) + "\n")
             log(f"wrote {args.out}/triton_check.csv and triton_autotune.txt")

@@ -27,7 +27,6 @@ $OUT, or under --out, when either is given. Progress is printed (flushed) as eac
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -39,6 +38,7 @@ import torch
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, moe_reference, relative_error, simulate_routing
 from moe_tut.bench.ceilings import measure_ceilings
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 from moe_tut.kernels import grouped_gemm as gg
 from moe_tut.kernels import int4_gemm as ig
@@ -289,11 +289,7 @@ def main(argv=None) -> int:
         for line in report:
             log(line)
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "triton_int4_check.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(os.path.join(args.out, "triton_int4_check.csv"), rows, FIELDS)
             with open(os.path.join(args.out, "triton_int4_autotune.txt"), "w") as f:
                 f.write("\n".join(report + ["", "bf16 triton:"] + gg.autotune_report()) + "\n")
             log(f"wrote {args.out}/triton_int4_check.csv and triton_int4_autotune.txt")

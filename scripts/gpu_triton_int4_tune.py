@@ -23,7 +23,6 @@ Writes triton_int4_tune.csv under $OUT (or --out). Progress is printed (flushed)
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -35,6 +34,7 @@ import torch
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error, simulate_routing
 from moe_tut.bench.ceilings import measure_copy_gbps
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cpu, time_cuda
 from moe_tut.kernels import int4_gemm as ig
 from moe_tut.kernels.grouped_gemm import TileConfig
@@ -270,13 +270,7 @@ def main():
             torch.cuda.empty_cache()
     log(f"\ndone in {time.time() - start:.0f} s")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "triton_int4_tune.csv")
-        with open(path, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            wr.writeheader()
-            wr.writerows(rows)
-        log(f"wrote {path}")
+        log(f"wrote {write_csv(os.path.join(args.out, 'triton_int4_tune.csv'), rows, FIELDS)}")
         with open(os.path.join(args.out, "triton_int4_tune_autotune.txt"), "w") as f:
             f.write("\n".join(ig.autotune_report()) + "\n")
 

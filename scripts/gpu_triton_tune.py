@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import os
 import sys
@@ -42,6 +41,7 @@ import torch
 
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, moe_reference, relative_error, simulate_routing
+from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cpu, time_cuda
 from moe_tut.kernels import grouped_gemm as gg
 
@@ -329,13 +329,7 @@ def main(argv=None) -> int:
             log(f"\nskipped (budget {args.budget_s:.0f} s): " + "; ".join(runner.skipped))
         summary(runner.rows)
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            path = os.path.join(args.out, "triton_tune.csv")
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(runner.rows)
-            log(f"wrote {path}")
+            log(f"wrote {write_csv(os.path.join(args.out, 'triton_tune.csv'), runner.rows, FIELDS)}")
         log(f"total {runner.elapsed():.0f} s")
     return 0
 

@@ -9,7 +9,7 @@ import torch
 
 from moe_tut.bench import InsufficientMemoryError, check_fits, measure_ceilings, run_point, time_call
 from moe_tut.bench.cli import main
-from moe_tut.bench.results import format_table, read_results
+from moe_tut.bench.results import format_table, read_results, write_csv
 from moe_tut.presets import custom, get_preset
 from moe_tut.weights import ExpertWeights
 
@@ -154,3 +154,11 @@ def test_module_entry_point(tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "moe_tut.bench", "--config", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and "valid presets" in proc.stderr
+
+
+def test_write_csv_columns(tmp_path):
+    # columns: given, or every key in first-seen order; missing values empty, keys outside the columns dropped
+    path = write_csv(tmp_path / "sub" / "a.csv", [dict(a=1, b=2), dict(b=3, c=4)])
+    assert path.read_text().splitlines() == ["a,b,c", "1,2,", ",3,4"]
+    path = write_csv(tmp_path / "b.csv", [dict(a=1, b=2, z=9)], fieldnames=["b", "a", "c"])
+    assert path.read_text().splitlines() == ["b,a,c", "2,1,"]

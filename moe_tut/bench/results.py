@@ -92,16 +92,25 @@ def metadata(info: DeviceInfo, ceilings: Ceilings, command: str, extra: dict | N
     }
 
 
+def write_csv(path, records: list[dict], fieldnames: list[str] | None = None) -> Path:
+    """records as a CSV at path (its folder created): columns `fieldnames`, else every key of the records in
+    first-seen order; a missing value is written empty and keys outside the columns are left out. Returns the
+    path. The GPU scripts under scripts/ write their result files with it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fieldnames is None:
+        fieldnames = list(dict.fromkeys(k for r in records for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
 def write_results(rows: list[Row], meta: dict, out_dir: Path, stem: str = "moe_bench") -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    fields = list(rows[0].as_dict()) if rows else []
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r.as_dict())
+    csv_path = write_csv(out_dir / f"{stem}.csv", [r.as_dict() for r in rows])
+    json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(meta, indent=2) + "\n")
     return csv_path, json_path
 
