@@ -9,6 +9,7 @@ The kernel client's reply polls are cut into short slices (moe_tut.nbexec.poll_i
 has the measurement).
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def test_committed_clean(path):
     for i, cell in enumerate(_code_cells(nb)):
         assert cell.outputs == [], f"code cell {i} has outputs: clear them before committing"
         assert cell.execution_count is None, f"code cell {i} has an execution count"
+    # every cell has an id in the file itself (nbformat adds missing ones on read, with a warning that says it
+    # will become an error)
+    raw = json.loads(Path(path).read_text())
+    assert all("id" in c for c in raw["cells"]), "a cell has no id: normalise the notebook before committing"
     first = _code_cells(nb)[0]
     assert "parameters" in first.metadata.get("tags", []), "the first code cell must be tagged `parameters`"
     assert "PRESET" in first.source, "the parameters cell must define PRESET"
