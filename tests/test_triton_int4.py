@@ -247,6 +247,16 @@ def test_variant_text_and_environment(monkeypatch):
         ig.moe_forward_triton_int4(x, q, plan)
 
 
+def test_packed_only_tiles_are_dropped_for_the_v0_dequantisation():
+    bad, good = TileConfig(256, 128, 64, 8, 8, 2), TileConfig(128, 128, 64, 8, 8, 3)
+    assert (bad.block_m, bad.block_n) in ig.PACKED_ONLY_TILES  # any stage count, group or BLOCK_K
+    assert ig.drop_packed_only([bad, good], has_zeros=False) == [good]
+    assert ig.drop_packed_only([bad, good], has_zeros=True) == [good]
+    assert ig.drop_packed_only([bad], has_zeros=False) == [bad]  # symmetric weights were computed right
+    with pytest.raises(ValueError, match="needs the `packed` switch"):
+        ig.drop_packed_only([bad], has_zeros=True)
+
+
 def test_post_scale_lowers_block_k_to_the_group():
     post = ig.Int4Variant(post_scale=True)
     cfg, v = ig.adapt_to_variant(TileConfig(16, 64, 256), 128, post)
@@ -452,7 +462,7 @@ def test_gpu_mid_size(T, G, symmetric):
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_gpu_fp16_prefill(symmetric):
     # fp16 activations take the v0 dequantisation (packed is bf16-only), whose GEMM2 Triton 3.6 miscompiled at
-    # the 256x128x64 tile with zero points and group 128 (PACKED_ONLY_CONFIGS): the autotuner must not get it
+    # the 256x128x64 tile with zero points and group 128 (PACKED_ONLY_TILES): the autotuner must not get it
     x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, 1000, "zipf", 128, symmetric, dtype=torch.float16)
     check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
 

@@ -190,10 +190,24 @@ PREFILL_CONFIGS = (  # GEMM2 (one weight tile per step)
     TileConfig(128, 64, 64, 8, 8, 3),
     TileConfig(64, 64, 128, 8, 4, 4),
 )
-# Tiles the autotuner only gets with `packed`: on Triton 3.6 / sm_90 the v0 dequantisation computes GEMM2 wrongly
-# at 256x128x64 with zero points and group 128 (relative error 0.31 on an H100, every other tile and the packed
-# path within 2e-3: results/h100/LOG.md, session 6), so without packed (fp16 activations) that tile is left out.
-PACKED_ONLY_CONFIGS = (TileConfig(256, 128, 64, 8, 8, 3),)
+# (BLOCK_M, BLOCK_N) tiles only used with `packed` on a GPU: on Triton 3.6 / sm_90 the v0 dequantisation computes
+# GEMM2 wrongly at 256x128x64 with zero points and group 128 (relative error 0.31 on an H100, every other tile and
+# the packed path within 2e-3: results/h100/LOG.md, session 6). Without packed (fp16 activations, or a variant that
+# turns it off) the autotuner does not get the tile, and pinning it with zero points is refused.
+PACKED_ONLY_TILES = ((256, 128),)
+
+
+def drop_packed_only(configs: list[TileConfig], has_zeros: bool) -> list[TileConfig]:
+    """configs without the PACKED_ONLY_TILES, for the v0 dequantisation on a GPU. If nothing else is left: the list
+    as it is for symmetric weights (the miscompile needs zero points), a ValueError with them."""
+    kept = [c for c in configs if (c.block_m, c.block_n) not in PACKED_ONLY_TILES]
+    if kept:
+        return kept
+    if has_zeros:
+        raise ValueError(f"tile {configs[0]} with zero points needs the `packed` switch (bf16 activations): Triton 3.6 "
+                         "computes the plain dequantisation wrongly at this tile (see int4_gemm.PACKED_ONLY_TILES); "
+                         "pick another tile")
+    return configs
 PREFILL_CONFIGS_FUSED = (  # GEMM1 (gate and up tiles per step): half the BLOCK_N of GEMM2's
     TileConfig(256, 64, 64, 8, 8, 3),
     TileConfig(128, 64, 64, 8, 8, 3),
@@ -896,9 +910,11 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
         adapted = [adapt_to_variant(c, G, variant) for c in configs]
         configs = list(dict.fromkeys(c for c, _ in adapted))
         variant = adapted[0][1]
-        packed = variant.packed and on_gpu and a.dtype == torch.bfloat16
-        if not packed and len(configs) > 1:
-            configs = [c for c in configs if c not in PACKED_ONLY_CONFIGS] or configs
+    if on_gpu and not (variant.packed and a.dtype == torch.bfloat16):  # the v0 dequantisation on a GPU
+        if config is not None:
+            config = drop_packed_only([config], qt.zeros is not None)[0]
+        else:
+            configs = drop_packed_only(configs, qt.zeros is not None)
     if config is None and len(configs) == 1:
         config = configs[0]
     if split_k < 1 or (split_k > 1 and K % (split_k * (config.block_k if config is not None
