@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from moe_tut import ExpertWeights, RoutingPlan, get_preset, simulate_routing
+from moe_tut import ExpertWeights, RoutingPlan, get_preset
+from moe_tut.bench.harness import make_inputs
 from moe_tut.bench.timing import time_cuda
 from moe_tut.kernels import grouped_gemm as gg
 
@@ -31,8 +32,7 @@ def main():
         sys.exit("needs a CUDA GPU")
     cfg = get_preset(preset)
     w = ExpertWeights.random(cfg, device="cuda")
-    ids, tw = simulate_routing(T, cfg.E, cfg.top_k, "uniform", seed=0, device="cuda")
-    x = torch.randn(T, cfg.H, device="cuda", dtype=torch.bfloat16)
+    x, ids, tw = make_inputs(cfg, T, "uniform", "cuda")
     plan = RoutingPlan.build(ids, tw, cfg.E)
     for _ in range(3):
         print(f"{preset} autotuned forward: {timed_ms(lambda: gg.moe_forward_triton(x, w, plan)):.3f} ms", flush=True)

@@ -24,7 +24,8 @@ import sys
 import torch
 
 import moe_tut
-from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error, simulate_routing
+from moe_tut import ExpertWeights, RoutingPlan, get_preset, relative_error
+from moe_tut.bench.harness import make_inputs
 from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cpu, time_cuda
 from moe_tut.kernels import grouped_gemm as gg
@@ -93,8 +94,7 @@ def main():
         w = ExpertWeights.random(cfg, device=device)
         q = moe_tut.get_backend("triton_int4").prepare(w)
         deq = ig.dequantized_weights(q)
-        ids, tw = simulate_routing(T, cfg.E, cfg.top_k, "uniform", seed=0, device=device)
-        x = torch.randn(T, cfg.H, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+        x, ids, tw = make_inputs(cfg, T, "uniform", device)
         plan = RoutingPlan.build(ids, tw, cfg.E)
         rows, F, H = plan.num_rows, cfg.F, cfg.H
         flops = {1: 2.0 * rows * 2 * F * H, 2: 2.0 * rows * F * H}
@@ -116,11 +116,10 @@ def main():
         for name, variant, c1, c2 in variants:
             for gemm, c in ((1, c1), (2, c2)):
                 configs = None
-                if c is None:
-                    _, cs1, cs2 = ig.fast_path_configs(x, q, plan, "prefill")
-                    configs = cs1 if gemm == 1 else cs2
                 if device != "cuda":
-                    c, configs = ig.adapt_to_group(ig.INTERPRETER_CONFIG, 128), None
+                    c = ig.adapt_to_group(ig.INTERPRETER_CONFIG, 128)
+                elif c is None:  # the autotuner over the forward's list for this GEMM
+                    configs = ig.fast_path_configs(x, q, plan, "prefill")[gemm]
                 fn = int4_gemm(gemm, x, q, act_ref, plan, c, configs, variant)
                 ref = act_ref if gemm == 1 else out_ref
                 row = dict(base, kernel=name, gemm=gemm, switches=variant.label(), config=str(c or "auto"))

@@ -14,7 +14,8 @@ import argparse
 import torch
 
 import moe_tut
-from moe_tut import ExpertWeights, RoutingPlan, get_preset, simulate_routing
+from moe_tut import ExpertWeights, RoutingPlan, get_preset
+from moe_tut.bench.harness import make_inputs
 from moe_tut.kernels import grouped_gemm as gg
 from moe_tut.kernels import int4_gemm as ig
 
@@ -25,8 +26,7 @@ args = ap.parse_args()
 cfg = get_preset(args.preset)
 w = ExpertWeights.random(cfg, device="cuda")
 q = moe_tut.get_backend("triton_int4").prepare(w)
-ids, tw = simulate_routing(args.tokens, cfg.E, cfg.top_k, "uniform", seed=0, device="cuda")
-x = torch.randn(args.tokens, cfg.H, device="cuda", dtype=torch.bfloat16)
+x, ids, tw = make_inputs(cfg, args.tokens, "uniform", "cuda")
 plan = RoutingPlan.build(ids, tw, cfg.E)
 for _ in range(2):
     ig.moe_forward_triton_int4(x, q, plan)

@@ -13,7 +13,8 @@ import argparse
 import torch
 
 import moe_tut
-from moe_tut import ExpertWeights, RoutingPlan, get_preset, simulate_routing
+from moe_tut import ExpertWeights, RoutingPlan, get_preset
+from moe_tut.bench.harness import make_inputs
 from moe_tut.kernels import int4_gemm as ig
 from moe_tut.kernels.grouped_gemm import TileConfig
 
@@ -28,8 +29,7 @@ cfg = get_preset(args.preset)
 w = ExpertWeights.random(cfg, device="cuda")
 q = moe_tut.get_backend("triton_int4").prepare(w)
 del w
-ids, tw = simulate_routing(args.tokens, cfg.E, cfg.top_k, "uniform", seed=0, device="cuda")
-x = torch.randn(args.tokens, cfg.H, device="cuda", dtype=torch.bfloat16)
+x, ids, tw = make_inputs(cfg, args.tokens, "uniform", "cuda")
 plan = RoutingPlan.build(ids, tw, cfg.E)
 for _ in range(args.reps):
     ig.moe_forward_triton_int4(x, q, plan, variant=ig.Int4Variant.parse(args.variant),

@@ -910,7 +910,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
         adapted = [adapt_to_variant(c, G, variant) for c in configs]
         configs = list(dict.fromkeys(c for c, _ in adapted))
         variant = adapted[0][1]
-    if on_gpu and not (variant.packed and a.dtype == torch.bfloat16):  # the v0 dequantisation on a GPU
+    packed = variant.packed and on_gpu and a.dtype == torch.bfloat16  # else the v0 dequantisation: the same values
+    if on_gpu and not packed:
         if config is not None:
             config = drop_packed_only([config], qt.zeros is not None)[0]
         else:
@@ -940,7 +941,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
-                 PACKED=variant.packed and on_gpu and a.dtype == torch.bfloat16)  # else v0: the same values
+                 PACKED=packed)
     if config is not None:
         _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
