@@ -10,6 +10,7 @@ import torch
 from moe_tut.bench import InsufficientMemoryError, check_fits, measure_ceilings, run_point, time_call
 from moe_tut.bench.cli import main
 from moe_tut.bench.results import format_table, read_results, write_csv
+from moe_tut.bench.timing import L2_FLUSH_ENV, l2_flush_mode, l2_flusher
 from moe_tut.presets import custom, get_preset
 from moe_tut.weights import ExpertWeights
 
@@ -17,6 +18,29 @@ from moe_tut.weights import ExpertWeights
 def test_cpu_timer_is_labelled():
     t = time_call(lambda: torch.ones(10).sum(), "cpu")
     assert t.method == "cpu-clock" and t.median_ms > 0 and t.p20_ms <= t.median_ms <= t.p80_ms
+
+
+def test_l2_flush_mode_default_override_and_bad_values(monkeypatch):
+    monkeypatch.delenv(L2_FLUSH_ENV, raising=False)
+    assert l2_flush_mode() == "read"  # the default (see moe_tut/bench/timing.py for why not do_bench's write)
+    monkeypatch.setenv(L2_FLUSH_ENV, "write")
+    assert l2_flush_mode() == "write"
+    monkeypatch.setenv(L2_FLUSH_ENV, "zero")
+    with pytest.raises(ValueError, match="MOE_TUT_L2_FLUSH='zero': expected one of"):
+        l2_flush_mode()
+    with pytest.raises(ValueError, match="L2 flush mode 'evict'"):  # checked before any buffer is allocated
+        l2_flusher("evict")
+
+
+def test_cli_l2_flush_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv(L2_FLUSH_ENV, "read")  # restored after the test; the CLI flag overrides it
+    assert main(["--config", "debug", "--tokens", "2", "--backends", "naive", "--out", str(tmp_path), "--no-plots",
+                 "--l2-flush", "write"]) == 0
+    assert json.loads((tmp_path / "moe_bench.json").read_text())["l2_flush"] == "write"
+    (row,) = read_results(tmp_path / "moe_bench.csv")
+    assert row["l2_flush"] == ("write" if torch.cuda.is_available() else "")  # CPU timings flush nothing
+    with pytest.raises(SystemExit):
+        main(["--config", "debug", "--l2-flush", "zero"])
 
 
 def test_ceilings_and_roofline():

@@ -288,12 +288,37 @@ def test_decode_configs_fill_the_sms(fused):
                                      smem_limit=99 * 1024)
         assert len(cfgs) == 1 and cfgs[0].block_m == 16 and cfgs[0].block_k == 128
         assert cfgs[0].smem_bytes(2 if fused else 1) <= 99 * 1024
-        # 64 wide when that gives a tile per SM (N=14336: 448 tiles), else 32 (N=4096: 128 < 132 tiles)
-        assert cfgs[0].block_n == (64 if 2 * -(-N // 64) >= 132 else 32)
+        # 32 wide where 64-wide tiles leave SMs idle (N=4096: 128 < 132 tiles); N=14336: 448 tiles of 64 fill 0.85
+        # of 4 rounds of 132 SMs, 896 of 32 fill 0.97 of 7, less than DECODE_FILL_MARGIN better (measured slower)
+        assert cfgs[0].block_n == (64 if N == 14336 else 32)
     # 64-wide tiles would leave SMs idle but 32-wide ones do not: the 32-wide tile
     assert [c.block_n for c in gg.get_decode_configs(64 * 100, 1, 132, fused)] == [32]
     # too few columns to fill the GPU either way: the 64-wide tile (fewer, longer weight streams)
     assert [c.block_n for c in gg.get_decode_configs(64, 1, 132, fused)] == [64]
+
+
+def test_decode_tile_width_follows_the_sm_fill():
+    assert gg.sm_fill(192, 132) == pytest.approx(192 / 264) and gg.sm_fill(396, 132) == 1.0 and gg.sm_fill(0, 132) == 0
+    # glm-4.5 at T = 1, GEMM1 (F = 1536, fused, 8 experts touched): 192 tiles of 64 (fill 0.73), 384 of 32 (0.97)
+    assert [c.block_n for c in gg.get_decode_configs(1536, 8, 132, True)] == [32]
+    # its GEMM2 (N = 5120): 640 tiles of 64 fill 0.97, as 1280 of 32 do: the wider tile stays
+    assert [c.block_n for c in gg.get_decode_configs(5120, 8, 132, False)] == [64]
+    # deepseek-v3 at T = 1, GEMM1 (F = 2048): 256 tiles of 64 (0.97): 64
+    assert [c.block_n for c in gg.get_decode_configs(2048, 8, 132, True)] == [64]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,k,H,slices", [(1, 2, 40, 1), (3, 1, 1000, 1), (5, 8, 1500, 1), (2, 3, 33, 4)])
+def test_sum_slots_matches_torch(T, k, H, slices, dtype):
+    part = torch.randn(slices, T * k, H, generator=torch.Generator().manual_seed(T)).to(DEVICE, dtype)
+    like = torch.empty(0, dtype=torch.bfloat16, device=DEVICE)
+    y = gg.sum_slots(part if slices > 1 else part[0], T, k, like)
+    ref = part.float().view(slices, T, k, H).sum(dim=(0, 2))
+    assert y.shape == (T, H) and y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2)
+    assert gg.sum_slots(part[:, :0], 0, k, like).shape == (0, H)
+    with pytest.raises(ValueError, match="not"):
+        gg.sum_slots(part[0, :-1], T, k, like)  # one slot short
 
 
 @pytest.mark.parametrize("limit_kb", [99, 163, 227])  # sm_86/89, sm_80, sm_90

@@ -16,6 +16,7 @@ Expert parallelism (moe_tut.distributed): the same forward with the experts spli
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from .ceilings import measure_ceilings
 from .harness import Row, run_point
 from .memory import InsufficientMemoryError, check_fits
 from .results import format_table, metadata, write_results
+from .timing import L2_FLUSH_ENV, L2_FLUSH_MODES
 
 CPU_DEFAULT_TOKENS = 64
 
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out"), help="directory for CSV, JSON metadata and plots")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--l2-flush", choices=L2_FLUSH_MODES, help="how L2 is made cold before each timed GPU call: "
+                   "read a 256 MB buffer (default) or zero one as triton's do_bench does (sets MOE_TUT_L2_FLUSH; "
+                   "see moe_tut/bench/timing.py)")
     p.add_argument("--list", action="store_true", help="list presets and backends (with availability) and exit")
     ep = p.add_argument_group("expert parallelism (run under torchrun, one process per rank)")
     ep.add_argument("--expert-parallel", action="store_true",
@@ -151,6 +156,8 @@ def _expert_parallel(args, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.l2_flush:
+        os.environ[L2_FLUSH_ENV] = args.l2_flush
     if args.expert_parallel:
         return _expert_parallel(args, argv)
     device = env.default_device()

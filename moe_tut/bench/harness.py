@@ -39,6 +39,7 @@ class Row:
     status: str  # "ok", "failed", "unavailable", "skipped"
     reason: str = ""
     timing: str = ""
+    l2_flush: str = ""  # how L2 was made cold before each timed call (moe_tut.bench.timing.L2_FLUSH_MODES)
     median_ms: float = math.nan
     p20_ms: float = math.nan
     p80_ms: float = math.nan
@@ -175,7 +176,7 @@ def _measure(backend, cfg, x, weights, plan, topk_ids, topk_weights, ref, stats:
         return backend(x, prepared, RoutingPlan.build(topk_ids, topk_weights, E, validate=False))
 
     timing = time_call(forward, device, use_graph=use_graph)
-    row.timing = timing.method
+    row.timing, row.l2_flush = timing.method, timing.l2_flush
     row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
     seconds = timing.median_ms * 1e-3
     row.tflops = cfg.useful_flops(row.T) / seconds / 1e12

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..env import DeviceInfo
 from .ceilings import Ceilings
 from .harness import Row
+from .timing import l2_flush_mode
 
 COLUMNS = [  # (header, Row field, format)
     ("config", "config", "{}"),
@@ -86,8 +87,9 @@ def metadata(info: DeviceInfo, ceilings: Ceilings, command: str, extra: dict | N
         "git_commit": git_commit(),
         "device": info.as_dict(),
         "ceilings": ceilings.as_dict(),
-        "timing": ("GPU: CUDA events, median, L2 flushed before each call; CUDA-graph replay for T <= 64 "
-                   "(graph-safe backends). CPU: perf_counter median of correctness runs, not GPU performance."),
+        "timing": ("GPU: CUDA events, median, L2 made cold before each call (l2_flush); CUDA-graph replay for "
+                   "T <= 64 (graph-safe backends). CPU: perf_counter median of correctness runs, not GPU performance."),
+        "l2_flush": l2_flush_mode(),
         **(extra or {}),
     }
 

@@ -1,14 +1,19 @@
 """Timing one call of a function on the GPU (CUDA events) or, labelled as such, on the CPU.
 
-GPU: the same method as triton.testing.do_bench (warm up, then per call: flush L2 by writing a
-256 MB buffer, event, call, event; median), with an option to time CUDA-graph replay of the call
-instead, for launch-bound small-T cases (the launch overhead is the host's, not the kernel's). Both
-keep L2 cold, so weights are re-read from HBM every call, as in a real model's forward.
+GPU: the method of triton.testing.do_bench (warm up, then per call: make L2 cold, event, call, event; median),
+with an option to time CUDA-graph replay of the call instead, for launch-bound small-T cases (the launch overhead
+is the host's, not the kernel's). L2 is made cold before every call, so weights are re-read from HBM, as in a real
+model's forward. How (L2_FLUSH_MODES, MOE_TUT_L2_FLUSH; default "read"): do_bench zeroes a 256 MB buffer, which
+leaves L2 full of dirty lines that the timed call then pays to write back as its reads evict them, up to ~50 MB
+of writes that no model forward does. On an H100 that added 6-9 us to every decode forward and 9.5 us to a plain
+117 MB read (results/h100/l2_flush_v1), while the 2 GB copy ceiling moved by under 1%. Our default reads a 256 MB
+buffer instead: L2 is as cold for the call's data, and clean.
 CPU: a perf_counter median. Those are correctness-run timings, never comparable with GPU numbers.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +22,32 @@ from dataclasses import dataclass
 import torch
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
+# How L2 is made cold before each timed call (MOE_TUT_L2_FLUSH overrides the default, "read"):
+#   "read":  sum a 256 MB buffer. L2 is then full of clean lines of that buffer (and whatever the previous call
+#            left dirty was written back during the flush), as after a layer that read other weights.
+#   "write": zero a 256 MB buffer, as triton.testing.do_bench does. L2 is then full of dirty lines, and the timed
+#            call pays for writing them back to HBM as its own reads evict them.
+L2_FLUSH_ENV = "MOE_TUT_L2_FLUSH"
+L2_FLUSH_MODES = ("read", "write")
+
+
+def l2_flush_mode() -> str:
+    mode = os.environ.get(L2_FLUSH_ENV, "").strip() or L2_FLUSH_MODES[0]
+    if mode not in L2_FLUSH_MODES:
+        raise ValueError(f"{L2_FLUSH_ENV}={mode!r}: expected one of {L2_FLUSH_MODES}")
+    return mode
+
+
+def l2_flusher(mode: str | None = None, device: torch.device | str = "cuda") -> Callable[[], object]:
+    """A function that makes L2 of `device` cold, by `mode` (default: l2_flush_mode())."""
+    mode = mode or l2_flush_mode()
+    if mode not in L2_FLUSH_MODES:
+        raise ValueError(f"L2 flush mode {mode!r}: expected one of {L2_FLUSH_MODES}")
+    if mode == "write":
+        buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+        return buf.zero_
+    buf = torch.ones(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    return buf.sum
 
 
 @dataclass(frozen=True)
@@ -26,6 +57,7 @@ class Timing:
     p80_ms: float
     method: str  # "cuda-events", "cuda-graph" or "cpu-clock"
     reps: int
+    l2_flush: str = ""  # GPU: the L2_FLUSH_MODES entry used; CPU: ""
 
 
 def _quantiles(times: list[float]) -> tuple[float, float, float]:
@@ -59,8 +91,9 @@ def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, objec
 
 
 def time_cuda(fn: Callable[[], object], use_graph: bool = False, warmup_ms: float = 25.0,
-              rep_ms: float = 100.0, min_reps: int = 10, max_reps: int = 1000) -> Timing:
-    """Median over repeated calls with a cold L2. With use_graph, times graph replays of one call."""
+              rep_ms: float = 100.0, min_reps: int = 10, max_reps: int = 1000, flush: str | None = None) -> Timing:
+    """Median over repeated calls with a cold L2 (flush: see L2_FLUSH_MODES). With use_graph, times graph
+    replays of one call."""
     fn()
     torch.cuda.synchronize()
     run = fn
@@ -68,12 +101,13 @@ def time_cuda(fn: Callable[[], object], use_graph: bool = False, warmup_ms: floa
     if use_graph:
         run = capture_graph(fn)[0].replay
         method = "cuda-graph"
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    flush = flush or l2_flush_mode()
+    flush_l2 = l2_flusher(flush)
     # Estimate the time of one call to choose how many to time.
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
-        flush.zero_()
+        flush_l2()
         run()
     end.record()
     torch.cuda.synchronize()
@@ -84,13 +118,13 @@ def time_cuda(fn: Callable[[], object], use_graph: bool = False, warmup_ms: floa
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        flush.zero_()
+        flush_l2()
         starts[i].record()
         run()
         ends[i].record()
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return Timing(*_quantiles(times), method=method, reps=reps)
+    return Timing(*_quantiles(times), method=method, reps=reps, l2_flush=flush)
 
 
 def time_call(fn: Callable[[], object], device: torch.device, use_graph: bool = False,

@@ -49,7 +49,7 @@ from ..backends import get_backend
 from ..bench.harness import TOLERANCE, make_inputs
 from ..bench.memory import InsufficientMemoryError, check_fits
 from ..bench.results import format_cell, git_commit, render_table, write_results
-from ..bench.timing import L2_FLUSH_BYTES, time_call
+from ..bench.timing import l2_flusher, time_call
 from ..presets import MoEConfig
 from ..reference import relative_error
 from ..routing import RoutingPlan
@@ -191,20 +191,20 @@ def time_expert_parallel(moe: ExpertParallelMoE, x, topk_ids, topk_weights, reps
                          warmup: int = WARMUP) -> tuple[torch.Tensor, str]:
     """This rank's times [4, reps] (ms): end to end, dispatch, compute, combine (see the module docstring)."""
     clock = _Clock(moe.device)
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=moe.device) if clock.cuda else None
+    flush = l2_flusher(device=moe.device) if clock.cuda else None
     for _ in range(warmup):
         moe(x, topk_ids, topk_weights, validate=False)
     times = torch.zeros(4, reps, dtype=torch.float64)
     for i in range(reps):
         if flush is not None:
-            flush.zero_()
+            flush()
         barrier(moe.group)
         t = clock.start()
         moe(x, topk_ids, topk_weights, validate=False)
         times[0, i] = clock.stop(t)
     for i in range(reps):
         if flush is not None:
-            flush.zero_()
+            flush()
         barrier(moe.group)
         t = clock.start()
         d = moe.dispatch(x, topk_ids, topk_weights)

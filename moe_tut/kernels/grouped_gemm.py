@@ -107,6 +107,7 @@ TMA_ENV = "MOE_TUT_TRITON_TMA"  # "1": weights (and GEMM2's A) through TMA tenso
 LOOP_ENV = "MOE_TUT_TRITON_LOOP"  # "flatten", "ws" or "flatten,ws": tl.range options of the persistent loop
 DECODE_ENV = "MOE_TUT_DECODE_MAX_ROWS"  # overrides DECODE_MAX_ROWS_PER_EXPERT (an integer, 0 = never decode)
 DECODE_MAX_ROWS_PER_EXPERT = 8  # at or below this many rows per expert (mean), use the decode config (H100: see LOG)
+DECODE_FILL_MARGIN = 0.2  # get_decode_configs: a narrower decode tile must fill the SMs this much better
 USE_TMA_DEFAULT = True  # TMA loads on sm_90+ for prefill shapes (H100, results/h100/LOG.md: v1)
 CPU_PERSISTENT_PROGRAMS = 4  # "SMs" of the interpreter: small, so each program still loops over tiles
 DEFAULT_SMEM_BYTES = 99 * 1024  # assumed when the GPU's limit cannot be read: sm_86/sm_89, the smallest
@@ -209,15 +210,30 @@ def get_decode_configs(N: int, est_row_blocks: int, num_sms: int, fused_gate_up:
     With few rows per expert the work is streaming the touched experts' weights once. Measured on an
     H100 (results/h100/triton_tune_v1), 16x64x128 was the best or within 3% of the best decode tile at
     every decode point of five presets, while the autotuner, timing 1-16 rows with short repetitions,
-    picked tiles up to 1.8x slower (qwen3-30b-a3b at T=128). Where 64-wide tiles would leave SMs idle
-    (est_row_blocks * ceil(N / 64) < SMs) and a 32-wide one does not, the 32-wide tile is used.
+    picked tiles up to 1.8x slower (qwen3-30b-a3b at T=128). The 32-wide tile is used instead where
+    64-wide tiles would leave SMs idle (est_row_blocks * ceil(N / 64) < SMs) and a 32-wide one does not,
+    or where the 32-wide tiles fill the SMs' last round of tiles clearly better (sm_fill, by at least
+    DECODE_FILL_MARGIN). Measured on an H100 (results/h100/decode_tiles_v1): glm-4.5 at T = 1, GEMM1's 192 tiles
+    of 64 on 132 SMs (fill 0.73) against 384 of 32 (0.97): forward 145 -> 141 us; qwen3-30b-a3b at T = 2, the
+    same fills: 66.0 -> 64.7 us; but mixtral at T = 1, GEMM1's 448 tiles of 64 (0.85) against 896 of 32 (0.97):
+    249 -> 252 us, slower, hence the margin.
     """
     fitted = [c for c in (TileConfig(16, bn, 128, 8, 4, 4).fit(smem_limit, 2 if fused_gate_up else 1, elem_bytes)
                           for bn in (64, 32)) if c is not None]
     if not fitted:
         raise RuntimeError(f"no decode tile fits {smem_limit // 1024} KB of shared memory per block")
-    busy = [c for c in fitted if est_row_blocks * triton.cdiv(N, c.block_n) >= num_sms]
-    return busy[:1] or fitted[:1]
+    tiles = {c: est_row_blocks * triton.cdiv(N, c.block_n) for c in fitted}
+    busy = [c for c in fitted if tiles[c] >= num_sms]
+    choice = (busy or fitted)[0]
+    for c in busy:
+        if sm_fill(tiles[c], num_sms) >= sm_fill(tiles[choice], num_sms) + DECODE_FILL_MARGIN:
+            choice = c
+    return [choice]
+
+
+def sm_fill(tiles: int, num_sms: int) -> float:
+    """tiles / (rounds * SMs), rounds = ceil(tiles / SMs): how full the SMs are, counted in whole tiles per SM."""
+    return tiles / (triton.cdiv(tiles, num_sms) * num_sms) if tiles else 0.0
 
 
 def pinned_config(env: str = CONFIG_ENV) -> TileConfig | None:
@@ -606,6 +622,44 @@ def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+@triton.jit
+def _sum_slots_kernel(part_ptr, y_ptr, H, stride_ps, stride_pm, stride_ym, TOP_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y[t] = sum over K slices s and slots j of part[s, t*k + j], in float32 and this fixed order, rounded once
+    to y's dtype. Grid (T, H blocks)."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT_K):
+        for j in tl.static_range(TOP_K):
+            acc += tl.load(part_ptr + sl * stride_ps + (t * TOP_K + j).to(tl.int64) * stride_pm + offs, mask=ok,
+                           other=0.0).to(tl.float32)
+    tl.store(y_ptr + t.to(tl.int64) * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+SUM_SLOTS_BLOCK = 1024  # columns per program of _sum_slots_kernel
+
+
+def sum_slots(part: torch.Tensor, num_tokens: int, top_k: int, like: torch.Tensor) -> torch.Tensor:
+    """y [T, H] (like's dtype) = the sum over token slots (and K slices) of part: [T*k, H], or [S, T*k, H] of S
+    K slices' partial sums. One launch. It replaces torch's part.view(T, k, H).sum(1), which took 5 us at T = 1
+    on an H100 (results/h100/decode_breakdown_v1) for a few KB, with the same arithmetic: float32 sums in a
+    fixed order (deterministic), rounded once."""
+    slices = part if part.dim() == 3 else part[None]
+    H = slices.shape[-1]
+    if slices.shape[1] != num_tokens * top_k or slices.stride(-1) != 1:
+        raise ValueError(f"part {tuple(part.shape)} is not [(S,) T*k = {num_tokens * top_k}, H], unit column stride")
+    y = _alloc((num_tokens, H), like)
+    if num_tokens == 0:
+        return y
+    block = min(SUM_SLOTS_BLOCK, triton.next_power_of_2(H))
+    _sum_slots_kernel[(num_tokens, triton.cdiv(H, block))](slices, y, H, slices.stride(0), slices.stride(1),
+                                                           y.stride(0), TOP_K=top_k, SPLIT_K=slices.shape[0],
+                                                           BLOCK=block)
+    return y
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch.Tensor, *,
                  gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                  scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
@@ -807,8 +861,7 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
                  config=config2, configs=configs2, tma=tma)
     if k == 1:
         return out
-    # torch's sum over bf16 accumulates in float32 and rounds once; it is deterministic.
-    return out.view(T, k, H).sum(dim=1)
+    return sum_slots(out, T, k, x)
 
 
 VERSIONS = {

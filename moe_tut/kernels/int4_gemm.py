@@ -118,6 +118,7 @@ from .grouped_gemm import (
     num_sms,
     persistent_programs_per_sm,
     smem_limit,
+    sum_slots,
 )
 
 CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
@@ -1066,15 +1067,14 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     if split2 > 1:  # slices of every token slot: y = sum over slices and slots, float32, fixed order
         part = int4_grouped_gemm(act, weights.w2, plan, _alloc_f32((split2, rows, H), x), scale_rows=True,
                                  scatter_rows=True, config=config2, configs=configs2, variant=variant, split_k=split2)
-        return part.view(split2, T, k, H).sum(dim=(0, 2)).to(x.dtype)
+        return sum_slots(part, T, k, x)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     int4_grouped_gemm(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2,
                       configs=configs2, variant=variant)
     if k == 1:
         return out
-    # torch's sum over a half-precision dim accumulates in float32 and rounds once; deterministic.
-    return out.view(T, k, H).sum(dim=1)
+    return sum_slots(out, T, k, x)
 
 
 def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

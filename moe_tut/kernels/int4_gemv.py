@@ -89,7 +89,7 @@ import triton.language as tl
 from ..env import interpreting
 from ..quant import QuantizedTensor
 from ..routing import RoutingPlan
-from .grouped_gemm import _alloc, _capability, _cuda_index, _locate_row_block, max_row_blocks, num_sms
+from .grouped_gemm import _alloc, _capability, _cuda_index, _locate_row_block, max_row_blocks, num_sms, sum_slots
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
 
 MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
@@ -444,22 +444,6 @@ def _gemv_swiglu_finish_kernel(part_ptr, xp_ptr, xw_ptr, N, stride_ps, stride_pm
                     1, BLOCK)
 
 
-@triton.jit
-def _gemv_sum_slots_kernel(part_ptr, y_ptr, H, stride_ps, stride_pm, stride_ym, TOP_K: tl.constexpr,
-                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """y[t] = sum over K slices s and slots j of part[s, t*k + j] (float32, this fixed order), rounded once to
-    y's dtype. Grid (T, H blocks)."""
-    t = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < H
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for sl in tl.static_range(SPLIT_K):
-        for j in tl.static_range(TOP_K):
-            acc += tl.load(part_ptr + sl * stride_ps + (t * TOP_K + j).to(tl.int64) * stride_pm + offs, mask=ok,
-                           other=0.0)
-    tl.store(y_ptr + t.to(tl.int64) * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
 # --------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------
@@ -616,11 +600,7 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     part2 = _alloc_f32((split2, n_rows, H), x)
     gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
                       out=part2)
-    y = _alloc((T, H), x)
-    block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(H))
-    _gemv_sum_slots_kernel[(T, triton.cdiv(H, block))](part2, y, H, part2.stride(0), part2.stride(1), y.stride(0),
-                                                       TOP_K=k, SPLIT_K=split2, BLOCK=block)
-    return y
+    return sum_slots(part2, T, k, x)
 
 
 def gemv_extra_bytes(T: int, top_k: int, H: int, F: int, split1: int = 1, split2: int = 1) -> int:
