@@ -49,8 +49,8 @@ H100_DIR = REPO_ROOT / "results" / "h100"
 # The one H100 run that timed the numbered kernel versions (v1, v4, the fast path) beside grouped_mm.
 H100_VERSIONS_CSV = H100_DIR / "triton_v0" / "triton_check.csv"
 # The full benchmark on the H100: every preset, every backend (bf16 and INT4), T = 1 .. 8192.
-H100_FULL_CSV = H100_DIR / "full_v4" / "moe_bench.csv"
-H100_FULL_JSON = H100_DIR / "full_v4" / "moe_bench.json"
+H100_FULL_CSV = H100_DIR / "full_v5" / "moe_bench.csv"
+H100_FULL_JSON = H100_DIR / "full_v5" / "moe_bench.json"
 # Token counts of the version sweep (lesson 04) and of the INT4 latency sweep (lesson 05). On the CPU
 # each forward of a Triton kernel runs under the interpreter (about a second at the debug size) and
 # the harness runs each backend 5 times per point (check, warm-up, 3 timed), so T stays tiny.
@@ -279,11 +279,11 @@ def h100_meta() -> dict:
 
 
 def l2_cache_mb() -> tuple[float | None, str]:
-    """This GPU's L2 (MB), or the H100's from results/h100/full_v4/moe_bench.json on the CPU; and where from."""
+    """This GPU's L2 (MB), or the H100's from results/h100/full_v5/moe_bench.json on the CPU; and where from."""
     if on_gpu():
         return env.device_info().l2_cache_mb, "this GPU"
     mb = h100_meta().get("device", {}).get("l2_cache_mb")
-    return mb, "the H100 of results/h100/full_v4/moe_bench.json"
+    return mb, "the H100 of results/h100/full_v5/moe_bench.json"
 
 
 def _expert_edges(grid: GemmGrid) -> list[float]:
@@ -499,7 +499,7 @@ H100_VERSION_NAMES = {"v1": "triton_v1", "v4": "triton_v4", "fast": "triton (fas
 
 
 def h100_ceilings() -> Ceilings | None:
-    """The ceilings measured with the committed H100 full benchmark (results/h100/full_v4/moe_bench.json)."""
+    """The ceilings measured with the committed H100 full benchmark (results/h100/full_v5/moe_bench.json)."""
     c = h100_meta().get("ceilings")
     return Ceilings(**c) if c else None
 
@@ -507,7 +507,7 @@ def h100_ceilings() -> Ceilings | None:
 def h100_version_rows(path: Path | str | None = None) -> list[dict]:
     """The H100 timings of v1, v4 and the fast path beside grouped_mm (results/h100/triton_v0/triton_check.csv),
     in the harness's row shape. That run built the RoutingPlan outside the timed call. `% roofline` is
-    recomputed with the ceilings of results/h100/full_v4 (same GPU model): bytes from the run's weight GB/s."""
+    recomputed with the ceilings of results/h100/full_v5 (same GPU model): bytes from the run's weight GB/s."""
     p = Path(path) if path is not None else H100_VERSIONS_CSV
     if not p.is_file():
         return []
@@ -806,7 +806,7 @@ def int4_kernel_check(cfg: MoEConfig, weights: ExpertWeights, T: int, skew: str 
 
 
 def h100_full_rows(path: Path | str | None = None) -> list[dict]:
-    """The committed H100 full benchmark (results/h100/full_v4/moe_bench.csv), [] if absent."""
+    """The committed H100 full benchmark (results/h100/full_v5/moe_bench.csv), [] if absent."""
     p = Path(path) if path is not None else H100_FULL_CSV
     return read_results(p) if p.is_file() else []
 
@@ -875,7 +875,7 @@ def plot_int4_latency(rows, config: str, title: str = ""):
 
 
 def plot_int4_h100(rows, presets: Sequence[str] = ("mixtral", "deepseek-v3", "qwen3-30b-a3b", "glm-4.5"),
-                   source: str = "results/h100/full_v4/moe_bench.csv"):
+                   source: str = "results/h100/full_v5/moe_bench.csv"):
     """H100 measured: INT4 speedup over the bf16 `triton` backend vs T, one line per preset and INT4
     backend, with the roofline's best case (bound bf16 / bound INT4) for each preset dashed."""
     ceilings = h100_ceilings()
