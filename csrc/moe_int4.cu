@@ -764,19 +764,36 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
 
 // ------------------------------------------------------------------------------------- combine
 
+// y[t, h] = sum over token slots j of (sum over K splits s of out[s][t*k + j][h]), in float32 and that order,
+// rounded once. TOP_K > 0: the k slots' loads are independent statements, all in flight before the first add;
+// the generic form (TOP_K = 0, any k) loops over them. At T = 1 the whole kernel is this load latency: with a
+// runtime k and split count the loads went out one after another (deepseek-v3, k = 8: 3.8-5.0 us of a ~95 us
+// forward on an H100, results/h100/decode_breakdown_v1).
+template <int TOP_K>
 __global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__ y, int T, int top_k, int H,
                                int splits) {
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)T * H) return;
-  const size_t t = idx / H, h = idx % H, slice = (size_t)T * top_k * H;
-  const float* src = out + t * top_k * H + h;
+  const int k = TOP_K > 0 ? TOP_K : top_k;
+  const size_t t = idx / H, h = idx % H, slice = (size_t)T * k * H;
+  const float* src = out + t * k * H + h;
   float sum = 0.0f;
-  // Unrolled so the independent loads are in flight together (a rolled loop waits for each one: at T = 1
-  // this kernel was ~4-6 us of a ~100 us forward on an H100, almost all load latency).
-#pragma unroll 8
-  for (int j = 0; j < top_k; ++j)
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) sum += src[s * slice + (size_t)j * H];
+  if constexpr (TOP_K > 0) {
+    float v[TOP_K];
+#pragma unroll
+    for (int j = 0; j < TOP_K; ++j) v[j] = src[(size_t)j * H];
+    for (int s = 1; s < splits; ++s)
+#pragma unroll
+      for (int j = 0; j < TOP_K; ++j) v[j] += src[s * slice + (size_t)j * H];
+#pragma unroll
+    for (int j = 0; j < TOP_K; ++j) sum += v[j];
+  } else {
+    for (int j = 0; j < k; ++j) {
+      float v = src[(size_t)j * H];
+      for (int s = 1; s < splits; ++s) v += src[s * slice + (size_t)j * H];
+      sum += v;
+    }
+  }
   y[idx] = __float2bfloat16_rn(sum);
 }
 
@@ -1010,6 +1027,13 @@ extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int to
   const int threads = 256;
   const size_t blocks = (n + threads - 1) / threads;
   if (blocks > 0x7FFFFFFFu) return cudaErrorInvalidValue;
-  launch(combine_kernel, (unsigned)blocks, threads, stream, out, static_cast<bf16*>(y), T, top_k, H, splits);
+  using Kernel = void (*)(const float*, bf16*, int, int, int, int);
+  const Kernel k = top_k == 1   ? combine_kernel<1>
+                   : top_k == 2 ? combine_kernel<2>
+                   : top_k == 4 ? combine_kernel<4>
+                   : top_k == 6 ? combine_kernel<6>
+                   : top_k == 8 ? combine_kernel<8>
+                                : combine_kernel<0>;  // the presets' k are 2 and 8; 1, 4, 6 are common too
+  launch(k, (unsigned)blocks, threads, stream, out, static_cast<bf16*>(y), T, top_k, H, splits);
   return cudaGetLastError();
 }

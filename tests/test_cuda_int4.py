@@ -320,6 +320,7 @@ EMULATION_CASES = [
     ("vec4-path", 3, 40, 72, 2, 5, "uniform", 8, True),  # H, F, G not multiples of 32: 4-byte loads
     ("v1-fallback-G2", 3, 66, 98, 2, 3, "uniform", 2, False),  # G = 2, H/F not multiples of 8: v2/v3 run v1
     ("all-to-one", 3, 64, 96, 1, 6, "all_to_one", 32, True),  # every token to expert 0: passes of 4 + 2
+    ("top3-generic-combine", 5, 64, 96, 3, 3, "zipf", 32, True),  # k = 3: the combine's loop for any k
 ]
 
 
@@ -332,6 +333,7 @@ MMA_CASES = [
     ("mma-gemm1-partial-cols", 3, 256, 200, 2, 3, "uniform", 128, 8, True),  # F = 200: last tile 8 columns
     ("mma-gemm2-partial-cols", 3, 272, 256, 2, 3, "uniform", 16, 64, False),  # H = 272: last tile 16 columns
     ("mma-empty-experts", 8, 128, 256, 1, 3, "uniform", 64, 64, True),  # most experts get nothing
+    ("mma-top8-T1-split", 16, 32, 1024, 8, 1, "uniform", 32, 128, True),  # k = 8 slots, GEMM2 in 2 K splits
 ]
 EMULATED_SMS = 4  # the GPU size the emulation's K-split rule assumes: small, so toy shapes split
 
@@ -406,7 +408,7 @@ def test_emulated_mma_kernels_match_reference(builds, case, version, tmp_path):
     _, E, H, F, k, T, skew, G13, G2, sym = case
     paths = check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym)
     assert 64 in (paths["gemm1"], paths["gemm2"])  # each case runs the tensor-core kernel in one GEMM or both
-    if case[0] == "mma-T1-gemm2-split":
+    if case[0] in ("mma-T1-gemm2-split", "mma-top8-T1-split"):
         assert paths["splits"] == 2
 
 
@@ -420,6 +422,15 @@ def check_emulated(builds, tmp_path, version, E, H, F, k, T, skew, G13, G2, sym)
     deq = q.dequantize()
     assert relative_error(act, act_reference(x, deq, plan)) < TOL
     assert relative_error(y, moe_reference(x, deq, ids, tw)) < TOL
+    # the combine, bit for bit: per token slot the sum of its K splits, then the slots in order, float32, one rounding
+    parts = out.view(paths["splits"], T, k, H)
+    per_slot = parts[0].clone()
+    for s in range(1, paths["splits"]):
+        per_slot += parts[s]
+    expect = per_slot[:, 0].clone()
+    for j in range(1, k):
+        expect += per_slot[:, j]
+    assert torch.equal(y, expect.to(torch.bfloat16))
     return paths
 
 
