@@ -32,7 +32,7 @@ from .ceilings import measure_ceilings
 from .harness import Row, run_point
 from .memory import InsufficientMemoryError, check_fits
 from .results import format_table, metadata, write_results
-from .timing import L2_FLUSH_ENV, L2_FLUSH_MODES
+from .timing import L2_FLUSH_ENV, L2_FLUSH_MODES, l2_flush_mode
 
 CPU_DEFAULT_TOKENS = 64
 
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure_ceilings(device)
     print(f"ceilings on this device: {ceilings.gemm_tflops:.3g} TFLOP/s bf16 GEMM ({ceilings.gemm_size}^3), "
           f"{ceilings.copy_gbps:.3g} GB/s copy (read + write)")
+    if on_gpu:
+        print(f"timing: L2 made cold before each call by a {l2_flush_mode()} of 256 MB (--l2-flush)")
 
     rows: list[Row] = []
     from tqdm.auto import tqdm
