@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, moe_reference, relative_error
-from moe_tut.bench.harness import make_inputs
+from moe_tut.bench.harness import make_inputs, timed_forward
 from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import capture_graph, l2_flush_mode, l2_flusher, time_cuda
 from moe_tut.kernels import grouped_gemm as gg
@@ -46,11 +46,6 @@ SWEEP = [
     ("16,64,128,8,4,4", "16,128,128,8,4,4"),
     ("16,64,128,8,4,4", "16,64,256,8,4,3"),
 ]
-
-
-def timed_forward(backend, x, prepared, ids, tw, E: int):
-    """What the harness times: RoutingPlan.build + the backend's forward."""
-    return lambda: backend(x, prepared, RoutingPlan.build(ids, tw, E, validate=False))
 
 
 def kernel_events(prof) -> list:

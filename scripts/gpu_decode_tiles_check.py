@@ -26,7 +26,7 @@ import torch
 
 import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, moe_reference, relative_error
-from moe_tut.bench.harness import GRAPH_MAX_TOKENS, make_inputs
+from moe_tut.bench.harness import GRAPH_MAX_TOKENS, make_inputs, timed_forward
 from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import l2_flush_mode, time_cuda
 from moe_tut.kernels import grouped_gemm as gg
@@ -41,10 +41,6 @@ def torch_sum_slots(part, num_tokens, top_k, like):
     """The previous slot sum: torch over [(S,) T, k, H], float32 inside, rounded once."""
     slices = part if part.dim() == 3 else part[None]
     return slices.view(slices.shape[0], num_tokens, top_k, -1).sum(dim=(0, 2), dtype=torch.float32).to(like.dtype)
-
-
-def timed_forward(backend, x, prepared, ids, tw, E: int):
-    return lambda: backend(x, prepared, RoutingPlan.build(ids, tw, E, validate=False))
 
 
 def use(variant: str) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from moe_tut import ExpertWeights, RoutingPlan, get_backend, get_preset
-from moe_tut.bench.harness import make_inputs
+from moe_tut import ExpertWeights, get_backend, get_preset
+from moe_tut.bench.harness import make_inputs, timed_forward
 from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cuda
 
@@ -56,9 +56,7 @@ def main() -> int:
                 b = get_backend(bname)
                 prepared = b.prepare(w)
 
-                def forward(b=b, prepared=prepared, x=x, ids=ids, tw=tw, E=cfg.E):
-                    return b(x, prepared, RoutingPlan.build(ids, tw, E, validate=False))
-
+                forward = timed_forward(b, x, prepared, ids, tw, cfg.E)
                 forward()  # compile / autotune outside the timings
                 ev = time_cuda(forward).median_ms
                 gr = time_cuda(forward, use_graph=True).median_ms if b.graph_safe else float("nan")

@@ -14,8 +14,8 @@ import pstats
 
 import torch
 
-from moe_tut import ExpertWeights, RoutingPlan, get_backend, get_preset
-from moe_tut.bench.harness import make_inputs
+from moe_tut import ExpertWeights, get_backend, get_preset
+from moe_tut.bench.harness import make_inputs, timed_forward
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--preset", default="qwen3-30b-a3b")
@@ -30,8 +30,7 @@ prepared = b.prepare(ExpertWeights.random(cfg, device="cuda"))
 x, ids, tw = make_inputs(cfg, args.tokens, "uniform", "cuda")
 
 
-def forward():
-    return b(x, prepared, RoutingPlan.build(ids, tw, cfg.E, validate=False))
+forward = timed_forward(b, x, prepared, ids, tw, cfg.E)
 
 
 for _ in range(3):
