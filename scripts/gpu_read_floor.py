@@ -27,24 +27,33 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK words of 4 bytes per load step, num_warps, programs per SM)
-STREAM_SHAPES = [(2048, 4, 8), (4096, 8, 4), (4096, 4, 8), (8192, 8, 4), (2048, 4, 16)]
+# (BLOCK words of 4 bytes per load step, num_warps, programs per SM, contiguous)
+STREAM_SHAPES = [(2048, 4, 8, False), (4096, 8, 4, False), (4096, 4, 8, False), (8192, 8, 4, False),
+                 (2048, 4, 16, False), (2048, 4, 8, True), (4096, 8, 4, True)]
 
 
 @triton.jit
-def _stream_sum(x_ptr, part_ptr, n_blocks, programs, BLOCK: tl.constexpr):
-    """part[pid] = sum of blocks pid, pid + programs, pid + 2 programs, ... of BLOCK float32 words each (the grid
-    has `programs` programs; the buffer holds n_blocks whole blocks)."""
+def _stream_sum(x_ptr, part_ptr, n_blocks, programs, BLOCK: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """part[pid] = sum of this program's blocks of BLOCK float32 words (the buffer holds n_blocks whole blocks):
+    blocks pid, pid + programs, ... (strided: the grid sweeps the buffer front to back together), or one
+    contiguous run of about n_blocks / programs blocks (CONTIGUOUS: each program its own region)."""
     pid = tl.program_id(0)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for b in tl.range(pid, n_blocks, programs):
-        acc += tl.load(x_ptr + b * BLOCK + tl.arange(0, BLOCK))  # int32 offsets: buffers under 8 GB
+    if CONTIGUOUS:
+        per = tl.cdiv(n_blocks, programs)
+        for b in tl.range(pid * per, tl.minimum(n_blocks, pid * per + per)):
+            acc += tl.load(x_ptr + b * BLOCK + tl.arange(0, BLOCK))
+    else:
+        for b in tl.range(pid, n_blocks, programs):
+            acc += tl.load(x_ptr + b * BLOCK + tl.arange(0, BLOCK))  # int32 offsets: buffers under 8 GB
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
-def stream_sum(words: torch.Tensor, block: int, warps: int, programs: int, part: torch.Tensor) -> torch.Tensor:
+def stream_sum(words: torch.Tensor, block: int, warps: int, programs: int, part: torch.Tensor,
+               contiguous: bool = False) -> torch.Tensor:
     """Sum of words (float32, a multiple of block long) as per-program partials part[:programs]."""
-    _stream_sum[(programs,)](words, part, words.numel() // block, programs, BLOCK=block, num_warps=warps)
+    _stream_sum[(programs,)](words, part, words.numel() // block, programs, BLOCK=block, CONTIGUOUS=contiguous,
+                             num_warps=warps)
     return part
 
 
@@ -53,9 +62,9 @@ def smoke() -> None:
 
     use_interpreter_if_no_gpu()  # also patches the interpreter's scalar indexing, which the loop above needs
     words = torch.randn(64 * 256, generator=torch.Generator().manual_seed(0))
-    for block, warps, programs in [(256, 4, 3), (1024, 4, 16)]:
+    for block, warps, programs, contiguous in [(256, 4, 3, False), (1024, 4, 16, False), (256, 4, 5, True)]:
         part = torch.zeros(programs)
-        got = stream_sum(words, block, warps, programs, part).double().sum().item()
+        got = stream_sum(words, block, warps, programs, part, contiguous).double().sum().item()
         want = words.double().sum().item()
         assert abs(got - want) < 1e-3 * words.abs().sum().item(), (block, programs, got, want)
         print(f"stream_sum BLOCK={block} programs={programs}: {got:.4f} == torch {want:.4f}")
@@ -85,9 +94,17 @@ def main() -> None:
         n = int(mb * 1e6) // 4 // 8192 * 8192  # whole blocks for every shape
         words = torch.randint(0, 256, (4 * n,), dtype=torch.uint8, device=dev).view(torch.float32)
         variants = [("torch.sum", lambda w=words: w.sum())]
-        for block, warps, per_sm in STREAM_SHAPES:
-            label = f"stream b{block} w{warps} p{per_sm}"
-            variants.append((label, lambda w=words, b=block, nw=warps, p=per_sm * sms: stream_sum(w, b, nw, p, part)))
+        for block, warps, per_sm, contiguous in STREAM_SHAPES:
+            label = f"stream b{block} w{warps} p{per_sm}" + (" contiguous" if contiguous else "")
+            variants.append((label, lambda w=words, b=block, nw=warps, p=per_sm * sms, c=contiguous:
+                             stream_sum(w, b, nw, p, part, c)))
+        # The same bytes as two dependent launches of 2/3 and 1/3 (GEMM1's and GEMM2's shares of a decode
+        # forward's weights): what splitting one stream into two kernels costs.
+        cut = n // 8192 * 2 // 3 * 8192
+        for block, warps, per_sm, contiguous in STREAM_SHAPES[:1]:
+            variants.append((f"two launches b{block} w{warps} p{per_sm}",
+                             lambda w1=words[:cut], w2=words[cut:], b=block, nw=warps, p=per_sm * sms, c=contiguous:
+                             (stream_sum(w1, b, nw, p, part, c), stream_sum(w2, b, nw, p, part, c))))
         for label, fn in variants:
             tm = time_cuda(fn, use_graph=True)
             gbps = 4 * n / (tm.median_ms * 1e-3) / 1e9
