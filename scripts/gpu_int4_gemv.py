@@ -67,6 +67,14 @@ VARIANTS = {
     **{f"gemv-g1s{s}": (replace(gv.DEFAULT_GEMM1_CONFIG, split_k=s), None, {}, 1,
                         "GEMM1 85 -> ~65-70 us at mixtral T=1 (up to 9 programs resident per SM, not 6.8)")
        for s in (2, 4, 8)},
+    # session 8: more weight rows per thread for the same words (BLOCK_N 128 or 256 at 4 warps: 4 or 8 rows per
+    # thread), so each thread's 8 activation loads per step serve 4-8 rows instead of 1-2; fewer programs, so K
+    # is split further. Prediction: GEMM1 65 -> ~52 us at mixtral T=1, forward ~0.110 -> ~0.097 ms.
+    **{f"gemv-g1n{n}" + (f"s{s}" if s else ""): (gv.GemvConfig(n, 128, 4, s), None, {}, 1,
+                            "mixtral T=1 ~0.097 ms (GEMM1's activation loads shared by 4-8 rows per thread)")
+       for n, s in ((128, 0), (128, 4), (256, 4), (256, 8))},
+    **{f"gemv-g2n{n}": (None, gv.GemvConfig(n, 128, 4), {}, 1, "GEMM2 -2-4 us at mixtral T=1") for n in (128, 256)},
+    "gemv-n128": (gv.GemvConfig(128, 128, 4), gv.GemvConfig(128, 128, 4), {}, 1, "the two above together"),
 }
 FIELDS = ["preset", "T", "backend", "variant", "cfg1", "cfg2", "split1", "split2", "rows", "status", "rel_err", "ms",
           "p20_ms", "p80_ms", "timing", "int4_gb", "gbps", "pct_copy", "speedup_vs_bf16_triton", "bf16_triton_ms",
