@@ -54,6 +54,16 @@ H100_FULL_JSON = H100_DIR / "full_v5" / "moe_bench.json"
 # Token counts of the version sweep (lesson 04) and of the INT4 latency sweep (lesson 05). On the CPU
 # each forward of a Triton kernel runs under the interpreter (about a second at the debug size) and
 # the harness runs each backend 5 times per point (check, warm-up, 3 timed), so T stays tiny.
+# How fast one kernel can read N bytes at all (scripts/gpu_read_floor.py), and cuda_int4 v2's T = 1 kernels with
+# parts taken away (results/h100/LOG.md, session 8).
+H100_READ_FLOOR_CSV = H100_DIR / "read_floor_v2" / "read_floor.csv"
+H100_DECODE_DIAG_DIR = H100_DIR / "cuda_int4_t1_diag_v1"
+DECODE_DIAG_VARIANTS = {  # breakdown file -> what the kernels did
+    "breakdown_v2_baseline.csv": "v2 as shipped",
+    "breakdown_loads_only.csv": "its loads, one FFMA per word",
+    "breakdown_v2_scales_g0.csv": "its math, group 0's scales only",
+    "breakdown_loads_only_scales_g0.csv": "its loads, group 0's scales only",
+}
 GPU_VERSION_TOKENS = [1, 128, 1024, 8192]
 CPU_VERSION_TOKENS = [1, 4]
 GPU_INT4_TOKENS = [1, 16, 128, 1024, 8192]
@@ -904,3 +914,127 @@ def plot_int4_h100(rows, presets: Sequence[str] = ("mixtral", "deepseek-v3", "qw
     fig.suptitle(f"H100 80GB HBM3, measured ({source})")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# How close to the floor: reads, and the decode kernels against them (lesson 05)
+# --------------------------------------------------------------------------------------------------
+
+
+def read_floor_rows(path: Path | str | None = None) -> list[dict]:
+    """The committed read-floor run (results/h100/read_floor_v2/read_floor.csv), [] if absent: per buffer size
+    (MB), torch.sum, a plain Triton streaming sum in several grid shapes, and the same bytes as two launches."""
+    p = Path(path) if path is not None else H100_READ_FLOOR_CSV
+    return read_results(p) if p.is_file() else []
+
+
+def best_stream(rows) -> dict[float, float]:
+    """MB -> the fastest single-launch Triton streaming kernel's median us at that size."""
+    best: dict[float, float] = {}
+    for r in _records(rows):
+        if str(r["kernel"]).startswith("stream"):
+            best[float(r["MB"])] = min(best.get(float(r["MB"]), math.inf), float(r["median_us"]))
+    return best
+
+
+def read_floor_fit(rows) -> tuple[float, float]:
+    """(intercept us, GB/s): the least-squares line through best_stream, time = intercept + bytes / bandwidth."""
+    pts = sorted(best_stream(rows).items())
+    if len(pts) < 2:
+        raise ValueError("need the streaming kernel's times at two sizes or more")
+    mb = np.array([m for m, _ in pts])
+    us = np.array([u for _, u in pts])
+    slope, intercept = np.polyfit(mb, us, 1)  # us per MB
+    return float(intercept), float(1e3 / slope)  # 1 MB / (slope us) = 1e3 / slope GB/s
+
+
+def read_floor_us(rows, megabytes: float) -> float:
+    """The fitted time (us) of one plain read of `megabytes` MB (read_floor_fit)."""
+    intercept, gbps = read_floor_fit(rows)
+    return intercept + megabytes * 1e3 / gbps
+
+
+def plot_read_floor(rows, source: str = "results/h100/read_floor_v2/read_floor.csv"):
+    """Reading N MB once: time (left, with the fitted line) and the share of the device-copy bandwidth it
+    reaches (right), for torch.sum, the best plain Triton streaming kernel, and the same bytes split over two
+    dependent launches (2/3 then 1/3, as a decode forward's two GEMMs split them)."""
+    recs = _records(rows)
+    series = {
+        "torch.sum": [r for r in recs if r["kernel"] == "torch.sum"],
+        "the same bytes in two launches": [r for r in recs if str(r["kernel"]).startswith("two")],
+    }
+    best = best_stream(rows)
+    series["Triton streaming sum (best grid)"] = [
+        r for r in recs if str(r["kernel"]).startswith("stream") and float(r["median_us"]) == best[float(r["MB"])]]
+    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, (label, rs) in enumerate(series.items()):
+        pts = sorted((float(r["MB"]), float(r["median_us"]), float(r["pct_of_copy"])) for r in rs)
+        if not pts:
+            continue
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^"[i], color=f"C{i}", label=label)
+        ax_p.plot([p[0] for p in pts], [p[2] for p in pts], marker="os^"[i], color=f"C{i}", label=label)
+    intercept, gbps = read_floor_fit(rows)
+    mb = np.geomspace(min(best), max(best), 50)
+    ax_t.plot(mb, intercept + mb * 1e3 / gbps, color="black", linewidth=1, linestyle="--",
+              label=f"fit: {intercept:.1f} us + bytes at {gbps / 1e3:.2f} TB/s")
+    sizes = sorted(best)
+    for ax in (ax_t, ax_p):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{m:g}" for m in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("MB read")
+        ax.legend(fontsize=8)
+    ax_t.set_yscale("log")
+    ticks = [10, 20, 50, 100, 200]
+    ax_t.set_yticks(ticks, [str(t) for t in ticks])
+    ax_t.set_ylabel("us (CUDA-graph replay, cold L2)")
+    ax_p.set_ylabel("% of the device-copy bandwidth")
+    ax_p.axhline(100, color="black", linewidth=1)
+    fig.suptitle(f"How fast an H100 reads N bytes once ({source})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def decode_gemm_mb(cfg: MoEConfig, gemm: int, experts: int, group_size: int = quant.DEFAULT_GROUP_SIZE) -> float:
+    """MB one INT4 decode GEMM reads for `experts` touched experts: packed codes plus bf16 scales (symmetric)
+    of w13 (gemm 1: 2F x H) or w2 (gemm 2: H x F)."""
+    values = (2 if gemm == 1 else 1) * cfg.F * cfg.H * experts
+    return values * (0.5 + BF16_BYTES / group_size) / MB
+
+
+def _gemm_us(path: Path, preset: str) -> dict[int, float]:
+    """GEMM number -> kernel us in a gpu_decode_breakdown.py CSV (cuda_int4 at T = 1)."""
+    out = {}
+    for r in read_results(path):
+        if r["preset"] == preset and r["T"] == 1:
+            name = str(r["kernel"])
+            if "gemm1_" in name:
+                out[1] = float(r["us"])
+            elif "gemm2_" in name:
+                out[2] = float(r["us"])
+    return out
+
+
+def decode_floor_table(presets: Sequence[str] = ("mixtral", "deepseek-v3"),
+                       diag_dir: Path | str | None = None, floor_rows=None) -> list[dict]:
+    """cuda_int4 v2's two GEMMs at T = 1 on an H100, as shipped and with parts taken away (DECODE_DIAG_VARIANTS,
+    from gpu_decode_breakdown.py runs of diagnostic patches), beside a plain read of the same bytes
+    (read_floor_us). [] if the files are absent."""
+    d = Path(diag_dir) if diag_dir is not None else H100_DECODE_DIAG_DIR
+    floor_rows = read_floor_rows() if floor_rows is None else floor_rows
+    files = {name: d / name for name in DECODE_DIAG_VARIANTS}
+    if not floor_rows or not all(f.is_file() for f in files.values()):
+        return []
+    times = {name: {p: _gemm_us(f, p) for p in presets} for name, f in files.items()}
+    out = []
+    for p in presets:
+        cfg = get_preset(p)
+        for gemm in (1, 2):
+            mb = decode_gemm_mb(cfg, gemm, cfg.top_k)  # T = 1: top_k distinct experts
+            row = {"preset": p, "GEMM": gemm, "MB read": round(mb, 1)}
+            for name, label in DECODE_DIAG_VARIANTS.items():
+                row[label + " (us)"] = times[name][p].get(gemm, math.nan)
+            row["a plain read (us)"] = round(read_floor_us(floor_rows, mb), 1)
+            out.append(row)
+    return out
+

@@ -345,6 +345,35 @@ def test_h100_results_in_lesson_form():
     assert len(L.plot_int4_latency(full, "mixtral").axes) == 1
 
 
+def test_read_floor_and_decode_floor_table():
+    floor = L.read_floor_rows()
+    assert floor, "results/h100/read_floor_v2 is committed"
+    best = L.best_stream(floor)
+    assert sorted(best) == [29.0, 59.0, 117.0, 182.0, 700.0]
+    assert all(best[mb] <= r["median_us"] for r in floor for mb in [r["MB"]])  # the best of every kernel
+    intercept, gbps = L.read_floor_fit(floor)
+    assert 0 < intercept < 10 and 2500 < gbps < 3500  # a few us per launch, then ~3 TB/s
+    assert all(abs(L.read_floor_us(floor, mb) - us) < 0.05 * us for mb, us in best.items())  # the line fits
+    assert len(L.plot_read_floor(floor).axes) == 2
+    table = L.decode_floor_table()
+    assert [(r["preset"], r["GEMM"]) for r in table] == [("mixtral", 1), ("mixtral", 2), ("deepseek-v3", 1),
+                                                          ("deepseek-v3", 2)]
+    mixtral = moe_tut.get_preset("mixtral")
+    # GEMM 1 reads twice GEMM 2's bytes: 2 experts x 2F x H codes at 0.5 B plus a bf16 scale per 128
+    assert table[0]["MB read"] == pytest.approx(2 * 2 * mixtral.F * mixtral.H * (0.5 + 2 / 128) / 1e6, abs=0.1)
+    assert table[0]["MB read"] == pytest.approx(2 * table[1]["MB read"], abs=0.15)  # both rounded to 0.1
+    for row in table:  # every kernel variant took longer than a plain read of its bytes
+        times = [v for k, v in row.items() if k.endswith("(us)") and k != "a plain read (us)"]
+        assert len(times) == len(L.DECODE_DIAG_VARIANTS)
+        assert all(t > row["a plain read (us)"] for t in times)
+    assert L.decode_floor_table(diag_dir="/nonexistent") == []
+
+
+def test_read_floor_fit_needs_two_sizes():
+    with pytest.raises(ValueError, match="two sizes"):
+        L.read_floor_fit([{"MB": 29.0, "kernel": "stream b1", "median_us": 14.0}])
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_worked_example_round_trips(symmetric):
     values = torch.randn(8, generator=torch.Generator().manual_seed(3))
