@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_tut.backends import get_backend
+from moe_tut.bench.timing import L2_FLUSH_MODES
 from moe_tut.distributed import (
     ExpertParallelError,
     ExpertParallelMoE,
@@ -351,6 +352,7 @@ def launched(tmp_path_factory):
 def test_launcher_end_to_end(launched):
     rows, meta = launched.rows, launched.meta
     assert meta["world_size"] == 2 and meta["config"] == "debug" and meta["tokens"] == [40]
+    assert meta["l2_flush"] in L2_FLUSH_MODES  # the mode a GPU run would use (the rows say "" on the CPU)
     assert "--expert-parallel" in meta["command"] and meta["command"].startswith("torchrun --nproc-per-node 2")
     assert (launched.out_dir / "moe_ep_bench.csv").exists() and (launched.out_dir / "moe_ep_bench.json").exists()
     for backend in ("grouped_mm", "naive"):
@@ -364,6 +366,7 @@ def test_launcher_end_to_end(launched):
         for r in ranks + [layer]:
             assert r["dispatch_ms"] > 0 and r["compute_ms"] > 0 and r["combine_ms"] > 0 and r["total_ms"] > 0
             assert 0 < r["comm_fraction"] < 1 and r["timing"] == "cpu-clock" and r["dist_backend"] == "gloo"
+            assert r["l2_flush"] == ""  # no cache flush on the CPU
         # the layer's time is its slowest rank's, repetition by repetition
         assert layer["total_ms"] >= min(r["total_ms"] for r in ranks)
         assert layer["speedup_vs_single"] == pytest.approx(single["total_ms"] / layer["total_ms"])

@@ -20,7 +20,8 @@
                   rank's previous stage. dispatch = sort + count exchange + row all_to_all; compute =
                   RoutingPlan + the backend; combine = all_to_all back + un-permute + weighted sum.
    GPU: CUDA events on the current stream (PyTorch makes it wait for NCCL's), synchronised after each
-   pass, L2 flushed before each forward as in moe_tut.bench.timing. CPU: perf_counter (correctness
+   pass, L2 made cold before each forward as in moe_tut.bench.timing (the mode, MOE_TUT_L2_FLUSH or
+   --l2-flush, is each row's l2_flush and the JSON's). CPU: perf_counter (correctness
    runs, not GPU performance). The layer's time per repetition is that of its slowest rank; the
    "all" row reports the median over repetitions of that maximum (stage by stage for the split).
 4. Scaling: after every expert-parallel run, the ranks free their shards and rank 0 runs the plain
@@ -49,7 +50,7 @@ from ..backends import get_backend
 from ..bench.harness import TOLERANCE, make_inputs, timed_forward
 from ..bench.memory import InsufficientMemoryError, check_fits
 from ..bench.results import format_cell, git_commit, render_table, write_results
-from ..bench.timing import l2_flusher, time_call
+from ..bench.timing import l2_flush_mode, l2_flusher, time_call
 from ..presets import MoEConfig
 from ..reference import relative_error
 from ..routing import RoutingPlan
@@ -92,6 +93,7 @@ class EPRow:
     status: str  # ok, failed, skipped, unavailable
     reason: str = ""
     timing: str = ""
+    l2_flush: str = ""  # GPU: how L2 was made cold before each forward (moe_tut.bench.timing.L2_FLUSH_MODES); CPU: ""
     device: str = ""
     dist_backend: str = ""
     tokens: int = 0  # tokens on this rank (T for "all" and "single")
@@ -169,6 +171,7 @@ class _Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.method = "cuda-events" if self.cuda else "cpu-clock"
+        self.l2_flush = l2_flush_mode() if self.cuda else ""
 
     def start(self):
         if self.cuda:
@@ -188,10 +191,11 @@ class _Clock:
 
 
 def time_expert_parallel(moe: ExpertParallelMoE, x, topk_ids, topk_weights, reps: int,
-                         warmup: int = WARMUP) -> tuple[torch.Tensor, str]:
-    """This rank's times [4, reps] (ms): end to end, dispatch, compute, combine (see the module docstring)."""
+                         warmup: int = WARMUP) -> tuple[torch.Tensor, str, str]:
+    """This rank's times [4, reps] (ms): end to end, dispatch, compute, combine (see the module docstring), the
+    clock's method and the L2 flush mode ("" on the CPU)."""
     clock = _Clock(moe.device)
-    flush = l2_flusher(device=moe.device) if clock.cuda else None
+    flush = l2_flusher(clock.l2_flush, device=moe.device) if clock.cuda else None
     for _ in range(warmup):
         moe(x, topk_ids, topk_weights, validate=False)
     times = torch.zeros(4, reps, dtype=torch.float64)
@@ -217,7 +221,7 @@ def time_expert_parallel(moe: ExpertParallelMoE, x, topk_ids, topk_weights, reps
         t = clock.start()
         moe.combine(d, out)
         times[3, i] = clock.stop(t)
-    return times, clock.method
+    return times, clock.method, clock.l2_flush
 
 
 def _all_gather_cpu(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -276,7 +280,7 @@ def _summarise(per_rank: list[EPRow], times: torch.Tensor, method: str) -> EPRow
     worst = times.max(dim=0).values  # [4, reps]
     med = worst.median(dim=1).values.tolist()
     row = EPRow(first.config, first.T, first.skew, first.backend, first.world_size, "all", -1, first.status,
-                first.reason, method, first.device, first.dist_backend, tokens=first.T,
+                first.reason, method, first.l2_flush, first.device, first.dist_backend, tokens=first.T,
                 local_experts=first.local_experts, active_local_experts=sum(r.active_local_experts for r in per_rank),
                 rows_sent=sum(r.rows_sent for r in per_rank), rows_received=sum(r.rows_received for r in per_rank),
                 dispatch_mb=sum(r.dispatch_mb for r in per_rank), rel_err=first.rel_err,
@@ -290,9 +294,9 @@ def _summarise(per_rank: list[EPRow], times: torch.Tensor, method: str) -> EPRow
     return row
 
 
-def _fill_times(row: EPRow, times: torch.Tensor, method: str) -> None:
+def _fill_times(row: EPRow, times: torch.Tensor, method: str, l2_flush: str) -> None:
     med = times.median(dim=1).values.tolist()
-    row.timing = method
+    row.timing, row.l2_flush = method, l2_flush
     row.total_ms, row.dispatch_ms, row.compute_ms, row.combine_ms = med
     row.p20_ms, row.p80_ms = float(times[0].quantile(0.2)), float(times[0].quantile(0.8))
     row.comm_fraction = (med[1] + med[3]) / sum(med[1:])
@@ -332,8 +336,8 @@ def _run_ep_point(cfg, T, skew, seed, backend_name, weights, experts, x, ids, tw
         if not row.rel_err <= tol:  # the same on every rank (all_reduced), so all ranks skip timing together
             row.status, row.reason = "failed", f"relative error {row.rel_err:.3g} > {tol:g}"
         else:
-            times, method = time_expert_parallel(moe, x_loc, ids_loc, tw_loc, reps)
-            _fill_times(row, times, method)
+            times, method, l2_flush = time_expert_parallel(moe, x_loc, ids_loc, tw_loc, reps)
+            _fill_times(row, times, method, l2_flush)
         keep["y"] = _gather_y(y, T, ctx)
         keep["ref"] = ref.cpu() if ctx.rank == 0 else None
         del moe, y
@@ -362,7 +366,7 @@ def _run_single(cfg, T, skew, seed, backend_name, full, ep_keep: dict, device) -
         if ep_keep.get("ref") is not None:
             row.rel_err = relative_error(y.cpu(), ep_keep["ref"])
         timing = time_call(timed_forward(backend, x, prepared, ids, tw, cfg.E), device, use_graph=False)
-        row.timing = timing.method
+        row.timing, row.l2_flush = timing.method, timing.l2_flush
         row.total_ms = row.compute_ms = timing.median_ms
         row.p20_ms, row.p80_ms = timing.p20_ms, timing.p80_ms
         if ep_keep.get("y") is not None:
@@ -386,8 +390,10 @@ def _metadata(ctx: DistContext, command: str, extra: dict) -> dict:
         "dist_backend": ctx.backend,
         "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if ctx.backend == "nccl" else None,
         "env": {k: os.environ.get(k) for k in RECORDED_ENV},
+        "l2_flush": l2_flush_mode(),
         "timing": ("Per rank: 'end to end' forwards after a barrier, and 'phased' forwards with a barrier before "
-                   "each of dispatch / compute / combine; GPU: CUDA events, L2 flushed before each forward; CPU: "
+                   "each of dispatch / compute / combine; GPU: CUDA events, L2 made cold before each forward "
+                   "(l2_flush); CPU: "
                    "perf_counter (correctness runs). 'all' rows: median over repetitions of the slowest rank. "
                    "'single' rows: the plain forward on rank 0's device (moe_tut.bench.timing, no CUDA graphs)."),
         **extra,
