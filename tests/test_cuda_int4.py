@@ -321,6 +321,8 @@ EMULATION_CASES = [
     ("v1-fallback-G2", 3, 66, 98, 2, 3, "uniform", 2, False),  # G = 2, H/F not multiples of 8: v2/v3 run v1
     ("all-to-one", 3, 64, 96, 1, 6, "all_to_one", 32, True),  # every token to expert 0: passes of 4 + 2
     ("top3-generic-combine", 5, 64, 96, 3, 3, "zipf", 32, True),  # k = 3: the combine's loop for any k
+    # G = 96 does not divide a lane's 1024-code stride: the chunk's group index carries (dot_rows)
+    ("G96-group-carry", 2, 1152, 96, 1, 2, "uniform", 96, False),
 ]
 
 
