@@ -57,12 +57,12 @@ H100_FULL_JSON = H100_DIR / "full_v5" / "moe_bench.json"
 # How fast one kernel can read N bytes at all (scripts/gpu_read_floor.py), and cuda_int4 v2's T = 1 kernels with
 # parts taken away (results/h100/LOG.md, session 8).
 H100_READ_FLOOR_CSV = H100_DIR / "read_floor_v2" / "read_floor.csv"
-H100_DECODE_DIAG_DIR = H100_DIR / "cuda_int4_t1_diag_v1"
-DECODE_DIAG_VARIANTS = {  # breakdown file -> what the kernels did
-    "breakdown_v2_baseline.csv": "v2 as shipped",
-    "breakdown_loads_only.csv": "its loads, one FFMA per word",
-    "breakdown_v2_scales_g0.csv": "its math, group 0's scales only",
-    "breakdown_loads_only_scales_g0.csv": "its loads, group 0's scales only",
+DECODE_DIAG_VARIANTS = {  # gpu_decode_breakdown.py CSV under results/h100 -> what the kernels did
+    "cuda_int4_group_incr_v1/decode_breakdown.csv": "v2 now (another H100)",
+    "cuda_int4_t1_diag_v1/breakdown_v2_baseline.csv": "v2 before (a division per chunk)",
+    "cuda_int4_t1_diag_v1/breakdown_loads_only.csv": "its loads, one FFMA per word",
+    "cuda_int4_t1_diag_v1/breakdown_v2_scales_g0.csv": "its math, group 0's scales only",
+    "cuda_int4_t1_diag_v1/breakdown_loads_only_scales_g0.csv": "its loads, group 0's scales only",
 }
 GPU_VERSION_TOKENS = [1, 128, 1024, 8192]
 CPU_VERSION_TOKENS = [1, 4]
@@ -1015,12 +1015,12 @@ def _gemm_us(path: Path, preset: str) -> dict[int, float]:
     return out
 
 
-def decode_floor_table(presets: Sequence[str] = ("mixtral", "deepseek-v3"),
-                       diag_dir: Path | str | None = None, floor_rows=None) -> list[dict]:
-    """cuda_int4 v2's two GEMMs at T = 1 on an H100, as shipped and with parts taken away (DECODE_DIAG_VARIANTS,
-    from gpu_decode_breakdown.py runs of diagnostic patches), beside a plain read of the same bytes
-    (read_floor_us). [] if the files are absent."""
-    d = Path(diag_dir) if diag_dir is not None else H100_DECODE_DIAG_DIR
+def decode_floor_table(presets: Sequence[str] = ("mixtral", "deepseek-v3"), root: Path | str | None = None,
+                       floor_rows=None) -> list[dict]:
+    """cuda_int4 v2's two GEMMs at T = 1 on an H100: now, before session 8 removed a division from its K loop, and
+    with parts taken away (DECODE_DIAG_VARIANTS: gpu_decode_breakdown.py runs, the last three of diagnostic
+    patches), beside a plain read of the same bytes (read_floor_us). [] if the files are absent."""
+    d = Path(root) if root is not None else H100_DIR
     floor_rows = read_floor_rows() if floor_rows is None else floor_rows
     files = {name: d / name for name in DECODE_DIAG_VARIANTS}
     if not floor_rows or not all(f.is_file() for f in files.values()):

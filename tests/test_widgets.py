@@ -366,7 +366,7 @@ def test_read_floor_and_decode_floor_table():
         times = [v for k, v in row.items() if k.endswith("(us)") and k != "a plain read (us)"]
         assert len(times) == len(L.DECODE_DIAG_VARIANTS)
         assert all(t > row["a plain read (us)"] for t in times)
-    assert L.decode_floor_table(diag_dir="/nonexistent") == []
+    assert L.decode_floor_table(root="/nonexistent") == []
 
 
 def test_read_floor_fit_needs_two_sizes():
