@@ -1002,16 +1002,14 @@ def decode_gemm_mb(cfg: MoEConfig, gemm: int, experts: int, group_size: int = qu
     return values * (0.5 + BF16_BYTES / group_size) / MB
 
 
-def _gemm_us(path: Path, preset: str) -> dict[int, float]:
-    """GEMM number -> kernel us in a gpu_decode_breakdown.py CSV (cuda_int4 at T = 1)."""
+def _gemm_us(path: Path) -> dict[tuple[str, int], float]:
+    """(preset, GEMM number) -> kernel us at T = 1 in a gpu_decode_breakdown.py CSV of cuda_int4."""
     out = {}
     for r in read_results(path):
-        if r["preset"] == preset and r["T"] == 1:
-            name = str(r["kernel"])
-            if "gemm1_" in name:
-                out[1] = float(r["us"])
-            elif "gemm2_" in name:
-                out[2] = float(r["us"])
+        name = str(r["kernel"])
+        gemm = 1 if "gemm1_" in name else 2 if "gemm2_" in name else None
+        if r["T"] == 1 and gemm is not None:
+            out[(r["preset"], gemm)] = float(r["us"])
     return out
 
 
@@ -1025,7 +1023,7 @@ def decode_floor_table(presets: Sequence[str] = ("mixtral", "deepseek-v3"), root
     files = {name: d / name for name in DECODE_DIAG_VARIANTS}
     if not floor_rows or not all(f.is_file() for f in files.values()):
         return []
-    times = {name: {p: _gemm_us(f, p) for p in presets} for name, f in files.items()}
+    times = {name: _gemm_us(f) for name, f in files.items()}  # each file read once
     out = []
     for p in presets:
         cfg = get_preset(p)
@@ -1033,7 +1031,7 @@ def decode_floor_table(presets: Sequence[str] = ("mixtral", "deepseek-v3"), root
             mb = decode_gemm_mb(cfg, gemm, cfg.top_k)  # T = 1: top_k distinct experts
             row = {"preset": p, "GEMM": gemm, "MB read": round(mb, 1)}
             for name, label in DECODE_DIAG_VARIANTS.items():
-                row[label + " (us)"] = times[name][p].get(gemm, math.nan)
+                row[label + " (us)"] = times[name].get((p, gemm), math.nan)
             row["a plain read (us)"] = round(read_floor_us(floor_rows, mb), 1)
             out.append(row)
     return out
