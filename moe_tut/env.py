@@ -23,6 +23,34 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+PDL_ENV = "MOE_TUT_PDL"
+_major_by_device: dict[int, int] = {}
+
+
+def programmatic_launch_enabled() -> bool:
+    """$MOE_TUT_PDL: "1" (or unset) lets the decode kernels use programmatic dependent launch, "0" does not.
+
+    Programmatic dependent launch (Hopper and newer) lets a kernel's blocks start while the previous kernel on
+    the stream finishes; each kernel waits for its predecessor's results before reading them, so results are
+    the same bits either way. Read on every call, so a benchmark can switch it between graph captures.
+    """
+    value = os.environ.get(PDL_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV}={value!r} must be 0 (off) or 1 (on, the default)")
+    return value == "1"
+
+
+def programmatic_launch_ok(device: torch.device) -> bool:
+    """Whether kernels on `device` should use programmatic dependent launch: enabled ($MOE_TUT_PDL), a CUDA
+    device of compute capability 9.0 or newer, and not Triton's CPU interpreter."""
+    if not programmatic_launch_enabled() or interpreting() or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _major_by_device:
+        _major_by_device[index] = torch.cuda.get_device_capability(index)[0]
+    return _major_by_device[index] >= 9
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if has_cuda() else torch.device("cpu")
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -33,3 +34,16 @@ def test_bf16_dot_is_correct_here():
     _dot_kernel[(1,)](a, b, c, N=16)
     ref = a.float() @ b.float()
     assert ((c - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_programmatic_launch_setting(monkeypatch):
+    monkeypatch.delenv(env.PDL_ENV, raising=False)
+    assert env.programmatic_launch_enabled()
+    monkeypatch.setenv(env.PDL_ENV, "0")
+    assert not env.programmatic_launch_enabled()
+    assert not env.programmatic_launch_ok(torch.device("cuda", 0))  # off: no device query at all
+    monkeypatch.setenv(env.PDL_ENV, "1")
+    assert not env.programmatic_launch_ok(torch.device("cpu"))
+    monkeypatch.setenv(env.PDL_ENV, "off")
+    with pytest.raises(ValueError, match=env.PDL_ENV):
+        env.programmatic_launch_enabled()
