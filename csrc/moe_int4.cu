@@ -4,7 +4,8 @@
 //     y[t] = sum over t's top-k experts e, routing weight g:  g * W2[e] @ (silu(W1[e] @ x[t]) * (W3[e] @ x[t]))
 // with 4-bit weights in the format of moe_tut/quant.py (read its docstring; summary in moe_int4.h),
 // bf16 activations and float32 accumulation. Three launches on one stream, no host sync, so the
-// whole forward can be captured in a CUDA graph:
+// whole forward can be captured in a CUDA graph (on sm_90+ each launch may overlap the end of the one
+// before it: "programmatic dependent launch" below):
 //
 //   1. gemm1_swiglu    act [T*k, F] bf16   act[r, n] = silu(W13[e, n] . x[tok[r]]) * (W13[e, F+n] . x[tok[r]])
 //   2. gemm2_weighted  out [T*k, H] f32    out[slot[r], n] = g[r] * (W2[e, n] . act[r])  (v4/v5: per K split)
@@ -118,6 +119,33 @@ __device__ __forceinline__ float warp_sum(float v) {
 // expf, not __expf: the epilogue runs once per output element, so accuracy costs nothing here.
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
+// ------------------------------------------------------------------ programmatic dependent launch
+//
+// On sm_90+ the launchers may start a kernel before the previous one on the stream has finished
+// (programmatic dependent launch, see `launch`): its blocks are scheduled as the previous kernel's
+// blocks leave the SMs. Every kernel therefore calls wait_for_previous_kernel() before it reads
+// anything an earlier kernel wrote; the call returns once that kernel has completed and its writes
+// are visible (and at once when the launch was an ordinary one, or on older GPUs, where it compiles
+// to nothing). GEMM2 finds its expert before the wait (the routing was written before GEMM1 started).
+// release_next_kernel() lets the next kernel's blocks be scheduled once every block of this one has
+// called it (or exited); the kernels call it right after their wait, never before (GEMM2's early
+// part relies on GEMM1 having passed its own wait). So the gap between two launches, and the next
+// kernel's block start-up, overlap the previous kernel's last blocks.
+// Tried and dropped: GEMM2 prefetching its first 2-8 KB per weight row into L2 before the wait. It made
+// every T = 1 forward 2-6 us slower on an H100, with or without the early start
+// (results/h100/cuda_int4_pdl_v1).
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void release_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------------------------ v1
 
 // One packed row . one activation row, lanes striding over bytes; the caller's warp gets the sum.
@@ -138,6 +166,8 @@ __device__ float dot_row_v1(const uint8_t* wrow, const bf16* scol, const bf16* z
 __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_v1(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                 const int32_t* __restrict__ offsets, bf16* __restrict__ act, int F) {
+  wait_for_previous_kernel();
+  release_next_kernel();
   const int e = blockIdx.y;
   const int begin = offsets[e], end = offsets[e + 1];
   const int lane = threadIdx.x % kWarp;
@@ -159,6 +189,8 @@ gemm1_swiglu_v1(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__
 __global__ void __launch_bounds__(kThreads)
 gemm2_weighted_v1(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                   const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out) {
+  wait_for_previous_kernel();
+  release_next_kernel();
   const int e = blockIdx.y;
   const int begin = offsets[e], end = offsets[e + 1];
   const int lane = threadIdx.x % kWarp;
@@ -408,6 +440,8 @@ template <int VEC, bool SYM, bool PREFETCH, int MAXR>
 __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_v2(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                 const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
+  wait_for_previous_kernel();
+  release_next_kernel();
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp;
@@ -439,10 +473,13 @@ __global__ void __launch_bounds__(kThreads)
 gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restrict__ slots,
                   const float* __restrict__ route_w, const int32_t* __restrict__ offsets, float* __restrict__ out,
                   int E) {
+  // Before the wait only the routing (written before GEMM1 started) is read.
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp;
   const int H = w.N;
+  wait_for_previous_kernel();
+  release_next_kernel();
   const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * kWRows;  // columns n0..n0+3
   if (n0 >= H) return;
   int rows[kWRows];
@@ -543,12 +580,12 @@ struct ChunkRegs {
   float s[kTiles][2], z[kTiles][2];  // kAsym (s, z), kSymPost (s)
 };
 
+// g: the group of this lane's first code of chunk c, c * kChunk + 32 t (the caller keeps it without a division).
 template <int MODE>
-__device__ __forceinline__ void load_chunk(ChunkRegs<MODE>& r, const MmaWeights& w, int N, int K, int G, int c,
+__device__ __forceinline__ void load_chunk(ChunkRegs<MODE>& r, const MmaWeights& w, int N, int K, int g, int c,
                                            int t) {
   const size_t half = K / 2;
-  const int k0 = c * kChunk + 32 * t;  // this lane's first code of the chunk
-  const size_t g_row = (size_t)(k0 / G) * N;
+  const size_t g_row = (size_t)g * N;
 #pragma unroll
   for (int i = 0; i < kTiles; ++i)
 #pragma unroll
@@ -649,10 +686,22 @@ __device__ __forceinline__ void mma_block_sum(const MmaWeights& w, int N, int K,
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
   // No register prefetch of the next chunk: tried (a v5 that loaded chunk c + 4 before computing c) and
   // it was 2-12% slower at every measured point on an H100 (more registers, fewer blocks per SM).
+  // The lane's group, kept incrementally as in dot_rows (no integer division per chunk); G % 32 == 0, so a lane's
+  // 32 codes lie in one group.
+  constexpr int kStepVals = kWarps * kChunk;
+  const int g_step = kStepVals / G, r_step = kStepVals % G;
+  const int k_first = (c_begin + warp) * kChunk + 32 * t;
+  int g = k_first / G, r = k_first - g * G;
   for (int c = c_begin + warp; c < c_end; c += kWarps) {
     ChunkRegs<MODE> cur;
-    load_chunk<MODE>(cur, w, N, K, G, c, t);
+    load_chunk<MODE>(cur, w, N, K, g, c, t);
     mma_chunk<MODE, NT>(cur, c, t, brow, n_tiles, acc);
+    g += g_step;
+    r += r_step;
+    if (r >= G) {
+      r -= G;
+      ++g;
+    }
   }
   constexpr int kVals = kTiles * NT * 4;
   if (warp > 0) {
@@ -713,6 +762,8 @@ __global__ void __launch_bounds__(kThreads)
 gemm1_swiglu_mma(const bf16* __restrict__ x, Quant w, const int32_t* __restrict__ token_ids,
                  const int32_t* __restrict__ offsets, bf16* __restrict__ act, int E, int F) {
   __shared__ float red[(kWarps - 1) * kTiles * NT * 4 * kWarp];
+  wait_for_previous_kernel();
+  release_next_kernel();
   const int e = nth_active_expert(offsets, E, blockIdx.y);
   if (e < 0) return;
   const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
@@ -754,6 +805,9 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
   const MmaWeights mw = mma_weights(w, e, base, limit);
   const int nchunks = w.K / kChunk, per = (nchunks + gridDim.z - 1) / gridDim.z;
   const int c_begin = blockIdx.z * per, c_end = min(nchunks, c_begin + per);
+  // Before the wait only the routing (written before GEMM1 started) is read.
+  wait_for_previous_kernel();
+  release_next_kernel();
   float* out_split = out + (size_t)blockIdx.z * num_rows * H;
   const int begin = offsets[e], end = offsets[e + 1];
   for (int rb = begin; rb < end; rb += 8 * NT) {
@@ -785,6 +839,8 @@ gemm2_weighted_mma(const bf16* __restrict__ act, Quant w, const int32_t* __restr
 template <int TOP_K>
 __global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__ y, int T, int top_k, int H,
                                int splits) {
+  wait_for_previous_kernel();
+  release_next_kernel();
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)T * H) return;
   const int k = TOP_K > 0 ? TOP_K : top_k;
@@ -814,12 +870,93 @@ __global__ void combine_kernel(const float* __restrict__ out, bf16* __restrict__
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Where a launch goes: the stream, and whether the kernel may start while the previous kernel on that
+// stream finishes (programmatic dependent launch; see wait_for_previous_kernel).
+struct Launch {
+  cudaStream_t stream;
+  bool programmatic;
+  bool spread = false;  // with `programmatic`: see spread_smem_bytes
+};
+
+int g_programmatic_launch = 1;  // moe_int4_set_programmatic_launch
+
+// Programmatic dependent launch is enabled and the current device is sm_90 or newer (older GPUs do not
+// have it). The capability is asked once per device.
+bool programmatic_launch_ok() {
+#ifdef MOE_INT4_HOST_EMULATION
+  return false;
+#else
+  constexpr int kMaxDevices = 64;
+  static int major[kMaxDevices] = {};  // 0: not asked yet, -1: the query failed
+  int dev = 0;
+  if (!g_programmatic_launch || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();  // a failed query is not the launch's error
+    return false;
+  }
+  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    major[dev] = -1;
+  }
+  return major[dev] >= 9;
+#endif
+}
+
 #ifndef MOE_INT4_HOST_EMULATION
+// Dynamic shared memory that caps a kernel's resident blocks per SM at ceil(blocks / SMs), or 0 when the
+// grid is larger than one wave (or needs no cap). Why: a kernel started early is placed on the SMs that the
+// previous kernel frees first, each filled to its occupancy limit, so a grid that fits in one wave would
+// run on a fraction of the GPU (mixtral's v2 GEMM2 at T = 1: 512 blocks on ~86 of 132 SMs at 6 per SM,
+// 2-3 us slower than without the early start on an H100, results/h100/cuda_int4_pdl_v1). The memory is
+// requested, never used.
+template <class Kernel>
+size_t spread_smem_bytes(Kernel kernel, dim3 grid, int threads) {
+  int dev = 0, sms = 0, smem_sm = 0, reserved = 0, active = 0, optin = 0;
+  cudaFuncAttributes attrs;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&active, kernel, threads, 0) != cudaSuccess ||
+      cudaFuncGetAttributes(&attrs, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // no cap is still a correct launch
+    return 0;
+  }
+  const long blocks = (long)grid.x * grid.y * grid.z;
+  if (sms <= 0 || blocks >= (long)active * sms) return 0;
+  const int cap = (int)((blocks + sms - 1) / sms);
+  if (cap >= active) return 0;
+  // cap + 1 blocks must not fit: each takes its static + dynamic memory plus the per-block reservation
+  const long per_block = smem_sm / (cap + 1) + 1 - reserved - (long)attrs.sharedSizeBytes;
+  if (per_block <= 0 || per_block > optin || (long)cap * (per_block + reserved + attrs.sharedSizeBytes) > smem_sm)
+    return 0;
+  if (per_block > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)per_block) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return (size_t)per_block;
+}
+
 // Every launch goes through here, so the CPU emulation used by the tests can run the same launchers
 // with its own `launch` (one host thread per CUDA thread) instead of <<<>>>.
 template <class... KernelArgs, class... Args>
-void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
-  kernel<<<grid, threads, 0, stream>>>(args...);
+void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, Launch on, Args... args) {
+  if (!on.programmatic) {
+    kernel<<<grid, threads, 0, on.stream>>>(args...);
+    return;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = on.spread ? spread_smem_bytes(kernel, grid, threads) : 0;
+  config.stream = on.stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...);  // the error: cudaGetLastError
 }
 #endif
 
@@ -827,7 +964,7 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t 
 // not a multiple of 32), so it is compiled once (no prefetch, passes of up to kMaxRows) to keep the
 // build short, and v3 runs v2's kernel there.
 template <bool SYM>
-void launch_gemm1_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* x,
+void launch_gemm1_v2(int load, bool prefetch, int max_rows, dim3 grid, Launch on, const bf16* x,
                      const Quant& w, const int32_t* ids, const int32_t* offs, bf16* act, int E, int F) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
   Kernel k;
@@ -842,11 +979,11 @@ void launch_gemm1_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStrea
         : max_rows == 2 ? gemm1_swiglu_v2<16, SYM, false, 2>
                         : gemm1_swiglu_v2<16, SYM, false, kMaxRows>;
   }
-  launch(k, grid, kThreads, stream, x, w, ids, offs, act, E, F);
+  launch(k, grid, kThreads, on, x, w, ids, offs, act, E, F);
 }
 
 template <bool SYM>
-void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStream_t stream, const bf16* act,
+void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, Launch on, const bf16* act,
                      const Quant& w, const int32_t* slots, const float* rw, const int32_t* offs, float* out, int E) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int);
   Kernel k;
@@ -861,7 +998,7 @@ void launch_gemm2_v2(int load, bool prefetch, int max_rows, dim3 grid, cudaStrea
         : max_rows == 2 ? gemm2_weighted_v2<16, SYM, false, 2>
                         : gemm2_weighted_v2<16, SYM, false, kMaxRows>;
   }
-  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E);
+  launch(k, grid, kThreads, on, act, w, slots, rw, offs, out, E);
 }
 
 bool sizes_ok(int E, int H, int F, int num_rows, int num_tokens) {
@@ -893,23 +1030,23 @@ int mma_mode(int version, bool symmetric, int G) {
 }
 
 template <int MODE>
-void launch_gemm1_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* x, const Quant& w, const int32_t* ids,
+void launch_gemm1_mma(int nt, dim3 grid, Launch on, const bf16* x, const Quant& w, const int32_t* ids,
                       const int32_t* offs, bf16* act, int E, int F) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const int32_t*, bf16*, int, int);
   const Kernel k = nt == 1   ? gemm1_swiglu_mma<MODE, 1>
                    : nt == 2 ? gemm1_swiglu_mma<MODE, 2>
                              : gemm1_swiglu_mma<MODE, 4>;
-  launch(k, grid, kThreads, stream, x, w, ids, offs, act, E, F);
+  launch(k, grid, kThreads, on, x, w, ids, offs, act, E, F);
 }
 
 template <int MODE>
-void launch_gemm2_mma(int nt, dim3 grid, cudaStream_t stream, const bf16* act, const Quant& w, const int32_t* slots,
+void launch_gemm2_mma(int nt, dim3 grid, Launch on, const bf16* act, const Quant& w, const int32_t* slots,
                       const float* rw, const int32_t* offs, float* out, int E, int num_rows) {
   using Kernel = void (*)(const bf16*, Quant, const int32_t*, const float*, const int32_t*, float*, int, int);
   const Kernel k = nt == 1   ? gemm2_weighted_mma<MODE, 1>
                    : nt == 2 ? gemm2_weighted_mma<MODE, 2>
                              : gemm2_weighted_mma<MODE, 4>;
-  launch(k, grid, kThreads, stream, act, w, slots, rw, offs, out, E, num_rows);
+  launch(k, grid, kThreads, on, act, w, slots, rw, offs, out, E, num_rows);
 }
 
 }  // namespace
@@ -954,33 +1091,34 @@ extern "C" cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_p
   if (num_rows == 0) return cudaSuccess;
   const Quant w{w13_packed, static_cast<const bf16*>(w13_scales), static_cast<const bf16*>(w13_zeros), 2 * F, H,
                 G13};
+  const Launch on{stream, programmatic_launch_ok()};  // safe after any kernel: GEMM1 waits before it reads
   const bf16* xb = static_cast<const bf16*>(x);
   bf16* actb = static_cast<bf16*>(act);
   if (load == 1) {
     const dim3 grid(ceil_div(F, kWarps), E);
-    launch(gemm1_swiglu_v1, grid, kThreads, stream, xb, w, sorted_token_ids, expert_offsets, actb, F);
+    launch(gemm1_swiglu_v1, grid, kThreads, on, xb, w, sorted_token_ids, expert_offsets, actb, F);
   } else if (load == 64) {
     const dim3 grid(ceil_div(F, kTileRows), num_rows < E ? num_rows : E);
     const int nt = mma_n_tiles(num_tokens, num_rows, E);
     switch (mma_mode(version, w13_zeros == nullptr, G13)) {
       case kSymPost:
-        launch_gemm1_mma<kSymPost>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
+        launch_gemm1_mma<kSymPost>(nt, grid, on, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
         break;
       case kSym:
-        launch_gemm1_mma<kSym>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
+        launch_gemm1_mma<kSym>(nt, grid, on, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
         break;
       default:
-        launch_gemm1_mma<kAsym>(nt, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
+        launch_gemm1_mma<kAsym>(nt, grid, on, xb, w, sorted_token_ids, expert_offsets, actb, E, F);
     }
   } else {
     const dim3 grid(ceil_div(F, kWarps * 2), num_rows < E ? num_rows : E);
     const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w13_zeros == nullptr) {
-      launch_gemm1_v2<true>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
+      launch_gemm1_v2<true>(load, prefetch, max_rows, grid, on, xb, w, sorted_token_ids, expert_offsets, actb, E,
                             F);
     } else {
-      launch_gemm1_v2<false>(load, prefetch, max_rows, grid, stream, xb, w, sorted_token_ids, expert_offsets, actb, E,
+      launch_gemm1_v2<false>(load, prefetch, max_rows, grid, on, xb, w, sorted_token_ids, expert_offsets, actb, E,
                              F);
     }
   }
@@ -991,30 +1129,33 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
                                                const void* w2_zeros, const int32_t* sorted_slots,
                                                const float* sorted_weights, const int32_t* expert_offsets,
                                                float* out, int num_tokens, int num_rows, int E, int H, int F, int G2,
-                                               int version, int splits, cudaStream_t stream) {
+                                               int version, int splits, int after_gemm1, cudaStream_t stream) {
   if (!sizes_ok(E, H, F, num_rows, num_tokens)) return cudaErrorInvalidValue;
   const int load = moe_int4_path(version, F, G2, w2_packed, act);
   if (load == 0 || splits < 1 || splits > kMaxSplits || (splits > 1 && load != 64)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   const Quant w{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2};
+  // GEMM2 reads the routing before its wait, which is safe only when the previous kernel is GEMM1 (it waited).
+  const bool early = after_gemm1 != 0 && programmatic_launch_ok();
+  const Launch on{stream, early, early};
   const bf16* actb = static_cast<const bf16*>(act);
   if (load == 1) {
     const dim3 grid(ceil_div(H, kWarps), E);
-    launch(gemm2_weighted_v1, grid, kThreads, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out);
+    launch(gemm2_weighted_v1, grid, kThreads, on, actb, w, sorted_slots, sorted_weights, expert_offsets, out);
   } else if (load == 64) {
     const dim3 grid(ceil_div(H, kTiles * kTileRows), num_rows < E ? num_rows : E, splits);
     const int nt = mma_n_tiles(num_tokens, num_rows, E);
     switch (mma_mode(version, w2_zeros == nullptr, G2)) {
       case kSymPost:
-        launch_gemm2_mma<kSymPost>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+        launch_gemm2_mma<kSymPost>(nt, grid, on, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
                                    num_rows);
         break;
       case kSym:
-        launch_gemm2_mma<kSym>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+        launch_gemm2_mma<kSym>(nt, grid, on, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
                                num_rows);
         break;
       default:
-        launch_gemm2_mma<kAsym>(nt, grid, stream, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
+        launch_gemm2_mma<kAsym>(nt, grid, on, actb, w, sorted_slots, sorted_weights, expert_offsets, out, E,
                                 num_rows);
     }
   } else {
@@ -1022,10 +1163,10 @@ extern "C" cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w
     const bool prefetch = version >= 3;
     const int max_rows = max_rows_per_pass(num_tokens);
     if (w2_zeros == nullptr) {
-      launch_gemm2_v2<true>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
+      launch_gemm2_v2<true>(load, prefetch, max_rows, grid, on, actb, w, sorted_slots, sorted_weights,
                             expert_offsets, out, E);
     } else {
-      launch_gemm2_v2<false>(load, prefetch, max_rows, grid, stream, actb, w, sorted_slots, sorted_weights,
+      launch_gemm2_v2<false>(load, prefetch, max_rows, grid, on, actb, w, sorted_slots, sorted_weights,
                              expert_offsets, out, E);
     }
   }
@@ -1040,6 +1181,7 @@ extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int to
   const int threads = 256;
   const size_t blocks = (n + threads - 1) / threads;
   if (blocks > 0x7FFFFFFFu) return cudaErrorInvalidValue;
+  const Launch on{stream, programmatic_launch_ok()};  // combine waits before it reads
   using Kernel = void (*)(const float*, bf16*, int, int, int, int);
   const Kernel k = top_k == 1   ? combine_kernel<1>
                    : top_k == 2 ? combine_kernel<2>
@@ -1047,6 +1189,8 @@ extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int to
                    : top_k == 6 ? combine_kernel<6>
                    : top_k == 8 ? combine_kernel<8>
                                 : combine_kernel<0>;  // the presets' k are 2 and 8; 1, 4, 6 are common too
-  launch(k, (unsigned)blocks, threads, stream, out, static_cast<bf16*>(y), T, top_k, H, splits);
+  launch(k, (unsigned)blocks, threads, on, out, static_cast<bf16*>(y), T, top_k, H, splits);
   return cudaGetLastError();
 }
+
+extern "C" void moe_int4_set_programmatic_launch(int enabled) { g_programmatic_launch = enabled != 0; }

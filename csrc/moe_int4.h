@@ -41,10 +41,14 @@ cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_packed, cons
 //   out[s, sorted_slots[r], n] = sorted_weights[r] * (W2[e, n, K-slice s] . act[r, K-slice s])  (float32), n < H.
 //   act [T*k, F] bf16; w2 [E, H, F] as packed/scales/zeros (K = F, group size G2);
 //   sorted_slots [T*k]; sorted_weights [T*k] float32; out [splits, T*k, H] float32 (every element written).
+//   after_gemm1 = 1 promises that the previous launch on `stream` was moe_int4_gemm1_swiglu with the same
+//   routing arrays (as in a forward): GEMM2 may then start while GEMM1 finishes and prefetch its weights
+//   (see moe_int4_set_programmatic_launch). 0: GEMM2 starts after everything before it on the stream.
 cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, const void* w2_scales,
                                     const void* w2_zeros, const int32_t* sorted_slots, const float* sorted_weights,
                                     const int32_t* expert_offsets, float* out, int num_tokens, int num_rows, int E,
-                                    int H, int F, int G2, int version, int splits, cudaStream_t stream);
+                                    int H, int F, int G2, int version, int splits, int after_gemm1,
+                                    cudaStream_t stream);
 
 // The K splits GEMM2 should run with on a GPU of `sm_count` SMs (1..MOE_INT4_MAX_SPLITS; always 1 unless
 // the call takes the v4/v5 path): more only where GEMM2's blocks would leave SMs idle at decode sizes.
@@ -54,6 +58,13 @@ int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows
 // Combine over k and the splits in a fixed order:
 //   y[t, h] = bf16(sum_{j < k} sum_{s < splits} out[s, t*k + j, h]).  y [T, H] bf16.
 cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, cudaStream_t stream);
+
+// Programmatic dependent launch (on by default; used only on sm_90 and newer): GEMM1 and combine may be
+// scheduled while the previous kernel on the stream finishes, and GEMM2 (with after_gemm1) while GEMM1
+// finishes; each waits for the previous kernel's results before reading them (griddepcontrol.wait), so
+// results are the same bits either way. 0 turns it off for every later launch (process-wide), e.g. to
+// time the difference.
+void moe_int4_set_programmatic_launch(int enabled);
 
 // num_tokens = T and num_rows = T*k (the length of the sorted arrays); T also bounds the rows of one
 // expert when each token's k experts are distinct, which the v2/v3 launch uses to pick the kernel

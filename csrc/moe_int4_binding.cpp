@@ -144,7 +144,7 @@ at::Tensor gemm1_swiglu(const at::Tensor& x, const at::Tensor& w13_packed, const
 at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, const at::Tensor& w2_scales,
                           const std::optional<at::Tensor>& w2_zeros, const at::Tensor& sorted_slots,
                           const at::Tensor& sorted_weights, const at::Tensor& expert_offsets, int64_t num_tokens,
-                          int64_t group_size, int64_t version) {
+                          int64_t group_size, int64_t version, bool after_gemm1 = false) {
   check_version(version);
   MOE_CHECK(act.dim() == 2, "moe_int4: act must be 2-D [T*k, F], got shape ", act.sizes());
   const at::Device device = act.device();
@@ -172,7 +172,7 @@ at::Tensor gemm2_weighted(const at::Tensor& act, const at::Tensor& w2_packed, co
                                        sorted_weights.data_ptr<float>(), expert_offsets.data_ptr<int32_t>(),
                                        out.data_ptr<float>(), to_int(num_tokens, "T"), to_int(rows, "T*k"),
                                        to_int(E, "E"), to_int(H, "H"), to_int(F, "F"),
-                                       to_int(group_size, "group_size"), static_cast<int>(version), splits,
+                                       to_int(group_size, "group_size"), static_cast<int>(version), splits, after_gemm1 ? 1 : 0,
                                        c10::cuda::getCurrentCUDAStream(device.index()).stream()),
                "moe_int4_gemm2_weighted");
   return out;
@@ -215,7 +215,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::
   const at::Tensor act =
       gemm1_swiglu(x, w13_packed, w13_scales, w13_zeros, sorted_token_ids, expert_offsets, w13_group_size, version);
   const at::Tensor out = gemm2_weighted(act, w2_packed, w2_scales, w2_zeros, sorted_slots, sorted_weights,
-                                        expert_offsets, x.size(0), w2_group_size, version);
+                                        expert_offsets, x.size(0), w2_group_size, version, /*after_gemm1=*/true);
   return combine(out, x.size(0), top_k);
 }
 
@@ -231,7 +231,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm1_swiglu", &gemm1_swiglu, "act = silu(x W1^T) * (x W3^T) per sorted row", py::arg("x"),
         py::arg("w13_packed"), py::arg("w13_scales"), py::arg("w13_zeros"), py::arg("sorted_token_ids"),
         py::arg("expert_offsets"), py::arg("group_size"), py::arg("version"));
-  m.def("gemm2_weighted", &gemm2_weighted, "out[slot] = routing weight * (act W2^T), float32", py::arg("act"),
+  m.def("gemm2_weighted",
+        [](const at::Tensor& act, const at::Tensor& w2_packed, const at::Tensor& w2_scales,
+           const std::optional<at::Tensor>& w2_zeros, const at::Tensor& sorted_slots, const at::Tensor& sorted_weights,
+           const at::Tensor& expert_offsets, int64_t num_tokens, int64_t group_size, int64_t version) {
+          // called on its own, GEMM2 cannot assume GEMM1 ran just before it
+          return gemm2_weighted(act, w2_packed, w2_scales, w2_zeros, sorted_slots, sorted_weights, expert_offsets,
+                                num_tokens, group_size, version, false);
+        }, "out[slot] = routing weight * (act W2^T), float32", py::arg("act"),
         py::arg("w2_packed"), py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("sorted_slots"),
         py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("num_tokens"), py::arg("group_size"),
         py::arg("version"));
@@ -241,6 +248,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("w2_group_size"), py::arg("sorted_token_ids"),
         py::arg("sorted_slots"), py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("top_k"),
         py::arg("version"));
+  m.def("set_programmatic_launch", [](bool enabled) { moe_int4_set_programmatic_launch(enabled ? 1 : 0); },
+        "on sm_90+, let each kernel start while the previous one finishes (default on; same results either way)",
+        py::arg("enabled"));
   m.def("path", &path, "the kernel path (1 = v1, 4/16 = v2/v3 load width, 64 = v4/v5 tensor cores, 0 = invalid)",
         py::arg("version"), py::arg("K"), py::arg("group_size"), py::arg("packed"), py::arg("activations"));
 }

@@ -217,8 +217,9 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
-template <class... KernelArgs, class... Args>
-void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, cudaStream_t, Args... args) {
+// `on` is moe_int4.cu's Launch (stream, programmatic): blocks run one after another here, so it plays no part.
+template <class On, class... KernelArgs, class... Args>
+void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, On, Args... args) {
   emu::Block block;
   emu::block = &block;
   block.body = [&] { kernel(args...); };
@@ -317,7 +318,7 @@ int main(int argc, char** argv) {
                                 reinterpret_cast<const int32_t*>(slots->data),
                                 reinterpret_cast<const float*>(sw->data), offs32,
                                 reinterpret_cast<float*>(out.data), T, (int)rows, E, H, F, G2, version, splits,
-                                nullptr),
+                                /*after_gemm1=*/1, nullptr),
         "moe_int4_gemm2_weighted");
   check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, nullptr),
         "moe_int4_combine");

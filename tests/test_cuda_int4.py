@@ -32,6 +32,7 @@ import torch
 from moe_tut.backends import BackendUnavailable, get_backend
 from moe_tut.backends import cuda_int4 as ci4
 from moe_tut.bench.timing import capture_graph
+from moe_tut.env import PDL_ENV
 from moe_tut.presets import custom, get_preset
 from moe_tut.quant import Int4ExpertWeights, QuantizedTensor, dequantize, quantize
 from moe_tut.reference import moe_reference, relative_error, swiglu
@@ -336,6 +337,7 @@ MMA_CASES = [
     ("mma-gemm2-partial-cols", 3, 272, 256, 2, 3, "uniform", 16, 64, False),  # H = 272: last tile 16 columns
     ("mma-empty-experts", 8, 128, 256, 1, 3, "uniform", 64, 64, True),  # most experts get nothing
     ("mma-top8-T1-split", 16, 32, 1024, 8, 1, "uniform", 32, 128, True),  # k = 8 slots, GEMM2 in 2 K splits
+    ("mma-G96-group-carry", 2, 768, 384, 1, 2, "uniform", 96, 96, True),  # a warp's 512-code step carries a group
 ]
 EMULATED_SMS = 4  # the GPU size the emulation's K-split rule assumes: small, so toy shapes split
 
@@ -522,6 +524,31 @@ def test_gpu_graph_capture_and_determinism(ext, version):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("version", [2, 5])
+def test_gpu_programmatic_launch_gives_the_same_bits(ext, version, monkeypatch):
+    # With programmatic dependent launch (sm_90+) each kernel may start before the previous one ends and GEMM2
+    # reads weights before its wait: a wait in the wrong place would let GEMM2 read the previous forward's act
+    # (the allocator hands the same memory to each forward's act), so inputs alternate, eager and in a graph.
+    shape = (16, 512, 1024, 4, 1) if version == 2 else (16, 512, 1024, 4, 3)
+    q, x, ids, tw, plan = setup_case(*shape, "uniform", 128, True, device="cuda")
+    xs = [x, torch.randn_like(x), x.flip(0).contiguous()]
+    monkeypatch.setenv(PDL_ENV, "0")
+    expected = [ci4.cuda_int4_forward(xi, q, plan, version=version) for xi in xs]
+    monkeypatch.setenv(PDL_ENV, "1")
+    for _ in range(3):
+        for xi, want in zip(xs, expected):
+            assert torch.equal(ci4.cuda_int4_forward(xi, q, plan, version=version), want)
+    src = x.clone()
+    graph, y = capture_graph(lambda: ci4.cuda_int4_forward(src, q, plan, version=version))
+    for _ in range(3):
+        for xi, want in zip(xs, expected):
+            src.copy_(xi)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, want)
+
+
+@pytest.mark.gpu
 def test_gpu_kernel_paths(ext):
     q, x, *_ = setup_case(4, 256, 512, 2, 4, "uniform", 128, True, device="cuda")
     assert ci4.kernel_path(q, x, version=1) == {"gemm1": 1, "gemm2": 1}
@@ -583,5 +610,5 @@ def test_gpu_raw_extension_rejects_version_zero():
 def test_environment_variables_documented():
     # Every knob the backend reads is named in its module docstring, the one place users look.
     doc = ci4.__doc__
-    for name in (ci4.VERSION_ENV, ci4.BUILD_DIR_ENV, "TORCH_CUDA_ARCH_LIST"):
+    for name in (ci4.VERSION_ENV, PDL_ENV, ci4.BUILD_DIR_ENV, "TORCH_CUDA_ARCH_LIST"):
         assert name in doc

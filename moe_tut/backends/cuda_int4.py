@@ -26,7 +26,10 @@ included) builds afresh.
 
 Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1..5, see VERSIONS; default: DEFAULT_VERSION_T1
 for one token, DEFAULT_VERSION otherwise, the fastest measured on an H100),
-MOE_TUT_BUILD_DIR moves the build cache, TORCH_CUDA_ARCH_LIST overrides the target GPUs.
+MOE_TUT_PDL=0 turns off programmatic dependent launch (moe_tut.env; on by default, used on sm_90 and newer
+only: each kernel may start while the previous one finishes, and GEMM2 prefetches its first weight bytes into
+L2 meanwhile; the results are the same bits either way), MOE_TUT_BUILD_DIR moves the build cache,
+TORCH_CUDA_ARCH_LIST overrides the target GPUs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from ..env import programmatic_launch_enabled
 from ..quant import DEFAULT_GROUP_SIZE, Int4ExpertWeights, int4_moe_reference
 from ..routing import RoutingPlan
 from .base import Backend, BackendUnavailable, check_inputs
@@ -212,6 +216,7 @@ def cuda_int4_forward(x: torch.Tensor, weights: Int4ExpertWeights, plan: Routing
         raise BackendUnavailable(f"backend 'cuda_int4' is unavailable: it runs on CUDA GPUs, x is on {x.device}")
     v = resolve_version(version, x.shape[0])
     ext = load_extension()
+    ext.set_programmatic_launch(programmatic_launch_enabled())  # the C side also checks for sm_90+
     w13, w2 = weights.w13, weights.w2
     return ext.forward(x.contiguous(), w13.packed, w13.scales, w13.zeros, w13.group_size,
                        w2.packed, w2.scales, w2.zeros, w2.group_size,
