@@ -5,6 +5,7 @@ ptxas), shared by the kernel tests. The compile runs in a subprocess with the in
 In the subprocess: `from aot import compile_kernel` (the script's sys.path gets this folder).
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -18,7 +19,8 @@ def compile_kernel(fn, const: dict, ptr_types: dict, unit_strides, aligned, cc: 
                    num_stages: int):
     """Compile the JIT function `fn` for sm_`cc`, specialised as the JIT would be on aligned inputs.
 
-    const        constexpr values by argument name (completed here with the unit strides, = 1)
+    const        constexpr values by argument name (completed here with the unit strides, = 1, and the
+                 defaults of constexpr arguments not given, e.g. USE_PDL=False, as a launch would)
     ptr_types    Triton pointer type by argument name; other `*_ptr` arguments are "*i32"
     unit_strides arguments that are 1 (constexpr, as the JIT specialises them)
     aligned      arguments divisible by 16 (pointers and strides of contiguous tensors)
@@ -28,6 +30,10 @@ def compile_kernel(fn, const: dict, ptr_types: dict, unit_strides, aligned, cc: 
     from triton.compiler import ASTSource
 
     const, sig = dict(const), {}
+    defaults = inspect.signature(fn.fn).parameters
+    for p in fn.params:
+        if p.is_constexpr and p.name not in const and defaults[p.name].default is not inspect.Parameter.empty:
+            const[p.name] = defaults[p.name].default
     for n in fn.arg_names:
         if n in ptr_types:
             sig[n] = ptr_types[n]

@@ -56,7 +56,9 @@ the BLOCK_N (32, 64, 128) for which the (row block, column block) tiles, about m
 the autotuner picks among those and BLOCK_K 128 / 256 (get_decode_configs). K is not split: GEMM1's
 SwiGLU needs the full sum before its epilogue, and a split GEMM2 would need atomics or a second
 pass. Larger T uses the general autotuned list. A pinned config (MOE_TUT_TRITON_CONFIG) overrides
-the rule.
+the rule. Decode shapes launch GEMM1 and the sum over k with programmatic dependent launch on sm_90+
+(kernels/pdl.py: each kernel may start while the previous one drains; MOE_TUT_PDL=0 turns it off); GEMM2
+keeps the plain launch (see moe_forward_triton).
 
 Combine: each token's k rows come from k different experts, so they are written by different
 programs. We store them (already multiplied by their routing weight, rounded to x.dtype) at their
@@ -96,10 +98,11 @@ import triton
 import triton.language as tl
 
 from ..backends.base import check_inputs, combine
-from ..env import interpreting, max_shared_memory_per_block
+from ..env import interpreting, max_shared_memory_per_block, programmatic_launch_ok
 from ..reference import swiglu
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
+from .pdl import pdl_launch, wait_for_previous_kernel
 
 CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
 CONFIG2_ENV = "MOE_TUT_TRITON_CONFIG2"  # same format: pins the fast path's GEMM2 only (overrides CONFIG_ENV there)
@@ -505,7 +508,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      TMA_W: tl.constexpr = False, TMA_A: tl.constexpr = False,
-                     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
+                     FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+                     USE_PDL: tl.constexpr = False):
+    wait_for_previous_kernel(USE_PDL)  # first: making a TMA descriptor below writes global scratch
     # Descriptors are made once per program (in-kernel: a little global scratch from the allocator
     # given to triton.set_allocator), not per tile.
     if TMA_W:
@@ -624,9 +629,10 @@ def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _sum_slots_kernel(part_ptr, y_ptr, H, stride_ps, stride_pm, stride_ym, TOP_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                      SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     """y[t] = sum over K slices s and slots j of part[s, t*k + j], in float32 and this fixed order, rounded once
     to y's dtype. Grid (T, H blocks)."""
+    wait_for_previous_kernel(USE_PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
@@ -641,11 +647,11 @@ def _sum_slots_kernel(part_ptr, y_ptr, H, stride_ps, stride_pm, stride_ym, TOP_K
 SUM_SLOTS_BLOCK = 1024  # columns per program of _sum_slots_kernel
 
 
-def sum_slots(part: torch.Tensor, num_tokens: int, top_k: int, like: torch.Tensor) -> torch.Tensor:
+def sum_slots(part: torch.Tensor, num_tokens: int, top_k: int, like: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """y [T, H] (like's dtype) = the sum over token slots (and K slices) of part: [T*k, H], or [S, T*k, H] of S
     K slices' partial sums. One launch. It replaces torch's part.view(T, k, H).sum(1), which took 5 us at T = 1
     on an H100 (results/h100/decode_breakdown_v1) for a few KB, with the same arithmetic: float32 sums in a
-    fixed order (deterministic), rounded once."""
+    fixed order (deterministic), rounded once. pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
     slices = part if part.dim() == 3 else part[None]
     H = slices.shape[-1]
     if slices.shape[1] != num_tokens * top_k or slices.stride(-1) != 1:
@@ -656,14 +662,14 @@ def sum_slots(part: torch.Tensor, num_tokens: int, top_k: int, like: torch.Tenso
     block = min(SUM_SLOTS_BLOCK, triton.next_power_of_2(H))
     _sum_slots_kernel[(num_tokens, triton.cdiv(H, block))](slices, y, H, slices.stride(0), slices.stride(1),
                                                            y.stride(0), TOP_K=top_k, SPLIT_K=slices.shape[0],
-                                                           BLOCK=block)
+                                                           BLOCK=block, **pdl_launch(pdl))
     return y
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch.Tensor, *,
                  gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                  scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
-                 configs: list[TileConfig] | None = None, tma: bool | None = None) -> torch.Tensor:
+                 configs: list[TileConfig] | None = None, tma: bool | None = None, pdl: bool = False) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
 
     a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -677,6 +683,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     tma          (v4 only) load the weights, and a sorted A, through TMA tensor descriptors: True,
                  False, or None for MOE_TUT_TRITON_TMA / USE_TMA_DEFAULT; only where tma_supported()
                  and the tensors meet TMA's alignment rules, else the pointer loads
+    pdl          launch with programmatic dependent launch (kernels/pdl.py)
     """
     schedule = SCHEDULES[version]
     E, n_w, K = w.shape
@@ -735,7 +742,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
                  SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
                  PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, FLATTEN=flatten,
-                 WARP_SPECIALIZE=warp_specialize)
+                 WARP_SPECIALIZE=warp_specialize, **pdl_launch(pdl))
     if config is not None:
         _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -836,32 +843,38 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
                        tma: bool | None = None) -> torch.Tensor:
     """The fast path: v4's schedule, SwiGLU fused into GEMM1, routing weight and slot scatter fused
     into GEMM2, decode configs for small T. `config` pins one tile config for both GEMMs, `config2`
-    GEMM2's alone (else MOE_TUT_TRITON_CONFIG2, else `config`); `tma` as in grouped_gemm."""
+    GEMM2's alone (else MOE_TUT_TRITON_CONFIG2, else `config`); `tma` as in grouped_gemm. Decode shapes
+    launch their kernels with programmatic dependent launch where env.programmatic_launch_ok allows it."""
     check_inputs(x, weights, plan)
     T, H = x.shape
     F, k, rows = weights.ffn_size, plan.top_k, plan.num_rows
     if T == 0:
         return x.new_zeros(0, H)
+    decode = is_decode(T, k, weights.num_experts)
+    pdl = decode and programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change between captures
     config = config or pinned_config()
     config2 = config2 or pinned_config(CONFIG2_ENV) or config
-    if tma is None and not os.environ.get(TMA_ENV, "").strip() and is_decode(T, k, weights.num_experts):
+    if tma is None and not os.environ.get(TMA_ENV, "").strip() and decode:
         tma = False  # decode tiles were no faster with TMA on the H100 (0-7% slower at T = 1; LOG v1)
     configs1 = configs2 = None
     if config is None or config2 is None:
         if interpreting():
-            big = INTERPRETER_DECODE_CONFIG if is_decode(T, k, weights.num_experts) else INTERPRETER_CONFIG
+            big = INTERPRETER_DECODE_CONFIG if decode else INTERPRETER_CONFIG
             config, config2 = config or big, config2 or big
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan)
     inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                         version=4, config=config, configs=configs1, tma=tma)
+                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
+    # GEMM2 keeps the plain launch: started early it made mixtral T=1 26 us slower on an H100 (249 -> 274 us,
+    # results/h100/pdl_v1), most likely because its persistent programs then land on the SMs GEMM1 frees first,
+    # more than one per SM, instead of one on each (the cause cuda_int4's GEMM2 showed, see csrc/moe_int4.cu).
     grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
                  config=config2, configs=configs2, tma=tma)
     if k == 1:
         return out
-    return sum_slots(out, T, k, x)
+    return sum_slots(out, T, k, x, pdl=pdl)
 
 
 VERSIONS = {

@@ -67,6 +67,8 @@ expert on average):
              K is not split: on the target shapes (mixtral, deepseek-v3, qwen3, glm5) N alone gives
              hundreds to thousands of tiles at T = 1, GEMM1's SwiGLU needs the full sum before its
              epilogue, and a split GEMM2 would need float32 atomics or a second pass.
+             Its kernels (GEMMs, finishers, sum over k) use programmatic dependent launch on sm_90+
+             (kernels/pdl.py; MOE_TUT_PDL=0 turns it off).
 
 Experimental switches (Int4Variant; argument `variant` or MOE_TUT_TRITON_INT4_VARIANT, default off,
 measured by scripts/gpu_triton_int4_tune.py): `magic` turns codes into floats with an integer OR into
@@ -100,7 +102,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import check_inputs
-from ..env import interpreting
+from ..env import interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor, dequantize, int4_moe_reference  # noqa: F401  (re-exported)
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
@@ -120,6 +122,7 @@ from .grouped_gemm import (
     smem_limit,
     sum_slots,
 )
+from .pdl import pdl_launch, wait_for_previous_kernel
 
 CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
 VARIANT_ENV = "MOE_TUT_TRITON_INT4_VARIANT"
@@ -800,8 +803,10 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
                      SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
-                     SPLIT_K: tl.constexpr = 1, STACK: tl.constexpr = False, PACKED: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr = 1, STACK: tl.constexpr = False, PACKED: tl.constexpr = False,
+                     USE_PDL: tl.constexpr = False):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
+    wait_for_previous_kernel(USE_PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Row blocks per expert are only known on the device (they depend on the routing).
     _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
@@ -865,7 +870,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                       gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                       scatter_rows: bool = False, config: TileConfig | None = None,
                       configs: list[TileConfig] | None = None, variant: Int4Variant | None = None,
-                      split_k: int = 1) -> torch.Tensor:
+                      split_k: int = 1, pdl: bool = False) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows with INT4 weights; returns out.
 
     a        [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -877,6 +882,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
              divide the group size (adapt_to_variant)
     split_k  K slices (K must be a multiple of split_k * BLOCK_K): out is then float32
              [split_k, T*k, N] (swiglu: [split_k, T*k, 2N], gate then up, no activation) of partial sums
+    pdl      launch with programmatic dependent launch (kernels/pdl.py)
     """
     check_quantized(qt, "weights")
     E, n_w, K = qt.shape
@@ -942,7 +948,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
-                 PACKED=packed)
+                 PACKED=packed, **pdl_launch(pdl))
     if config is not None:
         _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -1043,6 +1049,7 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
 
         if int4_gemv.gemv_unsupported(weights) is None:
             return int4_gemv.moe_forward_int4_gemv(x, weights, plan, split_k=variant.split_k)
+    pdl = regime == "decode" and programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change
     configs1 = configs2 = None
     config1, config2 = config, (config2 if config2 is not None else config)
     if config1 is None and config2 is not None:
@@ -1059,22 +1066,24 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
         split2 = gemm_split_k(variant, weights.w2, H, rows, config2, configs2, x.device)
     if split1 == 1:
         act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                                config=config1, configs=configs1, variant=variant)
+                                config=config1, configs=configs1, variant=variant, pdl=pdl)
     else:
         part = int4_grouped_gemm(x, weights.w13, plan, _alloc_f32((split1, rows, 2 * F), x), gather_rows=True,
-                                 swiglu=True, config=config1, configs=configs1, variant=variant, split_k=split1)
-        act = swiglu_slices(part, x.dtype)
+                                 swiglu=True, config=config1, configs=configs1, variant=variant, split_k=split1,
+                                 pdl=pdl)
+        act = swiglu_slices(part, x.dtype, pdl=pdl)
     if split2 > 1:  # slices of every token slot: y = sum over slices and slots, float32, fixed order
         part = int4_grouped_gemm(act, weights.w2, plan, _alloc_f32((split2, rows, H), x), scale_rows=True,
-                                 scatter_rows=True, config=config2, configs=configs2, variant=variant, split_k=split2)
-        return sum_slots(part, T, k, x)
+                                 scatter_rows=True, config=config2, configs=configs2, variant=variant, split_k=split2,
+                                 pdl=pdl)
+        return sum_slots(part, T, k, x, pdl=pdl)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     int4_grouped_gemm(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2,
-                      configs=configs2, variant=variant)
+                      configs=configs2, variant=variant, pdl=pdl)
     if k == 1:
         return out
-    return sum_slots(out, T, k, x)
+    return sum_slots(out, T, k, x, pdl=pdl)
 
 
 def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -1121,7 +1130,8 @@ def gemm_split_k(variant: Int4Variant, qt: QuantizedTensor, N: int, rows: int, c
 
 @triton.jit
 def _swiglu_slices_kernel(p_ptr, out_ptr, n_elem, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_for_previous_kernel(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_elem
     m = offs // N
@@ -1135,15 +1145,17 @@ def _swiglu_slices_kernel(p_ptr, out_ptr, n_elem, N, stride_ps, stride_pm, strid
     tl.store(out_ptr + m * stride_om + n, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def swiglu_slices(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[S, rows, 2F] float32 partial sums (gate | up) -> silu(sum gate) * (sum up) [rows, F] in dtype."""
+def swiglu_slices(part: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> torch.Tensor:
+    """[S, rows, 2F] float32 partial sums (gate | up) -> silu(sum gate) * (sum up) [rows, F] in dtype.
+    pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
     S, rows, two_f = part.shape
     F = two_f // 2
     out = _alloc((rows, F), torch.empty(0, dtype=dtype, device=part.device))
     block = 1024
     if rows:
         _swiglu_slices_kernel[(triton.cdiv(rows * F, block),)](part, out, rows * F, F, part.stride(0),
-                                                               part.stride(1), out.stride(0), SPLIT_K=S, BLOCK=block)
+                                                               part.stride(1), out.stride(0), SPLIT_K=S, BLOCK=block,
+                                                               **pdl_launch(pdl))
     return out
 
 

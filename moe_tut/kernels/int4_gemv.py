@@ -19,7 +19,8 @@ Pipeline (5 launches at most; none needs a host sync, so a forward can be captur
       --GEMM2 (w2, * routing weight, scatter to slot t*k+j)--> part [S, T*k, H] float32
       --sum over K slices, then over the k slots, fixed order--> y [T, H]
     With split-K, GEMM1 writes float32 partial sums [S, T*k, 2F] and a finisher applies the SwiGLU;
-    with one K slice and top_k = 1, GEMM2 writes y itself. No float atomics: deterministic.
+    with one K slice and top_k = 1, GEMM2 writes y itself. No float atomics: deterministic. On sm_90+ every
+    launch uses programmatic dependent launch (kernels/pdl.py; MOE_TUT_PDL=0 turns it off).
 
 The inner loop. Packed bytes are read as int32 words, [BLOCK_N rows, BLOCK_K/8 words] per K step; each
 row's BLOCK_K/2 bytes are one contiguous run (64 B at BLOCK_K = 128) and each thread loads 16 B (one
@@ -86,11 +87,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..env import interpreting
+from ..env import interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor
 from ..routing import RoutingPlan
 from .grouped_gemm import _alloc, _capability, _cuda_index, _locate_row_block, max_row_blocks, num_sms, sum_slots
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
+from .pdl import pdl_launch, wait_for_previous_kernel
 
 MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
 # Split K until a GEMM has this many programs per SM (or the limits below). 7, not 4: mixtral T=1's GEMM1 (896
@@ -267,8 +269,10 @@ def _store_prepared(vals, dst_rows, row_ok, c0, N, xp_ptr, xw_ptr, stride_pm, st
 
 
 @triton.jit
-def _gemv_prep_kernel(x_ptr, xp_ptr, xw_ptr, K, stride_xm, stride_xk, stride_pm, stride_wm, BLOCK: tl.constexpr):
+def _gemv_prep_kernel(x_ptr, xp_ptr, xw_ptr, K, stride_xm, stride_xk, stride_pm, stride_wm, BLOCK: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
     """x [T, K] (bf16/fp16) -> x' [T, K] float32 and word sums [T, K/8] (_store_prepared). Grid (T, K blocks)."""
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK
     offs = c0 + tl.arange(0, BLOCK)
@@ -327,7 +331,8 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                  N: tl.constexpr, KW: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, GATHER_X: tl.constexpr, SWIGLU: tl.constexpr,
                  ACT_OUT: tl.constexpr, WEIGHT_SCATTER: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False,
+                 USE_PDL: tl.constexpr = False):
     """One program: ROWS sorted rows of one expert x BLOCK_N output columns x one K slice.
 
     x_ptr/xw_ptr  prepared activations x' [*, 8*KW] and word sums [*, KW] (rows: x_rows[r] with GATHER_X)
@@ -343,6 +348,7 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)  # one group per K step (the host lowers BLOCK_K)
     tl.static_assert(KW % (SPLIT_K * BLOCK_W) == 0)
     SYMMETRIC: tl.constexpr = not HAS_ZEROS
+    wait_for_previous_kernel(USE_PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_slice = tl.program_id(2)
@@ -426,9 +432,10 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
 
 @triton.jit
 def _gemv_swiglu_finish_kernel(part_ptr, xp_ptr, xw_ptr, N, stride_ps, stride_pm, stride_pm_out, stride_wm,
-                               SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                               SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     """[S, rows, 2N] float32 partial sums (gate | up) -> act = silu(sum gate) * (sum up), slices added in a
     fixed order, stored prepared (_store_prepared). Grid (rows, N blocks)."""
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK
     offs = c0 + tl.arange(0, BLOCK)
@@ -482,21 +489,22 @@ def unprepare_activations(xp: torch.Tensor) -> torch.Tensor:
     return words.transpose(1, 2).reshape(M, K)
 
 
-def prepare_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K] -> (x' [T, K] float32, word sums [T, K/8] float32), the GEMV input layout (_store_prepared)."""
+def prepare_activations(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (x' [T, K] float32, word sums [T, K/8] float32), the GEMV input layout (_store_prepared).
+    pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
     T, K = x.shape
     xp, xw = _prepared_buffers(T, K, x)
     if T:
         block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(K))
         _gemv_prep_kernel[(T, triton.cdiv(K, block))](x, xp, xw, K, x.stride(0), x.stride(1), xp.stride(0),
-                                                      xw.stride(0), BLOCK=block)
+                                                      xw.stride(0), BLOCK=block, **pdl_launch(pdl))
     return xp, xw
 
 
 def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *, rows: int,
                       config: GemvConfig, split_k: int, gather_rows: bool = False, swiglu: bool = False,
                       weight_scatter: bool = False, out: torch.Tensor | None = None,
-                      out_w: torch.Tensor | None = None) -> None:
+                      out_w: torch.Tensor | None = None, pdl: bool = False) -> None:
     """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w).
 
     xp, xw   prepared activations [T or T*k, K] and their word sums (prepare_activations)
@@ -504,6 +512,7 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
              be a multiple of split_k * BLOCK_K)
     out      swiglu and split_k == 1: prepared act' [T*k, N] with word sums out_w; otherwise
              [split_k, T*k, N (2N with swiglu)] sums (float32, or the activation dtype)
+    pdl      launch with programmatic dependent launch (kernels/pdl.py)
     """
     E, n_w, K = qt.shape
     N = n_w // 2 if swiglu else n_w
@@ -524,7 +533,7 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        ONE_IN_MASK=one_in_mask(xp.device), num_warps=config.num_warps)
+        ONE_IN_MASK=one_in_mask(xp.device), num_warps=config.num_warps, **pdl_launch(pdl))
 
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
@@ -559,6 +568,7 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     config2 GEMM2's (default: DEFAULT_GEMM2_CONFIG, or config when config is given)
     rows    rows of one expert per program (ROWS; default rows_per_block(T, top_k, E))
     split_k K slices for both GEMMs where set (overrides the configs' split_k; lowered until K allows it)
+    Every kernel is launched with programmatic dependent launch where env.programmatic_launch_ok allows it.
     """
     check_int4_inputs(x, weights, plan)
     problem = gemv_unsupported(weights)
@@ -578,29 +588,30 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
         config1, config2 = replace(config1, split_k=split_k), replace(config2, split_k=split_k)
     config1, config2, split1, split2 = plan_splits(weights, plan, rows, config1, config2, x.device)
     n_rows = plan.num_rows
+    pdl = programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change between graph captures
 
-    xp, xw = prepare_activations(x)
+    xp, xw = prepare_activations(x, pdl=pdl)
     act, act_w = _prepared_buffers(n_rows, F, x)
     if split1 == 1:  # SwiGLU in GEMM1's epilogue
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=1, gather_rows=True,
-                          swiglu=True, out=act, out_w=act_w)
+                          swiglu=True, out=act, out_w=act_w, pdl=pdl)
     else:
         part1 = _alloc_f32((split1, n_rows, 2 * F), x)
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=split1, gather_rows=True,
-                          swiglu=True, out=part1)
+                          swiglu=True, out=part1, pdl=pdl)
         block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
         _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
             part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0), SPLIT_K=split1,
-            BLOCK=block)
+            BLOCK=block, **pdl_launch(pdl))
     if split2 == 1 and k == 1:  # one slice, one slot per token: GEMM2 writes y
         y = _alloc((1, T, H), x)
         gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=1, weight_scatter=True,
-                          out=y)
+                          out=y, pdl=pdl)
         return y[0]
     part2 = _alloc_f32((split2, n_rows, H), x)
     gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
-                      out=part2)
-    return sum_slots(part2, T, k, x)
+                      out=part2, pdl=pdl)
+    return sum_slots(part2, T, k, x, pdl=pdl)
 
 
 def gemv_extra_bytes(T: int, top_k: int, H: int, F: int, split1: int = 1, split2: int = 1) -> int:

@@ -40,6 +40,9 @@ sort grows as log2(N)^2 stages over N keys in one SM, already no faster than tor
 (results/h100/plan_v0); chunks keep each sort short and use many SMs. The scratch (sorted keys,
 hist, delta) lives in the int32 output allocation, after the fields.
 
+On sm_90+ every plan kernel is launched with programmatic dependent launch (kernels/pdl.py): it waits
+for the previous kernel (the router's) at its top, and lets the forward's next kernel start while it drains.
+
 Both paths do only device-side work, so a build can be captured in a CUDA graph. All int32 outputs
 live in one allocation (fewer host-side allocator calls in eager mode), each field starting on a
 64-byte boundary so kernels that take them as pointers keep their 16-byte alignment specialisation, as
@@ -62,6 +65,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..env import programmatic_launch_ok
+from .pdl import pdl_launch, wait_for_previous_kernel
 
 SINGLE_MAX_ROWS = 4096  # N_PAD keys in one CTA's registers: 16 per thread at 8 warps
 MAX_ROWS = 1 << 18  # multi-CTA path (T = 32768 at k = 8): <= 128 chunks at the default chunk sizes
@@ -156,7 +162,10 @@ def _place_slots(w_ptr, w_s0, w_s1, slot, p, live, K, sorted_slots_ptr, sorted_t
 @triton.jit
 def _plan_kernel(ids_ptr, ids_s0, ids_s1, w_ptr, w_s0, w_s1, N, K, E,
                  sorted_slots_ptr, sorted_tok_ptr, sorted_w_ptr, slot_to_sorted_ptr, counts_ptr, offsets_ptr,
-                 N_PAD: tl.constexpr, E_BINS: tl.constexpr):
+                 N_PAD: tl.constexpr, E_BINS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    # The first kernel of a forward: with PDL it follows whatever the caller ran last (the router), so it
+    # waits before reading the routing.
+    wait_for_previous_kernel(USE_PDL)
     s = tl.arange(0, N_PAD)
     e = _slot_experts(ids_ptr, ids_s0, ids_s1, s, s < N, K, E)
 
@@ -175,8 +184,9 @@ def _plan_kernel(ids_ptr, ids_s0, ids_s1, w_ptr, w_s0, w_s1, N, K, E,
 
 @triton.jit
 def _chunk_sort_kernel(ids_ptr, ids_s0, ids_s1, N, K, E, keys_ptr, hist_ptr,
-                       CHUNK: tl.constexpr, E_BINS: tl.constexpr):
+                       CHUNK: tl.constexpr, E_BINS: tl.constexpr, USE_PDL: tl.constexpr = False):
     # Multi-CTA step A: one chunk of CHUNK slots, sorted by (expert, slot) and histogrammed.
+    wait_for_previous_kernel(USE_PDL)
     c = tl.program_id(0)
     q = tl.arange(0, CHUNK)
     s = c * CHUNK + q
@@ -196,9 +206,10 @@ def _chunk_sort_kernel(ids_ptr, ids_s0, ids_s1, N, K, E, keys_ptr, hist_ptr,
 
 @triton.jit
 def _chunk_scan_kernel(hist_ptr, delta_ptr, counts_ptr, offsets_ptr, C, E,
-                       C_PAD: tl.constexpr, EB: tl.constexpr):
+                       C_PAD: tl.constexpr, EB: tl.constexpr, USE_PDL: tl.constexpr = False):
     # Multi-CTA step B, one program: bins 0..E in column blocks of EB, all chunks at once; the carries
     # hold the bins left of the block (over all chunks, and per chunk).
+    wait_for_previous_kernel(USE_PDL)
     c = tl.arange(0, C_PAD)
     cols = tl.arange(0, EB)
     left_per_chunk = tl.zeros([C_PAD], dtype=tl.int32)
@@ -222,8 +233,9 @@ def _chunk_scan_kernel(hist_ptr, delta_ptr, counts_ptr, offsets_ptr, C, E,
 @triton.jit
 def _chunk_place_kernel(keys_ptr, delta_ptr, w_ptr, w_s0, w_s1, N, K, E,
                         sorted_slots_ptr, sorted_tok_ptr, sorted_w_ptr, slot_to_sorted_ptr,
-                        CHUNK: tl.constexpr):
+                        CHUNK: tl.constexpr, USE_PDL: tl.constexpr = False):
     # Multi-CTA step C: each sorted key of the chunk to its global sorted position.
+    wait_for_previous_kernel(USE_PDL)
     c = tl.program_id(0)
     q = tl.arange(0, CHUNK)
     live = c * CHUNK + q < N
@@ -252,6 +264,7 @@ def build_plan_tensors(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_e
     multi_cta: None picks by size (uses_multi_cta); True/False forces a path (tests, timing; N = 0
     always takes the single CTA). chunk: slots per program of the multi-CTA path (default_chunk).
     num_warps: of the single-CTA kernel, or of the multi-CTA path's sorting kernel.
+    Every launch uses programmatic dependent launch where env.programmatic_launch_ok allows it (kernels/pdl.py).
     """
     T, k = topk_ids.shape
     N, E = T * k, num_experts
@@ -281,21 +294,24 @@ def build_plan_tensors(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_e
     ids_args = (topk_ids, topk_ids.stride(0), topk_ids.stride(1))
     w_args = (topk_weights, topk_weights.stride(0), topk_weights.stride(1))
     outs = (sorted_slots, sorted_tok, sorted_w, slot_to_sorted)
+    launch = pdl_launch(programmatic_launch_ok(device))  # per call: MOE_TUT_PDL may change between captures
     if not multi:
         n_pad = max(MIN_PAD, _next_pow2(N))
         _plan_kernel[(1,)](*ids_args, *w_args, N, k, E, *outs, counts, offsets,
                            N_PAD=n_pad, E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
-                           num_warps=num_warps or default_num_warps(n_pad))
+                           num_warps=num_warps or default_num_warps(n_pad), **launch)
     else:
         keys = buf[fields_len:fields_len + N]
         hist = buf[fields_len + n_al:fields_len + n_al + hist_len]
         delta = buf[fields_len + n_al + hist_len:]
         _chunk_sort_kernel[(num_chunks,)](*ids_args, N, k, E, keys, hist, CHUNK=chunk,
                                           E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
-                                          num_warps=num_warps or default_num_warps(chunk))
+                                          num_warps=num_warps or default_num_warps(chunk), **launch)
         c_pad = max(MIN_PAD, _next_pow2(num_chunks))
         eb = max(1, min(_next_pow2(E + 1), SCAN_TILE // c_pad))
-        _chunk_scan_kernel[(1,)](hist, delta, counts, offsets, num_chunks, E, C_PAD=c_pad, EB=eb, num_warps=8)
-        _chunk_place_kernel[(num_chunks,)](keys, delta, *w_args, N, k, E, *outs, CHUNK=chunk, num_warps=4)
+        _chunk_scan_kernel[(1,)](hist, delta, counts, offsets, num_chunks, E, C_PAD=c_pad, EB=eb, num_warps=8,
+                                 **launch)
+        _chunk_place_kernel[(num_chunks,)](keys, delta, *w_args, N, k, E, *outs, CHUNK=chunk, num_warps=4,
+                                           **launch)
     return dict(sorted_slots=sorted_slots, sorted_token_ids=sorted_tok, sorted_weights=sorted_w,
                 slot_to_sorted=slot_to_sorted, expert_counts=counts, expert_offsets=offsets)
