@@ -83,6 +83,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <mutex>  // std::call_once
+
 #include "moe_int4.h"
 #include "moe_int4_dequant.cuh"
 
@@ -880,24 +882,48 @@ struct Launch {
 
 int g_programmatic_launch = 1;  // moe_int4_set_programmatic_launch
 
+#ifndef MOE_INT4_HOST_EMULATION
+// What the launchers ask about a device, queried once per device (the launchers run on every forward).
+struct DeviceFacts {
+  bool ok = false;  // every query succeeded
+  int major = 0, sms = 0, smem_per_sm = 0, reserved_smem_per_block = 0, optin_smem_per_block = 0;
+};
+
+// The current device's facts, or nullptr where they cannot be had (a failed query is not the launch's error,
+// so its error is cleared).
+const DeviceFacts* current_device_facts() {
+  constexpr int kMaxDevices = 64;
+  static DeviceFacts facts[kMaxDevices];
+  static std::once_flag asked[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  std::call_once(asked[dev], [dev] {
+    DeviceFacts& f = facts[dev];
+    f.ok = cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&f.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&f.reserved_smem_per_block, cudaDevAttrReservedSharedMemoryPerBlock, dev) ==
+               cudaSuccess &&
+           cudaDeviceGetAttribute(&f.optin_smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) ==
+               cudaSuccess;
+    if (!f.ok) (void)cudaGetLastError();
+  });
+  return facts[dev].ok ? &facts[dev] : nullptr;
+}
+#endif
+
 // Programmatic dependent launch is enabled and the current device is sm_90 or newer (older GPUs do not
-// have it). The capability is asked once per device.
+// have it).
 bool programmatic_launch_ok() {
 #ifdef MOE_INT4_HOST_EMULATION
   return false;
 #else
-  constexpr int kMaxDevices = 64;
-  static int major[kMaxDevices] = {};  // 0: not asked yet, -1: the query failed
-  int dev = 0;
-  if (!g_programmatic_launch || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    (void)cudaGetLastError();  // a failed query is not the launch's error
-    return false;
-  }
-  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    major[dev] = -1;
-  }
-  return major[dev] >= 9;
+  if (!g_programmatic_launch) return false;
+  const DeviceFacts* f = current_device_facts();
+  return f != nullptr && f->major >= 9;
 #endif
 }
 
@@ -910,25 +936,23 @@ bool programmatic_launch_ok() {
 // requested, never used.
 template <class Kernel>
 size_t spread_smem_bytes(Kernel kernel, dim3 grid, int threads) {
-  int dev = 0, sms = 0, smem_sm = 0, reserved = 0, active = 0, optin = 0;
+  const DeviceFacts* f = current_device_facts();
+  int active = 0;
   cudaFuncAttributes attrs;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&active, kernel, threads, 0) != cudaSuccess ||
+  if (f == nullptr || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&active, kernel, threads, 0) != cudaSuccess ||
       cudaFuncGetAttributes(&attrs, kernel) != cudaSuccess) {
     (void)cudaGetLastError();  // no cap is still a correct launch
     return 0;
   }
+  const int sms = f->sms, smem_sm = f->smem_per_sm, reserved = f->reserved_smem_per_block;
   const long blocks = (long)grid.x * grid.y * grid.z;
   if (sms <= 0 || blocks >= (long)active * sms) return 0;
   const int cap = (int)((blocks + sms - 1) / sms);
   if (cap >= active) return 0;
   // cap + 1 blocks must not fit: each takes its static + dynamic memory plus the per-block reservation
   const long per_block = smem_sm / (cap + 1) + 1 - reserved - (long)attrs.sharedSizeBytes;
-  if (per_block <= 0 || per_block > optin || (long)cap * (per_block + reserved + attrs.sharedSizeBytes) > smem_sm)
+  if (per_block <= 0 || per_block > f->optin_smem_per_block ||
+      (long)cap * (per_block + reserved + attrs.sharedSizeBytes) > smem_sm)
     return 0;
   if (per_block > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)per_block) != cudaSuccess) {

@@ -42,8 +42,8 @@ cudaError_t moe_int4_gemm1_swiglu(const void* x, const uint8_t* w13_packed, cons
 //   act [T*k, F] bf16; w2 [E, H, F] as packed/scales/zeros (K = F, group size G2);
 //   sorted_slots [T*k]; sorted_weights [T*k] float32; out [splits, T*k, H] float32 (every element written).
 //   after_gemm1 = 1 promises that the previous launch on `stream` was moe_int4_gemm1_swiglu with the same
-//   routing arrays (as in a forward): GEMM2 may then start while GEMM1 finishes and prefetch its weights
-//   (see moe_int4_set_programmatic_launch). 0: GEMM2 starts after everything before it on the stream.
+//   routing arrays (as in a forward): GEMM2 may then start while GEMM1 finishes and find its expert before
+//   it waits (see moe_int4_set_programmatic_launch). 0: GEMM2 starts after everything before it on the stream.
 cudaError_t moe_int4_gemm2_weighted(const void* act, const uint8_t* w2_packed, const void* w2_scales,
                                     const void* w2_zeros, const int32_t* sorted_slots, const float* sorted_weights,
                                     const int32_t* expert_offsets, float* out, int num_tokens, int num_rows, int E,

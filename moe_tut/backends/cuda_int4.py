@@ -27,9 +27,8 @@ included) builds afresh.
 Environment: MOE_TUT_CUDA_INT4_VERSION pins the kernel version (1..5, see VERSIONS; default: DEFAULT_VERSION_T1
 for one token, DEFAULT_VERSION otherwise, the fastest measured on an H100),
 MOE_TUT_PDL=0 turns off programmatic dependent launch (moe_tut.env; on by default, used on sm_90 and newer
-only: each kernel may start while the previous one finishes, and GEMM2 prefetches its first weight bytes into
-L2 meanwhile; the results are the same bits either way), MOE_TUT_BUILD_DIR moves the build cache,
-TORCH_CUDA_ARCH_LIST overrides the target GPUs.
+only: each kernel may start while the previous one finishes; the results are the same bits either way),
+MOE_TUT_BUILD_DIR moves the build cache, TORCH_CUDA_ARCH_LIST overrides the target GPUs.
 """
 
 from __future__ import annotations
