@@ -7,9 +7,12 @@ CUDA `use_interpreter_if_no_gpu()` must run before any module that defines kerne
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import platform
 import subprocess
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,8 +26,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def cuda_capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device `index`, asked once."""
+    return torch.cuda.get_device_capability(index)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str], clear: Iterable[str] = ()) -> Iterator[None]:
+    """Inside the block: the variables named in `clear` unset, then `values` set. After it, every variable
+    touched has its old value again (or is unset, as it was). For benchmarks that compare settings."""
+    names = set(clear) | set(values)
+    saved = {name: os.environ.get(name) for name in names}
+    for name in clear:
+        os.environ.pop(name, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 PDL_ENV = "MOE_TUT_PDL"
-_major_by_device: dict[int, int] = {}
 
 
 def programmatic_launch_enabled() -> bool:
@@ -46,9 +73,7 @@ def programmatic_launch_ok(device: torch.device) -> bool:
     if not programmatic_launch_enabled() or interpreting() or device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _major_by_device:
-        _major_by_device[index] = torch.cuda.get_device_capability(index)[0]
-    return _major_by_device[index] >= 9
+    return cuda_capability(index)[0] >= 9
 
 
 def default_device() -> torch.device:

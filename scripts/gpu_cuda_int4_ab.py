@@ -27,7 +27,7 @@ from moe_tut.backends import cuda_int4 as ci4
 from moe_tut.bench.ceilings import measure_ceilings
 from moe_tut.bench.harness import run_point
 from moe_tut.bench.results import write_csv
-from moe_tut.env import PDL_ENV
+from moe_tut.env import PDL_ENV, environment
 
 
 def main() -> None:
@@ -45,32 +45,23 @@ def main() -> None:
     dev = torch.device("cuda")
     ceilings = measure_ceilings(dev)
     variants = [(v, pdl) for v in args.versions for pdl in args.pdl]
-    pinned = {name: os.environ.get(name) for name in (ci4.VERSION_ENV, PDL_ENV)}
     rows = []
-    try:
-        for name in args.presets:
-            cfg = get_preset(name)
-            weights = ExpertWeights.random(cfg, device=dev, seed=0)
-            cache: dict = {}
-            for T in args.tokens:
-                for p in range(args.passes):
-                    for v, pdl in variants if p % 2 == 0 else variants[::-1]:
-                        os.environ[ci4.VERSION_ENV] = str(v)
-                        os.environ[PDL_ENV] = str(pdl)
+    for name in args.presets:
+        cfg = get_preset(name)
+        weights = ExpertWeights.random(cfg, device=dev, seed=0)
+        cache: dict = {}
+        for T in args.tokens:
+            for p in range(args.passes):
+                for v, pdl in variants if p % 2 == 0 else variants[::-1]:
+                    with environment({ci4.VERSION_ENV: str(v), PDL_ENV: str(pdl)}):
                         (r,) = run_point(cfg, T, weights, ["cuda_int4"], ceilings, prepared_cache=cache)
-                        us, pct = r.median_ms * 1e3, r.roofline_pct  # NaN unless timed
-                        print(f"{name:14s} T={T:<3d} pass {p} v{v} pdl={pdl}  {r.status:8s} {us:8.1f} us  "
-                              f"{pct:5.1f}% of copy" + (f"  ({r.reason})" if r.reason else ""), flush=True)
-                        rows.append(dict(preset=name, T=T, pass_=p, version=v, pdl=pdl, status=r.status,
-                                         median_us=round(us, 2), pct_of_copy=round(pct, 1), reason=r.reason or ""))
-            del weights, cache
-            torch.cuda.empty_cache()
-    finally:
-        for name, value in pinned.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+                    us, pct = r.median_ms * 1e3, r.roofline_pct  # NaN unless timed
+                    print(f"{name:14s} T={T:<3d} pass {p} v{v} pdl={pdl}  {r.status:8s} {us:8.1f} us  "
+                          f"{pct:5.1f}% of copy" + (f"  ({r.reason})" if r.reason else ""), flush=True)
+                    rows.append(dict(preset=name, T=T, pass_=p, version=v, pdl=pdl, status=r.status,
+                                     median_us=round(us, 2), pct_of_copy=round(pct, 1), reason=r.reason or ""))
+        del weights, cache
+        torch.cuda.empty_cache()
     if args.out and rows:
         print(f"wrote {write_csv(Path(args.out) / 'cuda_int4_ab.csv', rows)}")
 

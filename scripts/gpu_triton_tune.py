@@ -30,7 +30,6 @@ Writes triton_tune.csv under $OUT (or --out).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -43,6 +42,7 @@ import moe_tut
 from moe_tut import ExpertWeights, RoutingPlan, get_preset, moe_reference, relative_error, simulate_routing
 from moe_tut.bench.results import write_csv
 from moe_tut.bench.timing import time_cpu, time_cuda
+from moe_tut.env import environment
 from moe_tut.kernels import grouped_gemm as gg
 
 TOL = 2e-2
@@ -112,22 +112,6 @@ def decode_variants(preset: str, T: int) -> list[tuple[str, dict]]:
 
 def log(*args):
     print(*args, flush=True)
-
-
-@contextlib.contextmanager
-def env(values: dict):
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    for k in ENV_KEYS:
-        os.environ.pop(k, None)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def env_text(values: dict) -> str:
@@ -218,7 +202,7 @@ class Runner:
                 continue
             row = dict(base, variant=name, env=env_text(values))
             try:
-                with env(values):
+                with environment(values, clear=ENV_KEYS):
                     fn = lambda: gg.moe_forward_triton(x, weights, plan)
                     sync()
                     t0 = time.perf_counter()

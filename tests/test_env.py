@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import triton
@@ -47,3 +49,16 @@ def test_programmatic_launch_setting(monkeypatch):
     monkeypatch.setenv(env.PDL_ENV, "off")
     with pytest.raises(ValueError, match=env.PDL_ENV):
         env.programmatic_launch_enabled()
+
+
+def test_environment_sets_clears_and_restores(monkeypatch):
+    monkeypatch.setenv("MOE_TUT_TEST_A", "old")
+    monkeypatch.setenv("MOE_TUT_TEST_B", "cleared")
+    monkeypatch.delenv("MOE_TUT_TEST_C", raising=False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with env.environment({"MOE_TUT_TEST_A": "new", "MOE_TUT_TEST_C": "set"}, clear=["MOE_TUT_TEST_B"]):
+            assert os.environ["MOE_TUT_TEST_A"] == "new" and os.environ["MOE_TUT_TEST_C"] == "set"
+            assert "MOE_TUT_TEST_B" not in os.environ
+            raise RuntimeError("inside")  # restored on the way out of an exception too
+    assert os.environ["MOE_TUT_TEST_A"] == "old" and os.environ["MOE_TUT_TEST_B"] == "cleared"
+    assert "MOE_TUT_TEST_C" not in os.environ

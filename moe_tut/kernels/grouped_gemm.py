@@ -98,6 +98,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import check_inputs, combine
+from ..env import cuda_capability as _capability
 from ..env import interpreting, max_shared_memory_per_block, programmatic_launch_ok
 from ..reference import swiglu
 from ..routing import RoutingPlan
@@ -299,11 +300,6 @@ def num_sms(device: torch.device) -> int:
 def smem_limit(device: torch.device) -> int:
     device = torch.device(device)
     return _smem_limit(_cuda_index(device)) if device.type == "cuda" else DEFAULT_SMEM_BYTES
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def tma_supported(device: torch.device) -> bool:
