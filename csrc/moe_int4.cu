@@ -11,6 +11,9 @@
 //   2. gemm2_weighted  out [T*k, H] f32    out[slot[r], n] = g[r] * (W2[e, n] . act[r])  (v4/v5: per K split)
 //   3. combine         y   [T, H]   bf16   y[t] = sum_j out[t*k + j]   (j = 0..k-1 in order)
 //
+// One token (T = 1, v2/v3) has a shorter road, moe_int4_forward_t1: two launches from the router's top-k with no
+// RoutingPlan, GEMM1 over the k slots, then GEMM2 with the sum over k in shared memory (section "one token").
+//
 //   x [T, H] bf16; w13 [E, 2F, H] (gate rows 0..F-1, up rows F..2F-1) and w2 [E, H, F] as
 //   packed [E, N, K/2] uint8 + scales [E, K/G, N] bf16 (+ zeros, same shape, asymmetric only);
 //   rows r = 0..T*k-1 are token slots sorted by expert (RoutingPlan): expert e owns rows
@@ -80,6 +83,7 @@
 // moe_int4_binding.cpp (PyTorch), and two host programs the CPU tests build: moe_int4_dequant_check.cu
 // (helpers vs the Python spec, bit for bit) and moe_int4_host_emulation.cpp (these kernels on CPU fibers).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -503,6 +507,113 @@ gemm2_weighted_v2(const bf16* __restrict__ act, Quant w, const int32_t* __restri
         if (lane == kWRows * r + i && n0 + i < H)
           out[(size_t)slots[rb + r] * H + n0 + i] = route_w[rb + r] * acc[i][r];
   });
+}
+
+// ------------------------------------------------------------------------- one token (T = 1), v2/v3
+//
+// A decode step of one token needs no RoutingPlan: its k slots are the rows, and slot j's expert and routing
+// weight are topk_ids[0, j] and topk_weights[0, j]. These kernels read the router's tensors directly, so the
+// sorting kernels need not run at all (RoutingPlan.build(defer=True) then launches nothing), and each block
+// finds its expert with one load instead of nth_active_expert's block-wide scan over E:
+//   gemm1_swiglu_t1     act [k, F] bf16   row j = slot j, the v2/v3 GEMM1 (same dot_rows, same bits)
+//   gemm2_combine_t1    y   [1, H] bf16   y[n] = sum over j in order of g_j * (W2[e_j, n] . act[j])
+// GEMM2 computes every slot of its columns in one block (slot j's dot product by one warp, the block's
+// columns by all slots), leaves them in shared memory and sums them there in slot order, exactly as
+// combine_kernel does: so y has the same bits as the three-launch forward, without `out` or a third launch.
+
+constexpr int kT1MaxTopK = MOE_INT4_T1_MAX_TOP_K;
+constexpr int kT1MaxWarps = 8;
+
+// The router's top-k for one token, as the caller has them: ids int32 or int64, weights float32, bf16 or fp16,
+// any element stride.
+struct TopK {
+  const void* ids;
+  const void* weights;
+  long long ids_stride, weights_stride;
+  int k, id_bytes, weight_type;  // weight_type: MOE_INT4_F32, MOE_INT4_BF16, MOE_INT4_F16
+
+  // Slot j's expert, or -1 for an id outside [0, E) (that slot then adds nothing).
+  __device__ __forceinline__ int expert(int j, int E) const {
+    const long long e = id_bytes == 8 ? static_cast<const int64_t*>(ids)[j * ids_stride]
+                                      : static_cast<const int32_t*>(ids)[j * ids_stride];
+    return e >= 0 && e < E ? static_cast<int>(e) : -1;
+  }
+  // Slot j's routing weight in float32 (exact for all three types, as RoutingPlan's .to(float32)).
+  __device__ __forceinline__ float weight(int j) const {
+    if (weight_type == MOE_INT4_BF16) return bf16_to_float(static_cast<const bf16*>(weights)[j * weights_stride]);
+    if (weight_type == MOE_INT4_F16) return __half2float(static_cast<const __half*>(weights)[j * weights_stride]);
+    return static_cast<const float*>(weights)[j * weights_stride];
+  }
+};
+
+// Grid (ceil(F / 8), k), kThreads: block (b, j) computes columns 8b..8b+7 of slot j, as gemm1_swiglu_v2 does
+// for a one-row expert.
+template <bool SYM, bool PREFETCH>
+__global__ void __launch_bounds__(kThreads)
+gemm1_swiglu_t1(const bf16* __restrict__ x, Quant w, TopK topk, bf16* __restrict__ act, int E, int F) {
+  wait_for_previous_kernel();
+  release_next_kernel();
+  const int j = blockIdx.y;
+  const int e = topk.expert(j, E);
+  if (e < 0) return;  // GEMM2 skips this slot too
+  const int lane = threadIdx.x % kWarp;
+  const int n0 = (blockIdx.x * kWarps + threadIdx.x / kWarp) * 2;
+  if (n0 >= F) return;
+  const bool two = n0 + 1 < F;
+  const int n1 = two ? n0 + 1 : n0;
+  const int rows[kWRows] = {n0, n1, F + n0, F + n1};
+  const WarpRows wr = warp_rows(w, e, rows);
+  const bf16* xrow[1] = {x};
+  float acc[kWRows][1];
+  dot_rows<16, SYM, PREFETCH, 1>(wr, w.N, w.K, w.G, xrow, acc, lane);
+  if (lane < 2 && (lane == 0 || two))
+    act[(size_t)j * F + n0 + lane] = __float2bfloat16_rn(silu(acc[lane][0]) * acc[2 + lane][0]);
+}
+
+// Column groups of kWRows columns per block: with few slots a block takes several groups, so that it still
+// has about kWarps units (slot, group) of one warp each. t1_units(k) = k * t1_groups(k) units per block.
+__host__ __device__ __forceinline__ int t1_groups(int k) { return k >= kWarps ? 1 : kWarps / k; }
+
+// Grid ceil(H / (kWRows * groups)), 32 * min(units, kT1MaxWarps) threads; warp w takes units w, w + warps, ...
+// Unit u is slot j = u / groups and column group u % groups.
+template <bool SYM, bool PREFETCH>
+__global__ void __launch_bounds__(kT1MaxWarps * kWarp)
+gemm2_combine_t1(const bf16* __restrict__ act, Quant w, TopK topk, bf16* __restrict__ y, int E) {
+  __shared__ float slot_cols[kT1MaxTopK][kWarps * kWRows];  // g_j * dot for slot j, the block's columns
+  const int k = topk.k, groups = t1_groups(k), units = k * groups, H = w.N;
+  const int warps = blockDim.x / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int col0 = blockIdx.x * groups * kWRows;  // the block's first column
+  // Before the wait only the routing is read (the caller's top-k, written before GEMM1 started): the expert of
+  // the warp's first unit.
+  const int first_e = warp < units ? topk.expert(warp / groups, E) : -1;
+  wait_for_previous_kernel();
+  release_next_kernel();
+  for (int u = warp; u < units; u += warps) {
+    const int j = u / groups, c = (u % groups) * kWRows;  // slot, the group's first column in the block
+    const int e = u == warp ? first_e : topk.expert(j, E);
+    float v = 0.0f;  // lane i < kWRows: this unit's value for column col0 + c + i
+    if (e >= 0 && col0 + c < H) {
+      int rows[kWRows];
+#pragma unroll
+      for (int i = 0; i < kWRows; ++i) rows[i] = min(col0 + c + i, H - 1);  // past the end: result dropped
+      const WarpRows wr = warp_rows(w, e, rows);
+      const bf16* xrow[1] = {act + (size_t)j * w.K};
+      float acc[kWRows][1];
+      dot_rows<16, SYM, PREFETCH, 1>(wr, w.N, w.K, w.G, xrow, acc, lane);
+      const float g = topk.weight(j);
+#pragma unroll
+      for (int i = 0; i < kWRows; ++i)
+        if (lane == i) v = g * acc[i][0];
+    }
+    if (lane < kWRows) slot_cols[j][c + lane] = v;
+  }
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < groups * kWRows && col0 + t < H) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) sum += slot_cols[j][t];
+    y[col0 + t] = __float2bfloat16_rn(sum);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ v4/v5
@@ -1214,6 +1325,41 @@ extern "C" cudaError_t moe_int4_combine(const float* out, void* y, int T, int to
                    : top_k == 8 ? combine_kernel<8>
                                 : combine_kernel<0>;  // the presets' k are 2 and 8; 1, 4, 6 are common too
   launch(k, (unsigned)blocks, threads, on, out, static_cast<bf16*>(y), T, top_k, H, splits);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t moe_int4_forward_t1(const void* x, const uint8_t* w13_packed, const void* w13_scales,
+                                           const void* w13_zeros, int G13, const uint8_t* w2_packed,
+                                           const void* w2_scales, const void* w2_zeros, int G2, const void* topk_ids,
+                                           int id_bytes, long long ids_stride, const void* topk_weights,
+                                           int weight_type, long long weights_stride, int top_k, void* act, void* y,
+                                           int E, int H, int F, int version, cudaStream_t stream) {
+  if (!sizes_ok(E, H, F, top_k, 1) || top_k < 1) return cudaErrorInvalidValue;
+  if ((version != 2 && version != 3) || top_k > kT1MaxTopK || (id_bytes != 4 && id_bytes != 8) ||
+      (weight_type != MOE_INT4_F32 && weight_type != MOE_INT4_BF16 && weight_type != MOE_INT4_F16) ||
+      moe_int4_path(version, H, G13, w13_packed, x) != 16 || moe_int4_path(version, F, G2, w2_packed, act) != 16)
+    return cudaErrorNotSupported;
+  const TopK topk{topk_ids, topk_weights, ids_stride, weights_stride, top_k, id_bytes, weight_type};
+  const Quant w13{w13_packed, static_cast<const bf16*>(w13_scales), static_cast<const bf16*>(w13_zeros), 2 * F, H,
+                  G13};
+  const Quant w2{w2_packed, static_cast<const bf16*>(w2_scales), static_cast<const bf16*>(w2_zeros), H, F, G2};
+  const bool pdl = programmatic_launch_ok();
+  const bool prefetch = version == 3, sym13 = w13_zeros == nullptr, sym2 = w2_zeros == nullptr;
+  using G1 = void (*)(const bf16*, Quant, TopK, bf16*, int, int);
+  const G1 g1 = sym13 ? (prefetch ? gemm1_swiglu_t1<true, true> : gemm1_swiglu_t1<true, false>)
+                      : (prefetch ? gemm1_swiglu_t1<false, true> : gemm1_swiglu_t1<false, false>);
+  launch(g1, dim3(ceil_div(F, kWarps * 2), top_k), kThreads, Launch{stream, pdl}, static_cast<const bf16*>(x), w13,
+         topk, static_cast<bf16*>(act), E, F);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  using G2k = void (*)(const bf16*, Quant, TopK, bf16*, int);
+  const G2k g2 = sym2 ? (prefetch ? gemm2_combine_t1<true, true> : gemm2_combine_t1<true, false>)
+                      : (prefetch ? gemm2_combine_t1<false, true> : gemm2_combine_t1<false, false>);
+  const int groups = t1_groups(top_k), units = top_k * groups;
+  const int threads = kWarp * (units < kT1MaxWarps ? units : kT1MaxWarps);
+  // GEMM2 follows GEMM1 here, so it may start early and read the routing before its wait (see gemm2_weighted).
+  launch(g2, dim3(ceil_div(H, groups * kWRows)), threads, Launch{stream, pdl, pdl}, static_cast<const bf16*>(act), w2,
+         topk, static_cast<bf16*>(y), E);
   return cudaGetLastError();
 }
 

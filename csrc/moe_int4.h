@@ -59,6 +59,26 @@ int moe_int4_gemm2_splits(int version, int E, int H, int F, int G2, int num_rows
 //   y[t, h] = bf16(sum_{j < k} sum_{s < splits} out[s, t*k + j, h]).  y [T, H] bf16.
 cudaError_t moe_int4_combine(const float* out, void* y, int T, int top_k, int H, int splits, cudaStream_t stream);
 
+// One token (T = 1) straight from the router's top-k, without a RoutingPlan (versions 2 and 3):
+//   y [1, H] bf16 = bf16(sum_{j < k, in order} g_j * (W2[e_j] . act[j])),  act[j] = silu(W1[e_j] x) * (W3[e_j] x),
+//   e_j = topk_ids[j * ids_stride] (int32 with id_bytes 4, int64 with 8), g_j = topk_weights[j * weights_stride]
+//   (weight_type MOE_INT4_F32, _BF16 or _F16); a slot whose id is outside [0, E) adds nothing.
+//   x [1, H] bf16; act [k, F] bf16 scratch (row j = slot j); y [1, H] bf16.
+// Two launches (GEMM1, then GEMM2 with the sum over k), the same bits as moe_int4_gemm1_swiglu +
+// moe_int4_gemm2_weighted + moe_int4_combine on the RoutingPlan of this routing. Returns cudaErrorNotSupported,
+// having launched nothing, where it has no such path (another version, top_k > MOE_INT4_T1_MAX_TOP_K, another
+// id or weight type, or shapes or alignments that take the 4-byte or v1 path): the caller runs the three.
+#define MOE_INT4_F32 0
+#define MOE_INT4_BF16 1
+#define MOE_INT4_F16 2
+#define MOE_INT4_T1_MAX_TOP_K 32
+cudaError_t moe_int4_forward_t1(const void* x, const uint8_t* w13_packed, const void* w13_scales,
+                                const void* w13_zeros, int G13, const uint8_t* w2_packed, const void* w2_scales,
+                                const void* w2_zeros, int G2, const void* topk_ids, int id_bytes,
+                                long long ids_stride, const void* topk_weights, int weight_type,
+                                long long weights_stride, int top_k, void* act, void* y, int E, int H, int F,
+                                int version, cudaStream_t stream);
+
 // Programmatic dependent launch (on by default; used only on sm_90 and newer): GEMM1 and combine may be
 // scheduled while the previous kernel on the stream finishes, and GEMM2 (with after_gemm1) while GEMM1
 // finishes; each waits for the previous kernel's results before reading them (griddepcontrol.wait), so

@@ -219,6 +219,50 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w13_packed, const at::
   return combine(out, x.size(0), top_k);
 }
 
+// One token (T = 1) from the router's top-k [1, k] without a RoutingPlan, y [1, H] bf16 (moe_int4_forward_t1);
+// None where that path does not take this call (see moe_int4.h; nothing was launched), so the caller runs
+// `forward` on a RoutingPlan instead.
+std::optional<at::Tensor> forward_t1(const at::Tensor& x, const at::Tensor& w13_packed, const at::Tensor& w13_scales,
+                                     const std::optional<at::Tensor>& w13_zeros, int64_t w13_group_size,
+                                     const at::Tensor& w2_packed, const at::Tensor& w2_scales,
+                                     const std::optional<at::Tensor>& w2_zeros, int64_t w2_group_size,
+                                     const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t version) {
+  check_version(version);
+  const at::Device device = x.device();
+  check_tensor(x, "x", at::kBFloat16, 2, device);
+  MOE_CHECK(x.size(0) == 1, "moe_int4: forward_t1 takes one token, x is ", x.sizes());
+  MOE_CHECK(w13_packed.dim() == 3 && w2_packed.dim() == 3, "moe_int4: w13_packed and w2_packed must be 3-D, got ",
+            w13_packed.sizes(), " and ", w2_packed.sizes());
+  const int64_t H = x.size(1), E = w13_packed.size(0), F = w13_packed.size(1) / 2;
+  MOE_CHECK(H % 2 == 0 && F % 2 == 0 && F > 0, "moe_int4: H and F must be even and positive, got H = ", H, ", F = ", F);
+  check_quant(w13_packed, w13_scales, w13_zeros, "w13", E, 2 * F, H, w13_group_size, device);
+  check_quant(w2_packed, w2_scales, w2_zeros, "w2", E, H, F, w2_group_size, device);
+  MOE_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == 1 && topk_weights.sizes() == topk_ids.sizes(),
+            "moe_int4: topk_ids and topk_weights must both be [1, k], got ", topk_ids.sizes(), " and ",
+            topk_weights.sizes());
+  MOE_CHECK(topk_ids.device() == device && topk_weights.device() == device,
+            "moe_int4: the routing must be on the activations' device ", device);
+  const int64_t k = topk_ids.size(1);
+  const at::ScalarType it = topk_ids.scalar_type(), wt = topk_weights.scalar_type();
+  const int weight_type = wt == at::kFloat ? MOE_INT4_F32 : wt == at::kBFloat16 ? MOE_INT4_BF16
+                          : wt == at::kHalf ? MOE_INT4_F16 : -1;
+  if ((it != at::kInt && it != at::kLong) || weight_type < 0 || k < 1 || k > MOE_INT4_T1_MAX_TOP_K)
+    return std::nullopt;
+  auto act = at::empty({k, F}, x.options());
+  auto y = at::empty({1, H}, x.options());
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaError_t err = moe_int4_forward_t1(
+      x.data_ptr(), w13_packed.data_ptr<uint8_t>(), w13_scales.data_ptr(), ptr_or_null(w13_zeros),
+      to_int(w13_group_size, "w13 group_size"), w2_packed.data_ptr<uint8_t>(), w2_scales.data_ptr(),
+      ptr_or_null(w2_zeros), to_int(w2_group_size, "w2 group_size"), topk_ids.data_ptr(), it == at::kLong ? 8 : 4,
+      topk_ids.stride(1), topk_weights.data_ptr(), weight_type, topk_weights.stride(1), static_cast<int>(k),
+      act.data_ptr(), y.data_ptr(), to_int(E, "E"), to_int(H, "H"), to_int(F, "F"), static_cast<int>(version),
+      c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  if (err == cudaErrorNotSupported) return std::nullopt;
+  check_launch(err, "moe_int4_forward_t1");
+  return y;
+}
+
 // The path a GEMM takes (1 = v1 kernel, 4 or 16 = v2/v3 load width, 64 = v4/v5 tensor cores), 0 = invalid.
 int64_t path(int64_t version, int64_t K, int64_t group_size, const at::Tensor& packed, const at::Tensor& activations) {
   return moe_int4_path(static_cast<int>(version), to_int(K, "K"), to_int(group_size, "group_size"),
@@ -248,6 +292,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2_scales"), py::arg("w2_zeros"), py::arg("w2_group_size"), py::arg("sorted_token_ids"),
         py::arg("sorted_slots"), py::arg("sorted_weights"), py::arg("expert_offsets"), py::arg("top_k"),
         py::arg("version"));
+  m.def("forward_t1", &forward_t1,
+        "one token from the router's top-k [1, k], no RoutingPlan: y [1, H] bf16, or None where this path does not "
+        "take the call", py::arg("x"), py::arg("w13_packed"), py::arg("w13_scales"), py::arg("w13_zeros"),
+        py::arg("w13_group_size"), py::arg("w2_packed"), py::arg("w2_scales"), py::arg("w2_zeros"),
+        py::arg("w2_group_size"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("version"));
   m.def("set_programmatic_launch", [](bool enabled) { moe_int4_set_programmatic_launch(enabled ? 1 : 0); },
         "on sm_90+, let each kernel start while the previous one finishes (default on; same results either way)",
         py::arg("enabled"));

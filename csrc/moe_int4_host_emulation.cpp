@@ -20,6 +20,7 @@
 //   expert_offsets.bin [E+1] int32.
 //   Writes DIR/act.bin [T*k,F] bf16, DIR/out.bin [T*k,H] f32, DIR/y.bin [T,H] bf16 and prints
 //   "path gemm1=<code> gemm2=<code> splits=<n>" (moe_int4_path of each GEMM, GEMM2's K splits).
+//   Optional DIR/topk.txt (T = 1): also runs moe_int4_forward_t1, see main().
 #include <cuda_runtime.h>  // host declarations only: dim3, uint3, uint4, cudaStream_t, cudaError_t
 
 #include <algorithm>
@@ -322,6 +323,31 @@ int main(int argc, char** argv) {
         "moe_int4_gemm2_weighted");
   check(moe_int4_combine(reinterpret_cast<const float*>(out.data), y.data, T, k, H, splits, nullptr),
         "moe_int4_combine");
+  // The single-token path (moe_int4_forward_t1), when the test asks for it: DIR/topk.txt holds
+  // "id_bytes weight_type ids_stride weights_stride", DIR/topk_ids.bin and topk_weights.bin the strided top-k.
+  // Writes DIR/act_t1.bin [k, F] and y_t1.bin [1, H] and prints "t1=<cudaError_t>".
+  if (FILE* tf = std::fopen((dir + "/topk.txt").c_str(), "r")) {
+    int id_bytes, weight_type;
+    long long ids_stride, weights_stride;
+    if (std::fscanf(tf, "%d %d %lld %lld", &id_bytes, &weight_type, &ids_stride, &weights_stride) != 4) {
+      std::fprintf(stderr, "bad topk.txt\n");
+      return 2;
+    }
+    std::fclose(tf);
+    const size_t weight_bytes = weight_type == MOE_INT4_F32 ? 4 : 2;
+    auto topk_ids = read_file(dir + "/topk_ids.bin", (size_t)k * ids_stride * id_bytes);
+    auto topk_w = read_file(dir + "/topk_weights.bin", (size_t)k * weights_stride * weight_bytes);
+    Buffer act_t1((size_t)k * F * 2), y_t1((size_t)H * 2);
+    std::memset(act_t1.data, 0xFF, (size_t)k * F * 2);
+    std::memset(y_t1.data, 0xFF, (size_t)H * 2);
+    const cudaError_t err = moe_int4_forward_t1(x->data, w13p->data, w13s->data, w13z ? w13z->data : nullptr, G13,
+                                                w2p->data, w2s->data, w2z ? w2z->data : nullptr, G2, topk_ids->data,
+                                                id_bytes, ids_stride, topk_w->data, weight_type, weights_stride, k,
+                                                act_t1.data, y_t1.data, E, H, F, version, nullptr);
+    std::printf("t1=%d\n", (int)err);
+    write_file(dir + "/act_t1.bin", act_t1.data, (size_t)k * F * 2);
+    write_file(dir + "/y_t1.bin", y_t1.data, (size_t)H * 2);
+  }
   write_file(dir + "/act.bin", act.data, rows * F * 2);
   write_file(dir + "/out.bin", out.data, splits * rows * H * 4);
   write_file(dir + "/y.bin", y.data, (size_t)T * H * 2);

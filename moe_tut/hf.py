@@ -278,7 +278,8 @@ def patched_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     x = hidden_states.reshape(-1, state.hidden_size)
     ids = top_k_index.reshape(x.shape[0], -1)
     plan = RoutingPlan.build(ids, top_k_weights.reshape(ids.shape), state.num_experts,
-                             validate=ids.device.type == "cpu")  # a host sync on a GPU: skipped there
+                             validate=ids.device.type == "cpu",  # a host sync on a GPU: skipped there
+                             defer=True)  # sorted only if the backend reads it (cuda_int4 decodes one token without)
     with torch.no_grad():
         y = state.backend(x, weights, plan)
     return y.view(hidden_states.shape)

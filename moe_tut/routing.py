@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -226,7 +226,9 @@ class RoutingPlan:
     slot_to_sorted [T*k]     inverse permutation: position of slot s in the sorted order
     expert_counts [E]        rows per expert
     expert_offsets [E+1]     expert e owns sorted rows [offsets[e], offsets[e+1]); offsets[E] = T*k
-    All index tensors are int32, on the device of topk_ids.
+    All index tensors are int32, on the device of topk_ids. With build(defer=True) they are computed on first
+    use (`is_built` says whether that has happened), so a backend that works from topk_ids alone never pays
+    for them.
     """
 
     num_tokens: int
@@ -234,16 +236,12 @@ class RoutingPlan:
     num_experts: int
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
-    sorted_slots: torch.Tensor
-    sorted_token_ids: torch.Tensor
-    sorted_weights: torch.Tensor
-    slot_to_sorted: torch.Tensor
-    expert_counts: torch.Tensor
-    expert_offsets: torch.Tensor
+    method: str  # "torch" or "kernel": how the sorted tensors are (or will be) built
+    _tensors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-              validate: bool = True, *, method: str = "auto") -> RoutingPlan:
+              validate: bool = True, *, method: str = "auto", defer: bool = False) -> RoutingPlan:
         """Group token slots by expert. `validate` checks ids are in range (a host sync: off when timing).
 
         `method` picks how the tensors are built; every method gives bit-identical results:
@@ -255,6 +253,9 @@ class RoutingPlan:
           "kernel"  the Triton kernels: a single CTA up to AUTO_MAX_ROWS rows, a multi-CTA counting
                     sort above, up to its MAX_ROWS; on the CPU they need Triton's interpreter (tests
                     use this).
+        `defer`: launch nothing now; the sorted tensors are built (on the stream current then) the first time
+        one is read. The harness times forwards this way, so a backend that needs no sorting (cuda_int4 for
+        one token) skips it. topk_ids and topk_weights must then stay unchanged until that first read.
         """
         if method not in PLAN_METHODS:
             raise ValueError(f"method must be one of {', '.join(PLAN_METHODS)}; got {method!r}")
@@ -267,17 +268,38 @@ class RoutingPlan:
         if method == "auto":
             method = _auto_method(topk_ids, num_experts)
         if method == "kernel":
-            plan_kernel = _plan_kernel_module()
-            if plan_kernel is None:
+            if _plan_kernel_module() is None:
                 raise RuntimeError("method='kernel' needs Triton, which could not be imported")
             if topk_ids.device.type != "cuda" and not interpreting():
                 raise RuntimeError("method='kernel' on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 "
                                    "before moe_tut is imported)")
-            fields = plan_kernel.build_plan_tensors(topk_ids, topk_weights, num_experts)
-        else:
-            fields = _build_torch(topk_ids, topk_weights, num_experts)
-        return cls(num_tokens=T, top_k=k, num_experts=num_experts, topk_ids=topk_ids, topk_weights=topk_weights,
-                   **fields)
+        plan = cls(num_tokens=T, top_k=k, num_experts=num_experts, topk_ids=topk_ids, topk_weights=topk_weights,
+                   method=method)
+        if not defer:
+            plan.materialize()
+        return plan
+
+    def materialize(self) -> RoutingPlan:
+        """Build the sorted tensors now if they are not built yet (a deferred plan); returns the plan."""
+        if not self._tensors:
+            if self.method == "kernel":
+                fields = _plan_kernel_module().build_plan_tensors(self.topk_ids, self.topk_weights, self.num_experts)
+            else:
+                fields = _build_torch(self.topk_ids, self.topk_weights, self.num_experts)
+            self._tensors.update(fields)
+        return self
+
+    @property
+    def is_built(self) -> bool:
+        """Whether the sorted tensors exist (False only for a deferred plan nothing has read yet)."""
+        return bool(self._tensors)
+
+    sorted_slots = property(lambda self: self.materialize()._tensors["sorted_slots"])
+    sorted_token_ids = property(lambda self: self.materialize()._tensors["sorted_token_ids"])
+    sorted_weights = property(lambda self: self.materialize()._tensors["sorted_weights"])
+    slot_to_sorted = property(lambda self: self.materialize()._tensors["slot_to_sorted"])
+    expert_counts = property(lambda self: self.materialize()._tensors["expert_counts"])
+    expert_offsets = property(lambda self: self.materialize()._tensors["expert_offsets"])
 
     @property
     def num_rows(self) -> int:

@@ -363,8 +363,11 @@ def expected_splits(version: int, E: int, H: int, F: int, G2: int, rows: int, sm
     return s
 
 
-def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan, version: int, misalign=False):
-    """Run the emulated forward; returns (act, out, y, paths) as CPU tensors."""
+def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan, version: int, misalign=False,
+                  topk: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Run the emulated forward; returns (act, out, y, paths) as CPU tensors. With topk = (ids, weights) [1, k]
+    (any strides) it also runs the single-token path: paths then holds its "t1" error code, and the returned
+    act and y are a pair more, (act, out, y, paths, act_t1, y_t1)."""
     rc, out, _ = finished(builds, "emulation")
     assert rc == 0, f"the host emulation does not compile:\n{out[-4000:]}"
     T, H = x.shape
@@ -377,6 +380,12 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
             _raw(qt.zeros).tofile(tmp / f"{name}_zeros.bin")
     for name in ("sorted_token_ids", "sorted_slots", "sorted_weights", "expert_offsets"):
         _raw(getattr(plan, name)).tofile(tmp / f"{name}.bin")
+    if topk is not None:
+        ids_t, w_t = topk
+        weight_type = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[w_t.dtype]
+        for t, name in ((ids_t, "topk_ids"), (w_t, "topk_weights")):  # the strided span, from the first element
+            _raw(t.as_strided((t.stride(1) * k,), (1,))).tofile(tmp / f"{name}.bin")
+        (tmp / "topk.txt").write_text(f"{ids_t.element_size()} {weight_type} {ids_t.stride(1)} {w_t.stride(1)}\n")
     (tmp / "params.txt").write_text(f"{T} {k} {E} {H} {F} {q.w13.group_size} {q.w2.group_size} {version} "
                                     f"{int(q.w13.symmetric)} {int(q.w2.symmetric)} {int(misalign)} {EMULATED_SMS}\n")
     run = subprocess.run([str(builds[0] / "emulation"), str(tmp)], capture_output=True, text=True, timeout=300)
@@ -390,8 +399,11 @@ def run_emulation(builds, tmp: Path, q: Int4ExpertWeights, x, plan: RoutingPlan,
 
     rows = T * k
     paths = {key: int(v) for key, v in paths.items()}
-    return (load("act", np.int16, (rows, F)), load("out", np.float32, (paths["splits"] * rows, H)),
-            load("y", np.int16, (T, H)), paths)
+    result = (load("act", np.int16, (rows, F)), load("out", np.float32, (paths["splits"] * rows, H)),
+              load("y", np.int16, (T, H)), paths)
+    if topk is None:
+        return result
+    return (*result, load("act_t1", np.int16, (k, F)), load("y_t1", np.int16, (1, H)))
 
 
 @needs_cxx
@@ -446,6 +458,79 @@ def test_emulated_misaligned_activations_fall_back_to_v1(builds, tmp_path):
     act, out, y, paths = run_emulation(builds, tmp_path, q, x, plan, version=3, misalign=True)
     assert paths == {"gemm1": 1, "gemm2": 16, "splits": 1}
     assert relative_error(y, moe_reference(x, q.dequantize(), ids, tw)) < TOL
+
+
+# The single-token path (moe_int4_forward_t1): (id, E, H, F, top_k, G, symmetric, ids dtype, weights dtype,
+# element stride of both, ids or None for the simulated routing).
+T1_CASES = [
+    ("k2-int64-f32", 4, 64, 128, 2, 32, True, torch.int64, torch.float32, 1, None),  # mixtral's k: 2 groups/block
+    ("k3-int32-bf16-asym", 5, 64, 96, 3, 32, False, torch.int32, torch.bfloat16, 1, None),  # 3 warps, 1 group
+    ("k8-strided-f16", 16, 96, 64, 8, 32, True, torch.int64, torch.float16, 2, None),  # 8 warps; strided routing
+    ("k1-one-expert", 3, 96, 64, 1, 32, False, torch.int64, torch.float32, 1, None),  # 4 groups per block
+    ("k10-two-units-per-warp", 12, 64, 64, 10, 32, True, torch.int32, torch.float32, 1, None),  # 8 warps, 10 units
+    ("duplicate-ids", 4, 64, 96, 3, 32, True, torch.int64, torch.float32, 1, [2, 2, 0]),  # an expert twice
+]
+
+
+def t1_routing(E, k, ids_dtype, w_dtype, stride, ids, seed=0):
+    """A [1, k] top-k in the given dtypes with element stride `stride` (views into wider tensors)."""
+    sim_ids, sim_w = simulate_routing(1, E, k, "uniform", seed=seed)
+    if ids is not None:
+        sim_ids = torch.tensor([ids])
+    ids_base = torch.full((1, k * stride), -1, dtype=ids_dtype)
+    w_base = torch.zeros(1, k * stride, dtype=w_dtype)
+    ids_base[:, ::stride] = sim_ids.to(ids_dtype)
+    w_base[:, ::stride] = sim_w.to(w_dtype)
+    return ids_base[:, ::stride], w_base[:, ::stride]
+
+
+@needs_cxx
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("case", T1_CASES, ids=[c[0] for c in T1_CASES])
+def test_emulated_single_token_path_matches_three_launches(builds, case, version, tmp_path):
+    # Two launches from the router's top-k must give the bits of GEMM1 + GEMM2 + combine on the RoutingPlan.
+    _, E, H, F, k, G, sym, ids_dtype, w_dtype, stride, fixed = case
+    q, x, *_ = setup_case(E, H, F, k, 1, "uniform", G, sym)
+    ids, tw = t1_routing(E, k, ids_dtype, w_dtype, stride, fixed)
+    plan = RoutingPlan.build(ids, tw, E)
+    act, out, y, paths, act_t1, y_t1 = run_emulation(builds, tmp_path, q, x, plan, version, topk=(ids, tw))
+    assert paths["t1"] == 0 and paths["gemm1"] == paths["gemm2"] == 16
+    assert torch.equal(y_t1, y)
+    assert torch.equal(act_t1, act[plan.slot_to_sorted.long()])  # slot order vs sorted order, same rows
+    assert relative_error(y_t1, moe_reference(x, q.dequantize(), ids.long(), tw.float())) < TOL
+
+
+CUDA_ERROR_NOT_SUPPORTED = 801
+
+
+@needs_cxx
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
+def test_emulated_single_token_path_out_of_range_id_adds_nothing(builds, tmp_path):
+    # No RoutingPlan sorts ids away here: an id outside [0, E) must neither be read past the weights nor count.
+    E, H, F, k = 4, 64, 96, 3
+    q, x, *_ = setup_case(E, H, F, k, 1, "uniform", 32, True)
+    ids, tw = t1_routing(E, k, torch.int64, torch.float32, 1, [1, E + 3, 0])
+    # the same sum with the bad slot given expert 0 and weight 0: 0 * dot adds nothing to y's float32 sum
+    ok_ids, ok_w = ids.clone(), tw.clone()
+    ok_ids[0, 1], ok_w[0, 1] = 0, 0.0
+    plan = RoutingPlan.build(ok_ids, ok_w, E)
+    *_, y, paths, _, y_t1 = run_emulation(builds, tmp_path, q, x, plan, 2, topk=(ids, tw))
+    assert paths["t1"] == 0 and torch.equal(y_t1, y)
+
+
+@needs_cxx
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host emulation uses Linux ucontext fibers")
+@pytest.mark.parametrize("version,shape", [(1, (4, 64, 128)), (4, (4, 64, 128)), (2, (3, 40, 72))],
+                         ids=["v1", "v4", "vec4-path"])
+def test_emulated_single_token_path_declines_what_it_does_not_cover(builds, version, shape, tmp_path):
+    E, H, F = shape
+    q, x, *_ = setup_case(E, H, F, 2, 1, "uniform", 8 if H % 32 else 32, True)
+    ids, tw = t1_routing(E, 2, torch.int64, torch.float32, 1, None)
+    plan = RoutingPlan.build(ids, tw, E)
+    *_, paths, act_t1, y_t1 = run_emulation(builds, tmp_path, q, x, plan, version, topk=(ids, tw))
+    assert paths["t1"] == CUDA_ERROR_NOT_SUPPORTED
+    assert torch.isnan(y_t1.float()).all() and torch.isnan(act_t1.float()).all()  # nothing was launched
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -546,6 +631,72 @@ def test_gpu_programmatic_launch_gives_the_same_bits(ext, version, monkeypatch):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(y, want)
+
+
+GPU_T1_CASES = T1_CASES + [
+    ("mixtral-like", 8, 1024, 3584, 2, 128, True, torch.int64, torch.float32, 1, None),
+    ("dsv3-like-asym-bf16", 32, 1024, 512, 8, 128, False, torch.int32, torch.bfloat16, 1, None),
+    ("k16-strided", 64, 512, 256, 16, 128, True, torch.int64, torch.float16, 3, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("case", GPU_T1_CASES, ids=[c[0] for c in GPU_T1_CASES])
+def test_gpu_single_token_path_matches_three_launches(ext, case, version):
+    # One token takes two launches from the router's top-k and never reads the (deferred) plan; same bits as the
+    # three launches on the sorted plan, eagerly and replayed in a graph with changing inputs.
+    _, E, H, F, k, G, sym, ids_dtype, w_dtype, stride, fixed = case
+    q, x, *_ = setup_case(E, H, F, k, 1, "uniform", G, sym, device="cuda")
+    routings = [tuple(t.cuda() for t in t1_routing(E, k, ids_dtype, w_dtype, stride, fixed, seed=s)) for s in (0, 1)]
+    xs = [x, torch.randn_like(x)]
+    w13, w2 = q.w13, q.w2
+
+    def three_launches(xi, ids, tw):
+        plan = RoutingPlan.build(ids, tw, E)
+        return ext.forward(xi, w13.packed, w13.scales, w13.zeros, G, w2.packed, w2.scales, w2.zeros, G,
+                           plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets, k,
+                           version)
+
+    for xi, (ids, tw) in zip(xs, routings):
+        plan = RoutingPlan.build(ids, tw, E, defer=True)
+        y = ci4.cuda_int4_forward(xi, q, plan, version=version)
+        assert not plan.is_built
+        assert torch.equal(y, three_launches(xi, ids, tw))
+        assert relative_error(y, moe_reference(xi, q.dequantize(), ids.long(), tw.float())) < TOL
+    src_x, (src_ids, src_w) = x.clone(), (t.clone() for t in routings[0])
+    graph, y = capture_graph(
+        lambda: ci4.cuda_int4_forward(src_x, q, RoutingPlan.build(src_ids, src_w, E, validate=False, defer=True),
+                                      version=version))
+    for _ in range(2):
+        for xi, (ids, tw) in zip(xs, routings):
+            src_x.copy_(xi)
+            src_ids.copy_(ids)
+            src_w.copy_(tw)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, three_launches(xi, ids, tw))
+
+
+@pytest.mark.gpu
+def test_gpu_single_token_path_out_of_range_id_adds_nothing(ext):
+    q, x, *_ = setup_case(4, 256, 512, 3, 1, "uniform", 128, True, device="cuda")
+    ids, tw = (t.cuda() for t in t1_routing(4, 3, torch.int64, torch.float32, 1, [1, 9, 0]))
+    ok_ids, ok_w = ids.clone(), tw.clone()
+    ok_ids[0, 1], ok_w[0, 1] = 0, 0.0
+    y = ci4.cuda_int4_forward(x, q, RoutingPlan.build(ids, tw, 4, validate=False, defer=True), version=2)
+    assert torch.equal(y, ci4.cuda_int4_forward(x, q, RoutingPlan.build(ok_ids, ok_w, 4), version=2))
+
+
+@pytest.mark.gpu
+def test_gpu_single_token_path_falls_back_to_the_plan(ext):
+    # float64 weights and v5 have no single-token path: the forward reads the plan and runs the three launches.
+    q, x, ids, tw, _ = setup_case(8, 256, 512, 2, 1, "uniform", 128, True, device="cuda")
+    for version, weights in ((2, tw.double()), (5, tw)):
+        plan = RoutingPlan.build(ids, weights, 8, defer=True)
+        y = ci4.cuda_int4_forward(x, q, plan, version=version)
+        assert plan.is_built
+        assert relative_error(y, moe_reference(x, q.dequantize(), ids, tw)) < TOL
 
 
 @pytest.mark.gpu

@@ -126,3 +126,26 @@ def test_simulate_bad_inputs():
         simulate_routing(4, 4, 5)
     with pytest.raises(ValueError, match="num_tokens"):
         simulate_routing(0, 4, 1)
+
+
+def test_deferred_plan_builds_on_first_read():
+    ids, w = simulate_routing(9, 6, 2, "zipf", seed=3)
+    eager = RoutingPlan.build(ids, w, 6)
+    plan = RoutingPlan.build(ids, w, 6, defer=True)
+    assert eager.is_built and not plan.is_built
+    assert plan.num_rows == 18 and plan.topk_ids is ids  # what needs no sorting does not sort
+    assert not plan.is_built
+    assert torch.equal(plan.expert_offsets, eager.expert_offsets)  # the first read builds all of them
+    assert plan.is_built
+    for name in ("sorted_slots", "sorted_token_ids", "sorted_weights", "slot_to_sorted", "expert_counts"):
+        assert torch.equal(getattr(plan, name), getattr(eager, name)), name
+    assert plan.sorted_slots is plan.sorted_slots  # built once
+    assert plan.stats().as_dict() == eager.stats().as_dict()
+
+
+def test_deferred_plan_still_checks_its_inputs_at_build():
+    ids, w = simulate_routing(4, 6, 2, seed=0)
+    with pytest.raises(ValueError, match="must be in"):
+        RoutingPlan.build(ids + 6, w, 6, defer=True)
+    with pytest.raises(ValueError, match="method must be one of"):
+        RoutingPlan.build(ids, w, 6, method="fast", defer=True)

@@ -7,6 +7,10 @@ What it runs: three launches per forward (csrc/moe_int4.cu's header has the deta
                          sizes: one such slice per K split of GEMM2, when its blocks would not fill the GPU)
     y   [T, H]   bf16  = sum over j (and the splits) of out[t*k + j]  (fixed order: bitwise reproducible)
 
+One token (T = 1) with v2/v3, the default there, takes two launches that read the router's topk_ids and
+topk_weights directly (the plan's sorted tensors are never read, so a plan built with defer=True launches
+nothing): GEMM1 over the k slots, then GEMM2 with the sum over k done in shared memory. Same bits as the three.
+
 It is a DECODE kernel: each block streams a slice of one expert's packed weights once and applies it
 to all of that expert's rows (1-16 in decode). With hundreds of rows per expert it still gives the
 right answer, but re-reads weights every 4 rows (v2/v3) or 32 rows (v4/v5); the Triton kernels are the
@@ -217,6 +221,11 @@ def cuda_int4_forward(x: torch.Tensor, weights: Int4ExpertWeights, plan: Routing
     ext = load_extension()
     ext.set_programmatic_launch(programmatic_launch_enabled())  # the C side also checks for sm_90+
     w13, w2 = weights.w13, weights.w2
+    if x.shape[0] == 1:  # one token: from the router's top-k, no sorted plan needed (None: not this call)
+        y = ext.forward_t1(x.contiguous(), w13.packed, w13.scales, w13.zeros, w13.group_size, w2.packed, w2.scales,
+                           w2.zeros, w2.group_size, plan.topk_ids, plan.topk_weights, v)
+        if y is not None:
+            return y
     return ext.forward(x.contiguous(), w13.packed, w13.scales, w13.zeros, w13.group_size,
                        w2.packed, w2.scales, w2.zeros, w2.group_size,
                        plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets,
