@@ -140,6 +140,51 @@ def test_every_output_element_is_written(version, monkeypatch):
         assert torch.isfinite(y).all()
 
 
+# One token from the router's top-k (grouped_gemm.one_token_routing): (id, E, H, F, k, ids or None, ids dtype,
+# weights dtype).
+ONE_TOKEN_CASES = [
+    ("k2", 4, 64, 96, 2, None, torch.int64, torch.float32),
+    ("k3-prime-E-int32-bf16-weights", 7, 40, 72, 3, None, torch.int32, torch.bfloat16),
+    ("k1-gemm2-writes-y", 5, 64, 64, 1, None, torch.int64, torch.float32),
+    ("topk-eq-E", 4, 48, 80, 4, None, torch.int64, torch.float16),
+    ("duplicate-ids", 4, 64, 96, 3, [2, 2, 0], torch.int64, torch.float32),
+]
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same [1, k] values with element stride 2 along k: one_token_routing refuses it (plan path)."""
+    base = torch.zeros(1, 2 * t.shape[1], dtype=t.dtype, device=t.device)
+    base[:, ::2] = t
+    return base[:, ::2]
+
+
+@pytest.mark.parametrize("case", ONE_TOKEN_CASES, ids=[c[0] for c in ONE_TOKEN_CASES])
+def test_one_token_path_reads_no_plan_and_matches_the_plan_path(case, monkeypatch):
+    _, E, H, F, k, fixed, ids_dtype, w_dtype = case
+    x, w, ids, tw, _ = make_case(E, H, F, k, 1, "uniform", dtype=torch.float32)
+    if fixed is not None:
+        ids = torch.tensor([fixed], device=DEVICE)
+    ids, tw = ids.to(ids_dtype), tw.to(w_dtype)
+    monkeypatch.setattr(gg, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
+                                                                      device=like.device))
+    plan = RoutingPlan.build(ids, tw, E, defer=True)
+    assert gg.one_token_routing(plan) is not None
+    y = check(gg.moe_forward_triton, x, w, ids.long(), tw.float(), plan)
+    assert not plan.is_built and torch.isfinite(y).all()
+    sorted_plan = RoutingPlan.build(strided_copy(ids), strided_copy(tw), E)
+    assert gg.one_token_routing(sorted_plan) is None
+    assert torch.equal(y, gg.moe_forward_triton(x, w, sorted_plan))
+
+
+def test_one_token_path_out_of_range_id_adds_nothing():
+    x, w, _, tw, _ = make_case(4, 64, 96, 3, 1, "uniform", dtype=torch.float32)
+    ids = torch.tensor([[1, 7, 0]], device=DEVICE)
+    ok_ids, ok_w = ids.clone(), tw.clone()
+    ok_ids[0, 1], ok_w[0, 1] = 0, 0.0
+    y = gg.moe_forward_triton(x, w, RoutingPlan.build(ids, tw, 4, validate=False, defer=True))
+    assert torch.equal(y, gg.moe_forward_triton(x, w, RoutingPlan.build(strided_copy(ok_ids), strided_copy(ok_w), 4)))
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_zero_tokens(version):
     # T = 0: nothing to launch, an empty y

@@ -83,6 +83,47 @@ def test_forward_matches_dequantised_reference(case, kw, nan_buffers):
     assert torch.isfinite(y).all()
 
 
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same [1, k] values with element stride 2 along k: one_token_routing refuses it (plan path)."""
+    base = torch.zeros(1, 2 * t.shape[1], dtype=t.dtype, device=t.device)
+    base[:, ::2] = t
+    return base[:, ::2]
+
+
+# One token from the router's top-k, no sorted plan: (id, case kwargs, forward kwargs, ids dtype, weights dtype)
+ONE_TOKEN_CASES = [
+    ("k2", dict(E=4, H=128, F=256, k=2, T=1), {}, torch.int64, torch.float32),
+    ("k3-asym-G64-int32-bf16", dict(E=5, H=128, F=128, k=3, T=1, G=64, symmetric=False), {}, torch.int32,
+     torch.bfloat16),
+    ("k1-gemm2-writes-y", dict(E=3, H=64, F=128, k=1, T=1, G=64), {}, torch.int64, torch.float32),
+    ("split-k2", dict(E=4, H=256, F=512, k=2, T=1), dict(split_k=2), torch.int64, torch.float16),
+    ("duplicate-ids", dict(E=4, H=64, F=128, k=3, T=1, G=64, ids=[[2, 2, 0]]), {}, torch.int64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case,kw,ids_dtype,w_dtype", [c[1:] for c in ONE_TOKEN_CASES],
+                         ids=[c[0] for c in ONE_TOKEN_CASES])
+def test_one_token_path_reads_no_plan_and_matches_the_plan_path(case, kw, ids_dtype, w_dtype, nan_buffers):
+    x, q, ids, tw, _ = make_case(**case)
+    ids, tw = ids.to(ids_dtype), tw.to(w_dtype)
+    plan = RoutingPlan.build(ids, tw, q.num_experts, defer=True)
+    y = check(x, q, ids.long(), tw.float(), plan, **kw)
+    assert not plan.is_built and torch.isfinite(y).all()
+    sorted_plan = RoutingPlan.build(strided_copy(ids), strided_copy(tw), q.num_experts)
+    assert gv.one_token_routing(sorted_plan) is None
+    assert torch.equal(y, gv.moe_forward_int4_gemv(x, q, sorted_plan, **kw))
+
+
+def test_one_token_path_out_of_range_id_adds_nothing():
+    x, q, _, tw, _ = make_case(E=4, H=64, F=128, k=3, T=1, G=64)
+    ids = torch.tensor([[1, 9, 0]], device=DEVICE)
+    ok_ids, ok_w = ids.clone(), tw.clone()
+    ok_ids[0, 1], ok_w[0, 1] = 0, 0.0
+    y = gv.moe_forward_int4_gemv(x, q, RoutingPlan.build(ids, tw, 4, validate=False, defer=True))
+    assert torch.equal(y, gv.moe_forward_int4_gemv(x, q, RoutingPlan.build(strided_copy(ok_ids), strided_copy(ok_w),
+                                                                              4)))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_expert_with_more_rows_than_a_block(rows, nan_buffers):
     # expert 0 gets 5 rows (tokens repeat it), expert 3 none: ROWS = 1, 2, 4 all need several row blocks,

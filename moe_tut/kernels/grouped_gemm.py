@@ -60,6 +60,11 @@ the rule. Decode shapes launch GEMM1 and the sum over k with programmatic depend
 (kernels/pdl.py: each kernel may start while the previous one drains; MOE_TUT_PDL=0 turns it off); GEMM2
 keeps the plain launch (see moe_forward_triton).
 
+One token (fast path, T = 1): its k slots need no sorting, so the kernels read the router's topk_ids and
+topk_weights directly (ONE_TOKEN_TOPK = k; one_token_routing says when the plan allows it): row block j is slot
+j, one load finds its expert, and the RoutingPlan's sorted tensors are never read, so a plan built with
+defer=True launches nothing. 2.5-3.5 us less per T = 1 forward on an H100 (results/h100/triton_one_token_v1).
+
 Combine: each token's k rows come from k different experts, so they are written by different
 programs. We store them (already multiplied by their routing weight, rounded to x.dtype) at their
 slot t*k+j and sum over k afterwards. That costs one write and one read of [T, k, H] in x.dtype, but
@@ -402,9 +407,19 @@ def _expert_row_blocks(offsets_ptr, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_
 @triton.jit
 def _locate_row_block(pid_m, offsets_ptr, block_expert_ptr, block_row_start_ptr,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                      MAP_FROM_OFFSETS: tl.constexpr):
-    """Row block -> (expert, first sorted row, end of the expert's rows)."""
-    if MAP_FROM_OFFSETS:
+                      MAP_FROM_OFFSETS: tl.constexpr, ONE_TOKEN_TOPK: tl.constexpr = 0):
+    """Row block -> (expert, first sorted row, end of the expert's rows).
+
+    ONE_TOKEN_TOPK = k > 0: the rows are one token's k top-k slots in slot order, read from the router's
+    topk_ids (passed as block_expert_ptr, contiguous) with no RoutingPlan: row block pid_m is row pid_m alone,
+    of expert topk_ids[pid_m]; an id outside [0, E) gives expert -1 (the callers then read expert 0's weights
+    and give the row weight 0, so the slot adds nothing)."""
+    if ONE_TOKEN_TOPK > 0:
+        ids = tl.load(block_expert_ptr + pid_m)
+        expert = tl.where((ids >= 0) & (ids < E), ids, -1).to(tl.int32)
+        row_start = pid_m
+        row_end = pid_m + 1
+    elif MAP_FROM_OFFSETS:
         e, start, end, blocks, cum = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
         # Block pid_m belongs to the expert whose cumulative block range covers it: the number of
         # experts whose range ends at or before pid_m (empty experts end where the previous one does).
@@ -430,15 +445,21 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
                E: tl.constexpr, E_PAD: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr,
                SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr, MAP_FROM_OFFSETS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_W: tl.constexpr, TMA_A: tl.constexpr):
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_W: tl.constexpr, TMA_A: tl.constexpr,
+               ONE_TOKEN_TOPK: tl.constexpr):
     """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store."""
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, block_expert_ptr,
                                                    block_row_start_ptr, E, E_PAD, BLOCK_M,
-                                                   MAP_FROM_OFFSETS)
+                                                   MAP_FROM_OFFSETS, ONE_TOKEN_TOPK)
+    if ONE_TOKEN_TOPK > 0:  # a slot with an out-of-range id reads expert 0 and adds nothing (weight 0)
+        id_ok = expert >= 0
+        expert = tl.maximum(expert, 0)
     rows = row_start + tl.arange(0, BLOCK_M)  # sorted rows; the last block of an expert is partial
     row_ok = rows < row_end
-    if GATHER_A:  # fused gather: A's row is the token's row of x, no permuted copy of x exists
+    if GATHER_A and ONE_TOKEN_TOPK > 0:  # every slot is token 0's
+        a_rows = rows * 0
+    elif GATHER_A:  # fused gather: A's row is the token's row of x, no permuted copy of x exists
         a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
     else:
         a_rows = rows
@@ -483,8 +504,11 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in float32
     if SCALE_ROWS:
-        acc = acc * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    if SCATTER_C:  # sorted row -> its token slot t*k + j
+        scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+        if ONE_TOKEN_TOPK > 0:  # the router's weights, in their own dtype
+            scale = tl.where(id_ok, scale.to(tl.float32), 0.0)
+        acc = acc * scale[:, None]
+    if SCATTER_C and ONE_TOKEN_TOPK == 0:  # sorted row -> its token slot t*k + j (ONE_TOKEN_TOPK: rows are slots)
         c_rows = tl.load(c_rows_ptr + rows, mask=row_ok, other=0)
     else:
         c_rows = rows
@@ -505,7 +529,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      TMA_W: tl.constexpr = False, TMA_A: tl.constexpr = False,
                      FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
-                     USE_PDL: tl.constexpr = False):
+                     USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0):
     wait_for_previous_kernel(USE_PDL)  # first: making a TMA descriptor below writes global scratch
     # Descriptors are made once per program (in-kernel: a little global scratch from the allocator
     # given to triton.set_allocator), not per tile.
@@ -521,7 +545,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
         a_desc = a_ptr
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # The number of row blocks is only known on the device (it depends on the routing).
-    if MAP_FROM_OFFSETS:
+    if ONE_TOKEN_TOPK > 0:
+        num_pid_m = ONE_TOKEN_TOPK
+    elif MAP_FROM_OFFSETS:
         _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
         num_pid_m = tl.sum(blocks, 0)
     else:
@@ -534,7 +560,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
-                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A)
+                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A,
+                       ONE_TOKEN_TOPK)
     else:
         tile = tl.program_id(0)
         if tile < num_tiles:  # the grid is a host-side upper bound; the rest exit at once
@@ -542,7 +569,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        row_scale_ptr, offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
-                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A)
+                       MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A,
+                       ONE_TOKEN_TOPK)
 
 
 def _autotune_bench(fn, quantiles):
@@ -662,10 +690,23 @@ def sum_slots(part: torch.Tensor, num_tokens: int, top_k: int, like: torch.Tenso
     return y
 
 
+def one_token_routing(plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(topk_ids [k], topk_weights [k]) as views, when a single token's forward can read the router's top-k
+    directly instead of the plan's sorted tensors: T = 1, integer ids of 32 or 64 bits and float weights, each
+    with unit stride along k (one load per slot). None otherwise (the caller uses the plan). A single token's k
+    slots need no sorting; row j is slot j."""
+    ids, route_w = plan.topk_ids, plan.topk_weights
+    if plan.num_tokens != 1 or ids.dtype not in (torch.int32, torch.int64) or ids.stride(1) != 1 \
+            or route_w.stride(1) != 1:
+        return None
+    return ids.view(-1), route_w.view(-1)
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch.Tensor, *,
                  gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                  scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
-                 configs: list[TileConfig] | None = None, tma: bool | None = None, pdl: bool = False) -> torch.Tensor:
+                 configs: list[TileConfig] | None = None, tma: bool | None = None, pdl: bool = False,
+                 one_token: bool = False) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
 
     a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -680,6 +721,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  False, or None for MOE_TUT_TRITON_TMA / USE_TMA_DEFAULT; only where tma_supported()
                  and the tensors meet TMA's alignment rules, else the pointer loads
     pdl          launch with programmatic dependent launch (kernels/pdl.py)
+    one_token    (T = 1, version 4; see one_token_routing) the rows are the token's k slots in slot order, read
+                 from plan.topk_ids / topk_weights: the plan's sorted tensors are not read (a deferred plan stays
+                 unbuilt), out's row j is slot j, and scatter_rows changes nothing
     """
     schedule = SCHEDULES[version]
     E, n_w, K = w.shape
@@ -710,7 +754,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         if len(configs) == 1:
             config = configs[0]
 
-    if schedule.map_from_offsets:
+    if one_token:
+        if version != 4 or one_token_routing(plan) is None:
+            raise ValueError("one_token needs version 4 and a plan that one_token_routing accepts")
+        ids, route_w = one_token_routing(plan)
+        routing = (ids, ids, route_w, ids, ids, ids, ids)  # the kernel reads ids as each row block's expert
+    elif schedule.map_from_offsets:
         block_expert = block_row_start = num_blocks = plan.expert_offsets  # unused by the kernel
     else:
         block_map = plan.block_map(config.block_m)  # v1..v3 never autotune, so BLOCK_M is known
@@ -731,14 +780,17 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         per_sm = persistent_programs_per_sm(bm, bn * (2 if swiglu else 1)) if on_gpu else 1
         return (min(tiles, sms * per_sm),)
 
-    args = (a, w, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
-            plan.expert_offsets, block_expert, block_row_start, num_blocks,
+    if not one_token:
+        routing = (plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets, block_expert,
+                   block_row_start, num_blocks)
+    args = (a, w, out, *routing,
             N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))), a.shape[0],
             a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1))
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
                  SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
                  PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, FLATTEN=flatten,
-                 WARP_SPECIALIZE=warp_specialize, **pdl_launch(pdl))
+                 WARP_SPECIALIZE=warp_specialize, ONE_TOKEN_TOPK=plan.top_k if one_token else 0,
+                 **pdl_launch(pdl))
     if config is not None:
         _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -859,15 +911,16 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
             config, config2 = config or big, config2 or big
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan)
+    one_token = one_token_routing(plan) is not None  # T = 1: from the router's top-k, no sorting
     inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl)
+                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl, one_token=one_token)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     # GEMM2 keeps the plain launch: started early it made mixtral T=1 26 us slower on an H100 (249 -> 274 us,
     # results/h100/pdl_v1), most likely because its persistent programs then land on the SMs GEMM1 frees first,
     # more than one per SM, instead of one on each (the cause cuda_int4's GEMM2 showed, see csrc/moe_int4.cu).
     grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
-                 config=config2, configs=configs2, tma=tma)
+                 config=config2, configs=configs2, tma=tma, one_token=one_token)
     if k == 1:
         return out
     return sum_slots(out, T, k, x, pdl=pdl)

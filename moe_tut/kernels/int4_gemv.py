@@ -62,7 +62,9 @@ grouped_gemm.max_row_blocks row blocks, an upper bound, and those past the routi
 rows_per_block) follows the mean rows per expert T*k/E: 1 at every decode shape of the presets. Row blocks
 of one expert are adjacent in the grid's fastest axis, so an expert with more rows than ROWS has its
 weights streamed by several programs at the same time, from DRAM once and then L2. Each row a program
-carries costs ~1 FFMA per weight value whether it exists or not, hence the small ROWS.
+carries costs ~1 FFMA per weight value whether it exists or not, hence the small ROWS. A single token (T = 1,
+ROWS 1) reads the router's top-k instead of the plan (ONE_TOKEN_TOPK, as in grouped_gemm): row j is slot j, so
+no sorting runs at all.
 
 Split-K (gemv_split_k): a GEMM with fewer than GEMV_PROGRAMS_PER_SM programs (row blocks x N blocks) per
 SM has its K range cut into S slices (a power of two, whole BLOCK_K steps, slices >= GEMV_MIN_SLICE long),
@@ -90,7 +92,16 @@ import triton.language as tl
 from ..env import interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor
 from ..routing import RoutingPlan
-from .grouped_gemm import _alloc, _capability, _cuda_index, _locate_row_block, max_row_blocks, num_sms, sum_slots
+from .grouped_gemm import (
+    _alloc,
+    _capability,
+    _cuda_index,
+    _locate_row_block,
+    max_row_blocks,
+    num_sms,
+    one_token_routing,
+    sum_slots,
+)
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
 from .pdl import pdl_launch, wait_for_previous_kernel
 
@@ -332,7 +343,7 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                  GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, GATHER_X: tl.constexpr, SWIGLU: tl.constexpr,
                  ACT_OUT: tl.constexpr, WEIGHT_SCATTER: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False,
-                 USE_PDL: tl.constexpr = False):
+                 USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0):
     """One program: ROWS sorted rows of one expert x BLOCK_N output columns x one K slice.
 
     x_ptr/xw_ptr  prepared activations x' [*, 8*KW] and word sums [*, KW] (rows: x_rows[r] with GATHER_X)
@@ -340,6 +351,9 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
     out           ACT_OUT: silu(gate) * up stored prepared for the next GEMM (out_ptr x', out_w_ptr word sums);
                   else float32 (or the activation dtype) sums at out[k_slice, row, n] (SWIGLU: gate at n, up
                   at N + n, no activation); WEIGHT_SCATTER: times row_weight[r] at row out_rows[r] (the slot)
+    ONE_TOKEN_TOPK = k > 0 (T = 1, ROWS 1): row r is slot r of the single token, its expert x_rows_ptr[r] (the
+                  router's topk_ids) and its weight row_weight_ptr[r] (topk_weights); no RoutingPlan is read,
+                  the activation row is 0 and the output row r (grouped_gemm._locate_row_block)
     N and KW (words per weight row) are constexprs: the 8 activation loads per step then sit at constant
     offsets of one address (no address arithmetic each), and the compiler knows the word offsets are
     16-byte aligned, so the packed-word loads are 128-bit.
@@ -352,15 +366,24 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_slice = tl.program_id(2)
-    expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, offsets_ptr, offsets_ptr, E, E_PAD, ROWS,
-                                                   True)
+    if ONE_TOKEN_TOPK > 0:
+        tl.static_assert(ROWS == 1)
+        expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, x_rows_ptr, offsets_ptr, E, E_PAD, ROWS,
+                                                       False, ONE_TOKEN_TOPK)
+        id_ok = expert >= 0  # an out-of-range id reads expert 0 and adds nothing (weight 0)
+        expert = tl.maximum(expert, 0)
+    else:
+        expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, offsets_ptr, offsets_ptr, E, E_PAD,
+                                                       ROWS, True)
     if row_start < row_end:  # row blocks past the routing's last one do nothing
         rows = row_start + tl.arange(0, ROWS)
         row_ok = rows < row_end
         # Rows past the block's end and columns past N are clamped to valid ones rather than masked: the loads
         # need no masks (no zero-fill), and those results are never stored.
         rows_c = tl.minimum(rows, row_end - 1)
-        if GATHER_X:
+        if ONE_TOKEN_TOPK > 0 and GATHER_X:  # every slot is token 0's
+            x_rows = rows_c * 0
+        elif GATHER_X:
             x_rows = tl.load(x_rows_ptr + rows_c)
         else:
             x_rows = rows_c
@@ -418,7 +441,10 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
             _store_prepared(act, rows, row_ok, pid_n * BLOCK_N, N, out_ptr, out_w_ptr, stride_om, stride_owm, ROWS,
                             BLOCK_N)
         else:
-            if WEIGHT_SCATTER:  # routing weight, then the sorted row's token slot t*k + j
+            if WEIGHT_SCATTER and ONE_TOKEN_TOPK > 0:  # the router's weight; rows are slots already
+                h = h * tl.where(id_ok, tl.load(row_weight_ptr + rows_c).to(tl.float32), 0.0)[:, None]
+                out_rows = rows_c
+            elif WEIGHT_SCATTER:  # routing weight, then the sorted row's token slot t*k + j
                 h = h * tl.load(row_weight_ptr + rows_c)[:, None]
                 out_rows = tl.load(out_rows_ptr + rows_c)
             else:
@@ -504,7 +530,7 @@ def prepare_activations(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tenso
 def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *, rows: int,
                       config: GemvConfig, split_k: int, gather_rows: bool = False, swiglu: bool = False,
                       weight_scatter: bool = False, out: torch.Tensor | None = None,
-                      out_w: torch.Tensor | None = None, pdl: bool = False) -> None:
+                      out_w: torch.Tensor | None = None, pdl: bool = False, one_token: bool = False) -> None:
     """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w).
 
     xp, xw   prepared activations [T or T*k, K] and their word sums (prepare_activations)
@@ -513,6 +539,8 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
     out      swiglu and split_k == 1: prepared act' [T*k, N] with word sums out_w; otherwise
              [split_k, T*k, N (2N with swiglu)] sums (float32, or the activation dtype)
     pdl      launch with programmatic dependent launch (kernels/pdl.py)
+    one_token (T = 1, rows 1) the rows are the token's k slots, read from the router's top-k
+             (grouped_gemm.one_token_routing): the plan's sorted tensors are not read, row j is slot j
     """
     E, n_w, K = qt.shape
     N = n_w // 2 if swiglu else n_w
@@ -525,15 +553,23 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
     words = packed_words(qt)
     grid = (max_row_blocks(plan.num_rows, E, rows), triton.cdiv(N, config.block_n), split_k)
     out_w = out_w if out_w is not None else out
+    if one_token:
+        if rows != 1 or one_token_routing(plan) is None:
+            raise ValueError("one_token needs rows = 1 and a plan that grouped_gemm.one_token_routing accepts")
+        ids, route_w = one_token_routing(plan)
+        routing = (ids, ids, route_w, ids)  # the kernel reads ids as each row's expert
+    else:
+        routing = (plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets)
     _gemv_kernel[grid](
-        xp, xw, words, qt.scales, z, out, out_w, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
-        plan.expert_offsets, ONE_BITS, xp.stride(0), xw.stride(0), words.stride(0), words.stride(1),
+        xp, xw, words, qt.scales, z, out, out_w, *routing, ONE_BITS, xp.stride(0), xw.stride(0), words.stride(0),
+        words.stride(1),
         *qt.scales.stride(), *z.stride(), 0 if act_out else out.stride(0), out.stride(-2),
         out_w.stride(0) if act_out else 0,
         N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        ONE_IN_MASK=one_in_mask(xp.device), num_warps=config.num_warps, **pdl_launch(pdl))
+        ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=plan.top_k if one_token else 0,
+        num_warps=config.num_warps, **pdl_launch(pdl))
 
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
@@ -590,15 +626,18 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     n_rows = plan.num_rows
     pdl = programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change between graph captures
 
+    # One token with a row per program: its k slots are the rows, read from the router's top-k (no sorting)
+    one_token = rows == 1 and one_token_routing(plan) is not None
+
     xp, xw = prepare_activations(x, pdl=pdl)
     act, act_w = _prepared_buffers(n_rows, F, x)
     if split1 == 1:  # SwiGLU in GEMM1's epilogue
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=1, gather_rows=True,
-                          swiglu=True, out=act, out_w=act_w, pdl=pdl)
+                          swiglu=True, out=act, out_w=act_w, pdl=pdl, one_token=one_token)
     else:
         part1 = _alloc_f32((split1, n_rows, 2 * F), x)
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=split1, gather_rows=True,
-                          swiglu=True, out=part1, pdl=pdl)
+                          swiglu=True, out=part1, pdl=pdl, one_token=one_token)
         block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
         _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
             part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0), SPLIT_K=split1,
@@ -606,11 +645,11 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     if split2 == 1 and k == 1:  # one slice, one slot per token: GEMM2 writes y
         y = _alloc((1, T, H), x)
         gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=1, weight_scatter=True,
-                          out=y, pdl=pdl)
+                          out=y, pdl=pdl, one_token=one_token)
         return y[0]
     part2 = _alloc_f32((split2, n_rows, H), x)
     gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
-                      out=part2, pdl=pdl)
+                      out=part2, pdl=pdl, one_token=one_token)
     return sum_slots(part2, T, k, x, pdl=pdl)
 
 
