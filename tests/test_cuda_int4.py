@@ -737,6 +737,18 @@ def test_gpu_bad_inputs_raise_clear_errors(ext):
         ext.gemm1_swiglu(**{**args, "sorted_token_ids": plan.sorted_token_ids.cpu()})
     with pytest.raises(RuntimeError, match="expert_offsets must have 5 entries"):
         ext.gemm1_swiglu(**{**args, "expert_offsets": plan.expert_offsets[:-1].contiguous()})
+    w2 = q.w2
+    t1 = dict(x=x[:1], w13_packed=w13.packed, w13_scales=w13.scales, w13_zeros=None, w13_group_size=32,
+              w2_packed=w2.packed, w2_scales=w2.scales, w2_zeros=None, w2_group_size=32, topk_ids=ids[:1],
+              topk_weights=tw[:1], version=2)
+    assert ext.forward_t1(**t1) is not None
+    with pytest.raises(RuntimeError, match="forward_t1 takes one token"):
+        ext.forward_t1(**{**t1, "x": x})
+    with pytest.raises(RuntimeError, match=r"topk_ids and topk_weights must both be \[1, k\]"):
+        ext.forward_t1(**{**t1, "topk_weights": tw[:1, :1]})
+    with pytest.raises(RuntimeError, match="routing must be on the activations' device"):
+        ext.forward_t1(**{**t1, "topk_ids": ids[:1].cpu()})
+    assert ext.forward_t1(**{**t1, "topk_weights": tw[:1].double()}) is None  # no float64 path: the caller's plan
 
 
 @pytest.mark.gpu
