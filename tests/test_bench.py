@@ -186,3 +186,23 @@ def test_write_csv_columns(tmp_path):
     assert path.read_text().splitlines() == ["a,b,c", "1,2,", ",3,4"]
     path = write_csv(tmp_path / "b.csv", [dict(a=1, b=2, z=9)], fieldnames=["b", "a", "c"])
     assert path.read_text().splitlines() == ["b,a,c", "2,1,"]
+
+
+def test_timed_forward_hands_the_backend_a_deferred_plan():
+    # The timed unit builds the plan deferred: a backend that reads no sorted tensor (cuda_int4 and the Triton
+    # fast paths at T = 1) launches no sorting at all; one that reads them gets the same plan, built on demand.
+    from moe_tut.bench.harness import timed_forward
+    from moe_tut.routing import RoutingPlan, simulate_routing
+
+    ids, tw = simulate_routing(1, 4, 2, seed=0)
+    eager = RoutingPlan.build(ids, tw, 4)
+    seen = []
+
+    def backend(x, weights, plan):
+        seen.append(plan.is_built)
+        offsets = plan.expert_offsets  # reading one builds all
+        seen.append(plan.is_built)
+        return offsets
+
+    offsets = timed_forward(backend, torch.zeros(1, 8), None, ids, tw, 4)()
+    assert seen == [False, True] and torch.equal(offsets, eager.expert_offsets)
