@@ -13,7 +13,8 @@ Routing weights are the softmax over each token's top-k logits (Mixtral's conven
 RoutingPlan. Computed once per routing and shared by all backends: token slots sorted by expert,
 per-expert counts and offsets, the inverse permutation, and (per block size) a block -> expert map.
 Everything stays on the device with no host sync, so a forward that builds a plan can be captured in
-a CUDA graph.
+a CUDA graph. A deferred plan (build(defer=True)) sorts on first read, so one token's forward, which reads
+only the router's top-k, sorts nothing.
 """
 
 from __future__ import annotations
@@ -254,8 +255,9 @@ class RoutingPlan:
                     sort above, up to its MAX_ROWS; on the CPU they need Triton's interpreter (tests
                     use this).
         `defer`: launch nothing now; the sorted tensors are built (on the stream current then) the first time
-        one is read. The harness times forwards this way, so a backend that needs no sorting (cuda_int4 for
-        one token) skips it. topk_ids and topk_weights must then stay unchanged until that first read.
+        one is read. The harness times forwards this way, so a backend that needs no sorting (one token on
+        cuda_int4, triton or triton_int4) skips it. topk_ids and topk_weights must then stay unchanged until
+        that first read.
         """
         if method not in PLAN_METHODS:
             raise ValueError(f"method must be one of {', '.join(PLAN_METHODS)}; got {method!r}")
