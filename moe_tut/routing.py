@@ -244,6 +244,9 @@ class RoutingPlan:
     def build(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
               validate: bool = True, *, method: str = "auto", defer: bool = False) -> RoutingPlan:
         """Group token slots by expert. `validate` checks ids are in range (a host sync: off when timing).
+        Without it an id outside [0, E) is sorted after every expert, into rows no expert owns: the grouped
+        backends leave that slot's output row unwritten, so y is undefined (the one-token paths of cuda_int4,
+        triton and triton_int4 give such a slot weight 0 instead). Validate wherever the ids are not trusted.
 
         `method` picks how the tensors are built; every method gives bit-identical results:
           "auto"    the Triton plan kernels (moe_tut.kernels.plan) for CUDA tensors with T*k <= its
