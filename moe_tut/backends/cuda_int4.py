@@ -221,12 +221,13 @@ def cuda_int4_forward(x: torch.Tensor, weights: Int4ExpertWeights, plan: Routing
     ext = load_extension()
     ext.set_programmatic_launch(programmatic_launch_enabled())  # the C side also checks for sm_90+
     w13, w2 = weights.w13, weights.w2
+    x = x.contiguous()
     if x.shape[0] == 1:  # one token: from the router's top-k, no sorted plan needed (None: not this call)
-        y = ext.forward_t1(x.contiguous(), w13.packed, w13.scales, w13.zeros, w13.group_size, w2.packed, w2.scales,
+        y = ext.forward_t1(x, w13.packed, w13.scales, w13.zeros, w13.group_size, w2.packed, w2.scales,
                            w2.zeros, w2.group_size, plan.topk_ids, plan.topk_weights, v)
         if y is not None:
             return y
-    return ext.forward(x.contiguous(), w13.packed, w13.scales, w13.zeros, w13.group_size,
+    return ext.forward(x, w13.packed, w13.scales, w13.zeros, w13.group_size,
                        w2.packed, w2.scales, w2.zeros, w2.group_size,
                        plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets,
                        plan.top_k, v)

@@ -706,7 +706,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                  scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
                  configs: list[TileConfig] | None = None, tma: bool | None = None, pdl: bool = False,
-                 one_token: bool = False) -> torch.Tensor:
+                 topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
 
     a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -721,9 +721,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  False, or None for MOE_TUT_TRITON_TMA / USE_TMA_DEFAULT; only where tma_supported()
                  and the tensors meet TMA's alignment rules, else the pointer loads
     pdl          launch with programmatic dependent launch (kernels/pdl.py)
-    one_token    (T = 1, version 4; see one_token_routing) the rows are the token's k slots in slot order, read
-                 from plan.topk_ids / topk_weights: the plan's sorted tensors are not read (a deferred plan stays
-                 unbuilt), out's row j is slot j, and scatter_rows changes nothing
+    topk_rows    (T = 1, version 4) one_token_routing(plan): the rows are the token's k slots in slot order,
+                 read from these views of the router's top-k; the plan's sorted tensors are not read (a deferred
+                 plan stays unbuilt), out's row j is slot j, and scatter_rows changes nothing
     """
     schedule = SCHEDULES[version]
     E, n_w, K = w.shape
@@ -754,10 +754,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         if len(configs) == 1:
             config = configs[0]
 
-    if one_token:
-        if version != 4 or one_token_routing(plan) is None:
-            raise ValueError("one_token needs version 4 and a plan that one_token_routing accepts")
-        ids, route_w = one_token_routing(plan)
+    if topk_rows is not None:
+        if version != 4:
+            raise ValueError(f"topk_rows needs version 4 (v4's schedule), got version {version}")
+        ids, route_w = topk_rows
         routing = (ids, ids, route_w, ids, ids, ids, ids)  # the kernel reads ids as each row block's expert
     elif schedule.map_from_offsets:
         block_expert = block_row_start = num_blocks = plan.expert_offsets  # unused by the kernel
@@ -780,7 +780,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         per_sm = persistent_programs_per_sm(bm, bn * (2 if swiglu else 1)) if on_gpu else 1
         return (min(tiles, sms * per_sm),)
 
-    if not one_token:
+    if topk_rows is None:
         routing = (plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets, block_expert,
                    block_row_start, num_blocks)
     args = (a, w, out, *routing,
@@ -789,7 +789,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
                  SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
                  PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, FLATTEN=flatten,
-                 WARP_SPECIALIZE=warp_specialize, ONE_TOKEN_TOPK=plan.top_k if one_token else 0,
+                 WARP_SPECIALIZE=warp_specialize, ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
                  **pdl_launch(pdl))
     if config is not None:
         _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -911,16 +911,16 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
             config, config2 = config or big, config2 or big
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan)
-    one_token = one_token_routing(plan) is not None  # T = 1: from the router's top-k, no sorting
+    topk_rows = one_token_routing(plan)  # T = 1: from the router's top-k, no sorting
     inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl, one_token=one_token)
+                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl, topk_rows=topk_rows)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     # GEMM2 keeps the plain launch: started early it made mixtral T=1 26 us slower on an H100 (249 -> 274 us,
     # results/h100/pdl_v1), most likely because its persistent programs then land on the SMs GEMM1 frees first,
     # more than one per SM, instead of one on each (the cause cuda_int4's GEMM2 showed, see csrc/moe_int4.cu).
     grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
-                 config=config2, configs=configs2, tma=tma, one_token=one_token)
+                 config=config2, configs=configs2, tma=tma, topk_rows=topk_rows)
     if k == 1:
         return out
     return sum_slots(out, T, k, x, pdl=pdl)

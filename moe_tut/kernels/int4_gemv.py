@@ -366,15 +366,13 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_slice = tl.program_id(2)
+    # With ONE_TOKEN_TOPK, x_rows_ptr holds topk_ids: read here as each row's expert (else not read here)
+    expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, x_rows_ptr, offsets_ptr, E, E_PAD, ROWS,
+                                                   True, ONE_TOKEN_TOPK)
     if ONE_TOKEN_TOPK > 0:
         tl.static_assert(ROWS == 1)
-        expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, x_rows_ptr, offsets_ptr, E, E_PAD, ROWS,
-                                                       False, ONE_TOKEN_TOPK)
         id_ok = expert >= 0  # an out-of-range id reads expert 0 and adds nothing (weight 0)
         expert = tl.maximum(expert, 0)
-    else:
-        expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, offsets_ptr, offsets_ptr, E, E_PAD,
-                                                       ROWS, True)
     if row_start < row_end:  # row blocks past the routing's last one do nothing
         rows = row_start + tl.arange(0, ROWS)
         row_ok = rows < row_end
@@ -530,7 +528,8 @@ def prepare_activations(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tenso
 def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *, rows: int,
                       config: GemvConfig, split_k: int, gather_rows: bool = False, swiglu: bool = False,
                       weight_scatter: bool = False, out: torch.Tensor | None = None,
-                      out_w: torch.Tensor | None = None, pdl: bool = False, one_token: bool = False) -> None:
+                      out_w: torch.Tensor | None = None, pdl: bool = False,
+                      topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w).
 
     xp, xw   prepared activations [T or T*k, K] and their word sums (prepare_activations)
@@ -539,8 +538,8 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
     out      swiglu and split_k == 1: prepared act' [T*k, N] with word sums out_w; otherwise
              [split_k, T*k, N (2N with swiglu)] sums (float32, or the activation dtype)
     pdl      launch with programmatic dependent launch (kernels/pdl.py)
-    one_token (T = 1, rows 1) the rows are the token's k slots, read from the router's top-k
-             (grouped_gemm.one_token_routing): the plan's sorted tensors are not read, row j is slot j
+    topk_rows (T = 1, rows 1) grouped_gemm.one_token_routing(plan): the rows are the token's k slots, read from
+             these views of the router's top-k; the plan's sorted tensors are not read, row j is slot j
     """
     E, n_w, K = qt.shape
     N = n_w // 2 if swiglu else n_w
@@ -553,10 +552,10 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
     words = packed_words(qt)
     grid = (max_row_blocks(plan.num_rows, E, rows), triton.cdiv(N, config.block_n), split_k)
     out_w = out_w if out_w is not None else out
-    if one_token:
-        if rows != 1 or one_token_routing(plan) is None:
-            raise ValueError("one_token needs rows = 1 and a plan that grouped_gemm.one_token_routing accepts")
-        ids, route_w = one_token_routing(plan)
+    if topk_rows is not None:
+        if rows != 1:
+            raise ValueError(f"topk_rows needs one row per program, got rows={rows}")
+        ids, route_w = topk_rows
         routing = (ids, ids, route_w, ids)  # the kernel reads ids as each row's expert
     else:
         routing = (plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets)
@@ -568,7 +567,7 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=plan.top_k if one_token else 0,
+        ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
         num_warps=config.num_warps, **pdl_launch(pdl))
 
 
@@ -627,17 +626,17 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     pdl = programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change between graph captures
 
     # One token with a row per program: its k slots are the rows, read from the router's top-k (no sorting)
-    one_token = rows == 1 and one_token_routing(plan) is not None
+    topk_rows = one_token_routing(plan) if rows == 1 else None
 
     xp, xw = prepare_activations(x, pdl=pdl)
     act, act_w = _prepared_buffers(n_rows, F, x)
     if split1 == 1:  # SwiGLU in GEMM1's epilogue
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=1, gather_rows=True,
-                          swiglu=True, out=act, out_w=act_w, pdl=pdl, one_token=one_token)
+                          swiglu=True, out=act, out_w=act_w, pdl=pdl, topk_rows=topk_rows)
     else:
         part1 = _alloc_f32((split1, n_rows, 2 * F), x)
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=split1, gather_rows=True,
-                          swiglu=True, out=part1, pdl=pdl, one_token=one_token)
+                          swiglu=True, out=part1, pdl=pdl, topk_rows=topk_rows)
         block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
         _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
             part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0), SPLIT_K=split1,
@@ -645,11 +644,11 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     if split2 == 1 and k == 1:  # one slice, one slot per token: GEMM2 writes y
         y = _alloc((1, T, H), x)
         gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=1, weight_scatter=True,
-                          out=y, pdl=pdl, one_token=one_token)
+                          out=y, pdl=pdl, topk_rows=topk_rows)
         return y[0]
     part2 = _alloc_f32((split2, n_rows, H), x)
     gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
-                      out=part2, pdl=pdl, one_token=one_token)
+                      out=part2, pdl=pdl, topk_rows=topk_rows)
     return sum_slots(part2, T, k, x, pdl=pdl)
 
 
