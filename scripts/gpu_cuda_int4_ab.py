@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-from moe_tut import ExpertWeights, get_preset
 from moe_tut.backends import cuda_int4 as ci4
 from moe_tut.bench.ceilings import measure_ceilings
-from moe_tut.bench.harness import run_point
+from moe_tut.bench.harness import compare_settings
 from moe_tut.bench.results import write_csv
-from moe_tut.env import PDL_ENV, environment
+from moe_tut.env import PDL_ENV
 
 
 def main() -> None:
@@ -44,24 +43,15 @@ def main() -> None:
         ci4.resolve_version(v)  # an unknown version fails here, before any weights are made
     dev = torch.device("cuda")
     ceilings = measure_ceilings(dev)
-    variants = [(v, pdl) for v in args.versions for pdl in args.pdl]
+    variants = {(v, pdl): {ci4.VERSION_ENV: str(v), PDL_ENV: str(pdl)} for v in args.versions for pdl in args.pdl}
     rows = []
-    for name in args.presets:
-        cfg = get_preset(name)
-        weights = ExpertWeights.random(cfg, device=dev, seed=0)
-        cache: dict = {}
-        for T in args.tokens:
-            for p in range(args.passes):
-                for v, pdl in variants if p % 2 == 0 else variants[::-1]:
-                    with environment({ci4.VERSION_ENV: str(v), PDL_ENV: str(pdl)}):
-                        (r,) = run_point(cfg, T, weights, ["cuda_int4"], ceilings, prepared_cache=cache)
-                    us, pct = r.median_ms * 1e3, r.roofline_pct  # NaN unless timed
-                    print(f"{name:14s} T={T:<3d} pass {p} v{v} pdl={pdl}  {r.status:8s} {us:8.1f} us  "
-                          f"{pct:5.1f}% of copy" + (f"  ({r.reason})" if r.reason else ""), flush=True)
-                    rows.append(dict(preset=name, T=T, pass_=p, version=v, pdl=pdl, status=r.status,
-                                     median_us=round(us, 2), pct_of_copy=round(pct, 1), reason=r.reason or ""))
-        del weights, cache
-        torch.cuda.empty_cache()
+    for name, T, p, (v, pdl), r in compare_settings(args.presets, args.tokens, ["cuda_int4"], variants, args.passes,
+                                                   ceilings, dev):
+        us, pct = r.median_ms * 1e3, r.roofline_pct  # NaN unless timed
+        print(f"{name:14s} T={T:<3d} pass {p} v{v} pdl={pdl}  {r.status:8s} {us:8.1f} us  "
+              f"{pct:5.1f}% of copy" + (f"  ({r.reason})" if r.reason else ""), flush=True)
+        rows.append(dict(preset=name, T=T, pass_=p, version=v, pdl=pdl, status=r.status,
+                         median_us=round(us, 2), pct_of_copy=round(pct, 1), reason=r.reason or ""))
     if args.out and rows:
         print(f"wrote {write_csv(Path(args.out) / 'cuda_int4_ab.csv', rows)}")
 

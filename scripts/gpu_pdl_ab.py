@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from moe_tut import ExpertWeights, get_preset
 from moe_tut.bench.ceilings import measure_ceilings
-from moe_tut.bench.harness import run_point
+from moe_tut.bench.harness import compare_settings
 from moe_tut.bench.results import write_csv
-from moe_tut.env import PDL_ENV, environment
+from moe_tut.env import PDL_ENV
 
 
 def main() -> None:
@@ -37,23 +36,14 @@ def main() -> None:
     dev = torch.device("cuda")
     ceilings = measure_ceilings(dev)
     rows = []
-    for name in args.presets:
-        cfg = get_preset(name)
-        weights = ExpertWeights.random(cfg, device=dev, seed=0)
-        cache: dict = {}
-        for T in args.tokens:
-            for p in range(args.passes):
-                for pdl in (1, 0) if p % 2 == 0 else (0, 1):
-                    with environment({PDL_ENV: str(pdl)}):
-                        point = run_point(cfg, T, weights, args.backends, ceilings, prepared_cache=cache)
-                    for r in point:
-                        us, pct = r.median_ms * 1e3, r.roofline_pct  # NaN unless timed
-                        print(f"{name:14s} T={T:<3d} pass {p} pdl={pdl} {r.backend:12s} {r.status:8s} {us:9.1f} us"
-                              f" {pct:5.1f}%" + (f"  ({r.reason})" if r.reason else ""), flush=True)
-                        rows.append(dict(preset=name, T=T, pass_=p, pdl=pdl, backend=r.backend, status=r.status,
-                                         median_us=round(us, 2), pct=round(pct, 1), reason=r.reason or ""))
-        del weights, cache
-        torch.cuda.empty_cache()
+    settings = {pdl: {PDL_ENV: str(pdl)} for pdl in (1, 0)}
+    for name, T, p, pdl, r in compare_settings(args.presets, args.tokens, args.backends, settings, args.passes,
+                                               ceilings, dev):
+        us, pct = r.median_ms * 1e3, r.roofline_pct  # NaN unless timed
+        print(f"{name:14s} T={T:<3d} pass {p} pdl={pdl} {r.backend:12s} {r.status:8s} {us:9.1f} us"
+              f" {pct:5.1f}%" + (f"  ({r.reason})" if r.reason else ""), flush=True)
+        rows.append(dict(preset=name, T=T, pass_=p, pdl=pdl, backend=r.backend, status=r.status,
+                         median_us=round(us, 2), pct=round(pct, 1), reason=r.reason or ""))
     if args.out and rows:
         print(f"wrote {write_csv(Path(args.out) / 'pdl_ab.csv', rows)}")
 

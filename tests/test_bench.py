@@ -206,3 +206,27 @@ def test_timed_forward_hands_the_backend_a_deferred_plan():
 
     offsets = timed_forward(backend, torch.zeros(1, 8), None, ids, tw, 4)()
     assert seen == [False, True] and torch.equal(offsets, eager.expert_offsets)
+
+
+def test_compare_settings_alternates_and_restores_the_environment(monkeypatch):
+    # The A/B scripts' loop: every point runs with its setting's variables set, the order flips on odd passes,
+    # and the variables are back as they were afterwards.
+    import os
+
+    from moe_tut.bench import harness
+
+    seen = []
+
+    def fake_run_point(cfg, T, weights, backend_names, ceilings, seed=0, prepared_cache=None):
+        seen.append((cfg.name, T, os.environ.get("MOE_TUT_AB_KNOB")))
+        return [harness.Row(cfg.name, T, "uniform", b, "ok") for b in backend_names]
+
+    monkeypatch.setattr(harness, "run_point", fake_run_point)
+    monkeypatch.delenv("MOE_TUT_AB_KNOB", raising=False)
+    settings = {("a", 1): {"MOE_TUT_AB_KNOB": "1"}, ("b", 2): {"MOE_TUT_AB_KNOB": "2"}}
+    out = list(harness.compare_settings(["debug"], [1, 3], ["naive", "bmm"], settings, 2, None, "cpu"))
+    assert seen == [("debug", 1, "1"), ("debug", 1, "2"), ("debug", 1, "2"), ("debug", 1, "1"),
+                    ("debug", 3, "1"), ("debug", 3, "2"), ("debug", 3, "2"), ("debug", 3, "1")]
+    assert [(T, p, label, r.backend) for _, T, p, label, r in out[:4]] == [
+        (1, 0, ("a", 1), "naive"), (1, 0, ("a", 1), "bmm"), (1, 0, ("b", 2), "naive"), (1, 0, ("b", 2), "bmm")]
+    assert len(out) == 16 and "MOE_TUT_AB_KNOB" not in os.environ

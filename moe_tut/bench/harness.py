@@ -9,13 +9,14 @@ RoutingPlan.build + the backend, on the same inputs in the same process.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..backends import get_backend
-from ..presets import MoEConfig
+from ..env import environment
+from ..presets import MoEConfig, get_preset
 from ..reference import moe_reference, relative_error
 from ..routing import RoutingPlan, RoutingStats, simulate_routing
 from ..weights import ExpertWeights
@@ -145,6 +146,34 @@ def run_point(cfg: MoEConfig, T: int, weights: ExpertWeights, backend_names: Ite
         if naive and r.status == "ok":
             r.speedup_vs_naive = naive.median_ms / r.median_ms
     return rows
+
+
+def compare_settings(presets: Iterable[str], tokens: Iterable[int], backend_names: Iterable[str],
+                     settings: dict[Hashable, dict[str, str]], passes: int, ceilings: Ceilings, device,
+                     seed: int = 0) -> Iterator[tuple[str, int, int, Hashable, Row]]:
+    """run_point under each of several settings, side by side in one process, for A/B scripts: yields
+    (preset, T, pass, setting label, Row) for every preset, T, pass, setting and backend.
+
+    `settings` maps a label (any hashable: a name, a tuple of knob values) to the environment variables it
+    sets (moe_tut.env.environment: set around the point, restored after). The settings run in their given
+    order on even passes and in reverse on odd ones, so a drift over the run favours none. Each preset's
+    weights are made once for all its points and freed before the next preset's."""
+    backend_names, tokens, labels = list(backend_names), list(tokens), list(settings)
+    for name in presets:
+        cfg = get_preset(name)
+        weights = ExpertWeights.random(cfg, device=device, seed=seed)
+        cache: dict = {}
+        for T in tokens:
+            for p in range(passes):
+                for label in labels if p % 2 == 0 else labels[::-1]:
+                    with environment(settings[label]):
+                        point = run_point(cfg, T, weights, backend_names, ceilings, seed=seed,
+                                          prepared_cache=cache)
+                    for row in point:
+                        yield name, T, p, label, row
+        del weights, cache
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _measure(backend, cfg, x, weights, plan, topk_ids, topk_weights, ref, stats: RoutingStats,
