@@ -1,5 +1,6 @@
 """Harness, memory checks, results files and the CLI end to end on the debug preset (CPU)."""
 
+import argparse
 import csv
 import json
 import math
@@ -230,3 +231,19 @@ def test_compare_settings_alternates_and_restores_the_environment(monkeypatch):
     assert [(T, p, label, r.backend) for _, T, p, label, r in out[:4]] == [
         (1, 0, ("a", 1), "naive"), (1, 0, ("a", 1), "bmm"), (1, 0, ("b", 2), "naive"), (1, 0, ("b", 2), "bmm")]
     assert len(out) == 16 and "MOE_TUT_AB_KNOB" not in os.environ
+
+
+def test_env_ab_script_parses_settings():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_env_ab.py"
+    spec = importlib.util.spec_from_file_location("gpu_env_ab", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse_setting("k:MOE_TUT_TRITON_CONFIG=128,128,64,8,8,4 MOE_TUT_PDL=0") == (
+        "k", {"MOE_TUT_TRITON_CONFIG": "128,128,64,8,8,4", "MOE_TUT_PDL": "0"})
+    assert script.parse_setting("as-is:") == ("as-is", {})
+    for bad in ("no-colon", ":A=1", "k:A", "k:=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            script.parse_setting(bad)

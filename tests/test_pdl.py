@@ -125,11 +125,11 @@ def assert_all_wait_first(launches: list[dict], plain: frozenset[int] = frozense
 
 PLAN = "_plan_kernel"
 DECODE_CHAINS = {  # (backend, T, variant): the kernels of the forward (plan included), in launch order
-    ("triton", 1, None): ["_moe_gemm_kernel", "_moe_gemm_kernel", "_sum_slots_kernel"],  # no plan: one token
+    ("triton", 1, None): ["_moe_gemm_kernel", "_moe_gemm_kernel"],  # no plan, GEMM2 sums the slots: one token
     ("triton", 16, None): [PLAN, "_moe_gemm_kernel", "_moe_gemm_kernel", "_sum_slots_kernel"],
-    ("triton_int4", 1, None): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_kernel", "_sum_slots_kernel"],
+    ("triton_int4", 1, None): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_kernel"],  # GEMM2 sums the slots
     ("triton_int4", 1, SPLIT_VARIANT): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_swiglu_finish_kernel",
-                                        "_gemv_kernel", "_sum_slots_kernel"],
+                                        "_gemv_kernel"],
     ("triton_int4", 16, None): [PLAN, "_moe_int4_kernel", "_moe_int4_kernel", "_sum_slots_kernel"],
     ("triton_int4", 16, SPLIT_VARIANT): [PLAN, "_moe_int4_kernel", "_swiglu_slices_kernel", "_moe_int4_kernel",
                                          "_sum_slots_kernel"],
@@ -200,6 +200,12 @@ kernels = {  # name: (JIT function, constexprs, pointer types, warps, stages)
               dict(a_ptr=bf16, w_ptr=bf16, c_ptr=bf16, row_scale_ptr=f32), 4, 4),
     "gemm2": (gg._moe_gemm_kernel.fn, dict(gemm, GATHER_A=False, SWIGLU=False, SCALE_ROWS=True, SCATTER_C=True),
               dict(a_ptr=bf16, w_ptr=bf16, c_ptr=bf16, row_scale_ptr=f32), 4, 4),
+    "gemm1_one_token_zeroes_arrivals": (gg._moe_gemm_kernel.fn, dict(gemm, GATHER_A=True, SWIGLU=True,
+                                        SCALE_ROWS=False, SCATTER_C=False, ONE_TOKEN_TOPK=8, ZERO_COUNTERS=True),
+                                        dict(a_ptr=bf16, w_ptr=bf16, c_ptr=bf16, row_scale_ptr=f32), 4, 4),
+    "gemm2_one_token_sums_slots": (gg._moe_gemm_kernel.fn, dict(gemm, GATHER_A=False, SWIGLU=False, SCALE_ROWS=True,
+                                   SCATTER_C=True, ONE_TOKEN_TOPK=8, SUM_SLOTS_LAST=True),
+                                   dict(a_ptr=bf16, w_ptr=bf16, c_ptr=bf16, row_scale_ptr=f32, y_ptr=bf16), 4, 4),
     "sum_slots": (gg._sum_slots_kernel, dict(TOP_K=8, SPLIT_K=2, BLOCK=1024), dict(part_ptr=f32, y_ptr=bf16), 4, 1),
     "int4_gemm1_splitk": (ig._moe_int4_kernel.fn, dict(int4, GATHER_A=True, SWIGLU=True, SCALE_ROWS=False,
                                                        SCATTER_C=False, SPLIT_K=2),
@@ -219,6 +225,13 @@ kernels = {  # name: (JIT function, constexprs, pointer types, warps, stages)
                                                 WEIGHT_SCATTER=True, SPLIT_K=2),
                           dict(x_ptr=f32, xw_ptr=f32, q_ptr="*i32", s_ptr=bf16, z_ptr=bf16, out_ptr=f32,
                                out_w_ptr=f32, row_weight_ptr=f32), 4, 1),
+    "gemv_prep_zeroes_arrivals": (gv._gemv_prep_kernel, dict(BLOCK=1024, ZERO_COUNTERS=True),
+                                  dict(x_ptr=bf16, xp_ptr=f32, xw_ptr=f32), 4, 1),
+    "gemv_gemm2_one_token_sums_slots": (gv._gemv_kernel, dict(gemv, N=4096, KW=256, GATHER_X=False, SWIGLU=False,
+                                        ACT_OUT=False, WEIGHT_SCATTER=True, SPLIT_K=2, ONE_TOKEN_TOPK=8,
+                                        SUM_SLOTS_LAST=True),
+                                        dict(x_ptr=f32, xw_ptr=f32, q_ptr="*i32", s_ptr=bf16, z_ptr=bf16, out_ptr=f32,
+                                             out_w_ptr=f32, row_weight_ptr=f32, y_ptr=bf16), 4, 1),
     "gemv_finish": (gv._gemv_swiglu_finish_kernel, dict(SPLIT_K=2, BLOCK=1024),
                     dict(part_ptr=f32, xp_ptr=f32, xw_ptr=f32), 4, 1),
     "plan": (plan._plan_kernel, dict(N_PAD=32, E_BINS=32), dict(ids_ptr="*i64", w_ptr=f32, sorted_w_ptr=f32), 1, 1),
@@ -246,7 +259,7 @@ def test_sm90_code_waits_before_any_global_memory_access():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 28
+    assert len(results) == 36
     for r in results:
         if not r["use_pdl"]:  # nothing emitted: the kernel is what it was before PDL
             assert r["wait"] == r["release"] == -1, r

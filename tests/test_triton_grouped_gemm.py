@@ -185,6 +185,46 @@ def test_one_token_path_out_of_range_id_adds_nothing():
     assert torch.equal(y, gg.moe_forward_triton(x, w, RoutingPlan.build(strided_copy(ok_ids), strided_copy(ok_w), 4)))
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_one_token_slot_sum_in_gemm2_equals_the_slot_sum_kernel(k, monkeypatch):
+    # T = 1: GEMM2's last program per column block sums the k slot rows (SUM_SLOTS_LAST); same bits as the
+    # separate slot-sum kernel. H = 72: a partial last column block of 64 / 32.
+    x, w, ids, tw, _ = make_case(8, 72, 40, k, 1, "uniform", seed=k)
+    plan = RoutingPlan.build(ids, tw, 8, defer=True)
+    for config in (None, SMALL):  # the interpreter's one big tile; 32-wide tiles: 3 column blocks
+        monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "kernel")
+        expected = gg.moe_forward_triton(x, w, plan, config=config)
+        monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "gemm2")
+        assert torch.equal(gg.moe_forward_triton(x, w, plan, config=config), expected)
+    assert not plan.is_built
+    monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "atomics")
+    with pytest.raises(ValueError, match="MOE_TUT_ONE_TOKEN_SUM"):
+        gg.moe_forward_triton(x, w, plan)
+
+
+def test_gemm1_zeroes_the_arrival_counters_and_gemm2_counts_every_slot():
+    E, H, F, k = 4, 64, 48, 3
+    x, w, ids, tw, _ = make_case(E, H, F, k, 1, "uniform")
+    plan = RoutingPlan.build(ids, tw, E, defer=True)
+    rows = gg.one_token_routing(plan)
+    arrivals = torch.full((H // 16,), 7, dtype=torch.int32, device=DEVICE)  # stale counts from anything
+    inter = gg.grouped_gemm(x, w.w13, plan, torch.empty(k, F, dtype=x.dtype, device=DEVICE), gather_rows=True,
+                            swiglu=True, config=SMALL, topk_rows=rows, zero_arrivals=arrivals)
+    assert torch.equal(arrivals, torch.zeros_like(arrivals))
+    out = torch.empty(k, H, dtype=x.dtype, device=DEVICE)
+    y = torch.full((1, H), float("nan"), dtype=x.dtype, device=DEVICE)
+    gg.grouped_gemm(inter, w.w2, plan, out, scale_rows=True, scatter_rows=True, config=SMALL, topk_rows=rows,
+                    sum_into=(y, arrivals))
+    assert torch.equal(y, gg.sum_slots(out, 1, k, x))
+    assert torch.equal(arrivals[:H // 32], torch.full((H // 32,), k, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="one tile config"):  # an autotuner would count its trial runs too
+        gg.grouped_gemm(inter, w.w2, plan, out, scale_rows=True, topk_rows=rows, sum_into=(y, arrivals),
+                        configs=[SMALL, gg.DEFAULT_CONFIG])
+    with pytest.raises(ValueError, match="at least 2 counters"):
+        gg.grouped_gemm(inter, w.w2, plan, out, scale_rows=True, topk_rows=rows, config=SMALL,
+                        sum_into=(y, arrivals[:1]))
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_zero_tokens(version):
     # T = 0: nothing to launch, an empty y
@@ -411,6 +451,38 @@ def test_gpu_mixtral_decode(T):
     plan = RoutingPlan.build(ids, tw, cfg.E)
     for version in ("v3", "fast"):
         check(gg.VERSIONS[version], x, w, ids, tw, plan)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", ["mixtral", "qwen3-30b-a3b", "deepseek-v3"])
+def test_gpu_one_token_slot_sum_in_gemm2(preset, monkeypatch):
+    # the arrival counters across SMs (acquire / release, .cg loads): the same bits as the slot-sum kernel,
+    # eagerly and over graph replays with new x and routing each time (the counters start at zero every forward)
+    cfg = get_preset(preset)
+    w = ExpertWeights.random(cfg, device="cuda")
+    x = torch.randn(1, cfg.H, device="cuda").bfloat16()
+    ids, tw = simulate_routing(1, cfg.E, cfg.top_k, "uniform", device="cuda")
+    plan = RoutingPlan.build(ids, tw, cfg.E, defer=True)
+
+    def both():
+        monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "kernel")
+        expected = gg.moe_forward_triton(x, w, plan)
+        monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "gemm2")
+        return expected, gg.moe_forward_triton(x, w, plan)
+
+    expected, y = both()
+    assert torch.equal(y, expected)
+    check(gg.moe_forward_triton, x, w, ids, tw, plan)
+    graph, y_graph = capture_graph(lambda: gg.moe_forward_triton(x, w, plan))
+    for seed in range(1, 6):
+        x.copy_(torch.randn(1, cfg.H, generator=torch.Generator().manual_seed(seed)).to("cuda", x.dtype))
+        new_ids, new_tw = simulate_routing(1, cfg.E, cfg.top_k, "uniform", seed=seed, device="cuda")
+        plan.topk_ids.copy_(new_ids)
+        plan.topk_weights.copy_(new_tw)
+        graph.replay()
+        monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "kernel")
+        assert torch.equal(y_graph, gg.moe_forward_triton(x, w, plan)), seed
 
 
 @gpu

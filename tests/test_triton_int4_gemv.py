@@ -14,6 +14,7 @@ import torch
 
 import moe_tut  # noqa: F401  (interpreter, before the kernels are defined)
 from moe_tut.bench.timing import capture_graph
+from moe_tut.kernels import grouped_gemm as gg
 from moe_tut.kernels import int4_gemm as ig
 from moe_tut.kernels import int4_gemv as gv
 from moe_tut.presets import custom
@@ -112,6 +113,22 @@ def test_one_token_path_reads_no_plan_and_matches_the_plan_path(case, kw, ids_dt
     sorted_plan = RoutingPlan.build(strided_copy(ids), strided_copy(tw), q.num_experts)
     assert gv.one_token_routing(sorted_plan) is None
     assert torch.equal(y, gv.moe_forward_int4_gemv(x, q, sorted_plan, **kw))
+
+
+@pytest.mark.parametrize("case,kw", [(dict(E=4, H=192, F=256, k=3, T=1, G=64), {}),  # partial column block of 128
+                                     (dict(E=4, H=256, F=512, k=2, T=1), dict(split_k=2)),
+                                     (dict(E=3, H=64, F=128, k=1, T=1, G=64), dict(split_k=2))],  # slices alone
+                         ids=["k3", "k2-split2", "k1-split2"])
+def test_one_token_slot_sum_in_gemm2_equals_the_slot_sum_kernel(case, kw, monkeypatch, nan_buffers):
+    # GEMM2's last program per column block sums the k slots and K slices (SUM_SLOTS_LAST): the same bits as the
+    # slot-sum kernel, and every element of y written (NaN-filled buffers)
+    x, q, ids, tw, _ = make_case(**case)
+    plan = RoutingPlan.build(ids, tw, q.num_experts, defer=True)
+    monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "kernel")
+    expected = gv.moe_forward_int4_gemv(x, q, plan, config2=gv.GemvConfig(128, 64, 4), **kw)
+    monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "gemm2")
+    y = gv.moe_forward_int4_gemv(x, q, plan, config2=gv.GemvConfig(128, 64, 4), **kw)
+    assert torch.equal(y, expected) and torch.isfinite(y).all()
 
 
 def test_one_token_path_out_of_range_id_adds_nothing():
@@ -382,3 +399,32 @@ def test_gpu_forward_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y_graph, y)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
+def test_gpu_one_token_slot_sum_in_gemm2(shape, monkeypatch):
+    # the arrival counters across SMs: the same bits as the slot-sum kernel, eagerly and over graph replays with
+    # new x and routing each time (the prep kernel zeroes the counters every forward)
+    E, H, F, k = GPU_SHAPES[shape]
+    q = gpu_weights(shape, True)
+    x = torch.randn(1, H, device=DEVICE).bfloat16()
+    ids, tw = simulate_routing(1, E, k, "uniform", device=DEVICE)
+    plan = RoutingPlan.build(ids, tw, E, defer=True)
+
+    def forward(mode):
+        monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, mode)
+        return gv.moe_forward_int4_gemv(x, q, plan)
+
+    assert torch.equal(forward("gemm2"), forward("kernel"))
+    check(x, q, ids, tw, plan)
+    monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "gemm2")
+    graph, y_graph = capture_graph(lambda: gv.moe_forward_int4_gemv(x, q, plan))
+    for seed in range(1, 6):
+        x.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(seed)).to(DEVICE, x.dtype))
+        new_ids, new_tw = simulate_routing(1, E, k, "uniform", seed=seed, device=DEVICE)
+        plan.topk_ids.copy_(new_ids)
+        plan.topk_weights.copy_(new_tw)
+        graph.replay()
+        assert torch.equal(y_graph, forward("kernel")), seed

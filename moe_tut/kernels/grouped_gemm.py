@@ -64,6 +64,10 @@ One token (fast path, T = 1): its k slots need no sorting, so the kernels read t
 topk_weights directly (ONE_TOKEN_TOPK = k; one_token_routing says when the plan allows it): row block j is slot
 j, one load finds its expert, and the RoutingPlan's sorted tensors are never read, so a plan built with
 defer=True launches nothing. 2.5-3.5 us less per T = 1 forward on an H100 (results/h100/triton_one_token_v1).
+There is no slot-sum kernel either (MOE_TUT_ONE_TOKEN_SUM=gemm2, the default): each GEMM2 program counts itself in
+at its column block's arrival counter once its slot's row is stored, and the k-th to arrive sums the k rows into y
+(_last_arrival_sums_slots; GEMM1 zeroes the counters). Same bits as the kernel; on an H100 deepseek-v3 T = 1 is
+1.9 us faster, mixtral, glm-4.5 and qwen3-30b-a3b within their spread (results/h100/one_token_sum_v1).
 
 Combine: each token's k rows come from k different experts, so they are written by different
 programs. We store them (already multiplied by their routing weight, rounded to x.dtype) at their
@@ -115,6 +119,7 @@ CONFIG2_ENV = "MOE_TUT_TRITON_CONFIG2"  # same format: pins the fast path's GEMM
 TMA_ENV = "MOE_TUT_TRITON_TMA"  # "1": weights (and GEMM2's A) through TMA tensor descriptors where supported
 LOOP_ENV = "MOE_TUT_TRITON_LOOP"  # "flatten", "ws" or "flatten,ws": tl.range options of the persistent loop
 DECODE_ENV = "MOE_TUT_DECODE_MAX_ROWS"  # overrides DECODE_MAX_ROWS_PER_EXPERT (an integer, 0 = never decode)
+ONE_TOKEN_SUM_ENV = "MOE_TUT_ONE_TOKEN_SUM"  # "gemm2" (default): T = 1 slots summed by GEMM2's last programs; "kernel"
 DECODE_MAX_ROWS_PER_EXPERT = 8  # at or below this many rows per expert (mean), use the decode config (H100: see LOG)
 DECODE_FILL_MARGIN = 0.2  # get_decode_configs: a narrower decode tile must fill the SMs this much better
 USE_TMA_DEFAULT = True  # TMA loads on sm_90+ for prefill shapes (H100, results/h100/LOG.md: v1)
@@ -255,6 +260,15 @@ def decode_max_rows() -> int:
     """The decode threshold: MOE_TUT_DECODE_MAX_ROWS if set, else DECODE_MAX_ROWS_PER_EXPERT."""
     text = os.environ.get(DECODE_ENV, "").strip()
     return int(text) if text else DECODE_MAX_ROWS_PER_EXPERT
+
+
+def one_token_sum_in_gemm2() -> bool:
+    """MOE_TUT_ONE_TOKEN_SUM: whether a one-token forward sums its k slots in GEMM2 ("gemm2", the default) or in
+    a slot-sum kernel after it ("kernel")."""
+    text = os.environ.get(ONE_TOKEN_SUM_ENV, "").strip().lower() or "gemm2"
+    if text not in ("gemm2", "kernel"):
+        raise ValueError(f"{ONE_TOKEN_SUM_ENV} takes 'gemm2' or 'kernel', got {text!r}")
+    return text == "gemm2"
 
 
 def is_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -437,6 +451,36 @@ def _locate_row_block(pid_m, offsets_ptr, block_expert_ptr, block_row_start_ptr,
 
 
 @triton.jit
+def _zero_arrivals(arrivals_ptr, num_arrivals):
+    """Program 0 sets the int32 counters arrivals[0 : num_arrivals] to zero (for a later SUM_SLOTS_LAST launch)."""
+    if tl.program_id(0) + tl.program_id(1) + tl.program_id(2) == 0:
+        for i in range(0, num_arrivals, 1024):
+            offs = i + tl.arange(0, 1024)
+            tl.store(arrivals_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < num_arrivals)
+
+
+@triton.jit
+def _last_arrival_sums_slots(part_ptr, stride_ps, stride_pm, stride_pn, offs_n, n_ok, y_ptr, arrivals_ptr, pid_n,
+                             SLICES: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Called by each program of a one-token launch after it stored its part of part[slice, slot, offs_n]: the
+    SLICES * TOP_K-th program to arrive at column block pid_n writes y[0, offs_n] = the sum over slices and slots
+    of part, float32 in sum_slots' order, rounded once to y's dtype (so the same bits as sum_slots).
+
+    Every thread's stores come before the barrier, which comes before thread 0's release (a scalar atomic is one
+    thread's); its acquire and the barrier after it order the loads below after every other program's stores
+    (the pattern of CUDA's threadfence reduction sample). .cg: read at L2, where the other SMs' stores are."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == SLICES * TOP_K - 1:
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for sl in tl.static_range(SLICES):
+            for j in tl.static_range(TOP_K):
+                total += tl.load(part_ptr + sl * stride_ps + j * stride_pm + offs_n * stride_pn, mask=n_ok, other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)
+        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _gemm_tile(tile, num_pid_m, num_pid_n,
                a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                offsets_ptr, block_expert_ptr, block_row_start_ptr, N, K,
@@ -446,8 +490,13 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
                SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr, MAP_FROM_OFFSETS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_W: tl.constexpr, TMA_A: tl.constexpr,
-               ONE_TOKEN_TOPK: tl.constexpr):
-    """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store."""
+               ONE_TOKEN_TOPK: tl.constexpr, y_ptr, arrivals_ptr, SUM_SLOTS_LAST: tl.constexpr):
+    """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store.
+
+    SUM_SLOTS_LAST (ONE_TOKEN_TOPK = k > 1): after storing its slot's row, the program counts itself in at
+    arrivals[pid_n]; the k-th to arrive for a column block sums the k stored rows of those columns into y,
+    in slot order and float32, rounded once (sum_slots' arithmetic, so the same bits), and no slot-sum
+    kernel runs. The counters must be zero at launch (the GEMM1 before it zeroes them: ZERO_COUNTERS)."""
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, block_expert_ptr,
                                                    block_row_start_ptr, E, E_PAD, BLOCK_M,
@@ -514,6 +563,9 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
         c_rows = rows
     c_ptrs = c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    if SUM_SLOTS_LAST:
+        _last_arrival_sums_slots(c_ptr, 0, stride_cm, stride_cn, offs_n, n_ok, y_ptr, arrivals_ptr, pid_n, 1,
+                                 ONE_TOKEN_TOPK, BLOCK_N)
 
 
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -529,8 +581,12 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      TMA_W: tl.constexpr = False, TMA_A: tl.constexpr = False,
                      FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
-                     USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0):
+                     USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0,
+                     y_ptr=None, arrivals_ptr=None, num_arrivals=0, SUM_SLOTS_LAST: tl.constexpr = False,
+                     ZERO_COUNTERS: tl.constexpr = False):
     wait_for_previous_kernel(USE_PDL)  # first: making a TMA descriptor below writes global scratch
+    if ZERO_COUNTERS:  # for the GEMM2 that follows (SUM_SLOTS_LAST): its arrival counters start at zero
+        _zero_arrivals(arrivals_ptr, num_arrivals)
     # Descriptors are made once per program (in-kernel: a little global scratch from the allocator
     # given to triton.set_allocator), not per tile.
     if TMA_W:
@@ -561,7 +617,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
                        MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A,
-                       ONE_TOKEN_TOPK)
+                       ONE_TOKEN_TOPK, y_ptr, arrivals_ptr, SUM_SLOTS_LAST)
     else:
         tile = tl.program_id(0)
         if tile < num_tiles:  # the grid is a host-side upper bound; the rest exit at once
@@ -570,7 +626,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
                        MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A,
-                       ONE_TOKEN_TOPK)
+                       ONE_TOKEN_TOPK, y_ptr, arrivals_ptr, SUM_SLOTS_LAST)
 
 
 def _autotune_bench(fn, quantiles):
@@ -706,7 +762,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                  scatter_rows: bool = False, version: int = 4, config: TileConfig | None = None,
                  configs: list[TileConfig] | None = None, tma: bool | None = None, pdl: bool = False,
-                 topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 sum_into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 zero_arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
 
     a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -724,6 +782,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     topk_rows    (T = 1, version 4) one_token_routing(plan): the rows are the token's k slots in slot order,
                  read from these views of the router's top-k; the plan's sorted tensors are not read (a deferred
                  plan stays unbuilt), out's row j is slot j, and scatter_rows changes nothing
+    sum_into     (with topk_rows and k > 1, one fixed config) (y [1, N], arrivals [>= cdiv(N, BLOCK_N)] int32,
+                 all zero): also y = the sum of out's k rows, done by the last program of each column block to
+                 store its slot's row (_gemm_tile, SUM_SLOTS_LAST); the counters are left at k, not zero
+    zero_arrivals int32 counters this launch zeroes (before its own work) for a later sum_into launch
     """
     schedule = SCHEDULES[version]
     E, n_w, K = w.shape
@@ -754,6 +816,18 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         if len(configs) == 1:
             config = configs[0]
 
+    if sum_into is not None:
+        if topk_rows is None or plan.top_k < 2 or config is None:
+            raise ValueError("sum_into needs topk_rows, top_k > 1 and one tile config (the autotuner's trial "
+                             "launches would count arrivals too)")
+        y, arrivals = sum_into
+        if y.shape != (1, N) or not y.is_contiguous() or arrivals.dtype != torch.int32 \
+                or arrivals.numel() < triton.cdiv(N, config.block_n):
+            raise ValueError(f"sum_into: y must be [1, {N}] contiguous and arrivals int32 with at least "
+                             f"{triton.cdiv(N, config.block_n)} counters; got y {tuple(y.shape)}, arrivals "
+                             f"{tuple(arrivals.shape)} {arrivals.dtype}")
+    if zero_arrivals is not None and zero_arrivals.dtype != torch.int32:
+        raise ValueError(f"zero_arrivals must be int32, got {zero_arrivals.dtype}")
     if topk_rows is not None:
         if version != 4:
             raise ValueError(f"topk_rows needs version 4 (v4's schedule), got version {version}")
@@ -791,6 +865,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, FLATTEN=flatten,
                  WARP_SPECIALIZE=warp_specialize, ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
                  **pdl_launch(pdl))
+    if sum_into is not None:
+        flags.update(y_ptr=sum_into[0], arrivals_ptr=sum_into[1], SUM_SLOTS_LAST=True)
+    elif zero_arrivals is not None:
+        flags.update(arrivals_ptr=zero_arrivals, num_arrivals=zero_arrivals.numel(), ZERO_COUNTERS=True)
     if config is not None:
         _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -912,18 +990,25 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan)
     topk_rows = one_token_routing(plan)  # T = 1: from the router's top-k, no sorting
+    # T = 1, k > 1, one known GEMM2 tile: GEMM2's last program per column block sums the slots (no third kernel)
+    gemm2_config = config2 or (configs2[0] if configs2 is not None and len(configs2) == 1 else None)
+    sum_in_gemm2 = topk_rows is not None and k > 1 and gemm2_config is not None and one_token_sum_in_gemm2()
+    arrivals = torch.empty(triton.cdiv(H, 16), dtype=torch.int32, device=x.device) if sum_in_gemm2 else None
     inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl, topk_rows=topk_rows)
+                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl, topk_rows=topk_rows,
+                         zero_arrivals=arrivals)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
+    y = _alloc((T, H), x) if sum_in_gemm2 else None
     # GEMM2 keeps the plain launch: started early it made mixtral T=1 26 us slower on an H100 (249 -> 274 us,
     # results/h100/pdl_v1), most likely because its persistent programs then land on the SMs GEMM1 frees first,
     # more than one per SM, instead of one on each (the cause cuda_int4's GEMM2 showed, see csrc/moe_int4.cu).
     grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
-                 config=config2, configs=configs2, tma=tma, topk_rows=topk_rows)
+                 config=gemm2_config if sum_in_gemm2 else config2, configs=configs2, tma=tma, topk_rows=topk_rows,
+                 sum_into=(y, arrivals) if sum_in_gemm2 else None)
     if k == 1:
         return out
-    return sum_slots(out, T, k, x, pdl=pdl)
+    return y if sum_in_gemm2 else sum_slots(out, T, k, x, pdl=pdl)
 
 
 VERSIONS = {

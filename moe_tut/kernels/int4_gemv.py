@@ -18,6 +18,8 @@ Pipeline (5 launches at most; none needs a host sync, so a forward can be captur
       --GEMM1 (gather rows, w13, SwiGLU)--> act' [T*k, F] float32 + word sums     (sorted row order)
       --GEMM2 (w2, * routing weight, scatter to slot t*k+j)--> part [S, T*k, H] float32
       --sum over K slices, then over the k slots, fixed order--> y [T, H]
+    (one token, ROWS 1: GEMM2's last program per column block does that sum, no slot-sum kernel: see
+    grouped_gemm._last_arrival_sums_slots; the prep kernel zeroes its counters)
     With split-K, GEMM1 writes float32 partial sums [S, T*k, 2F] and a finisher applies the SwiGLU;
     with one K slice and top_k = 1, GEMM2 writes y itself. No float atomics: deterministic. On sm_90+ every
     launch uses programmatic dependent launch (kernels/pdl.py; MOE_TUT_PDL=0 turns it off).
@@ -96,10 +98,13 @@ from .grouped_gemm import (
     _alloc,
     _capability,
     _cuda_index,
+    _last_arrival_sums_slots,
     _locate_row_block,
+    _zero_arrivals,
     max_row_blocks,
     num_sms,
     one_token_routing,
+    one_token_sum_in_gemm2,
     sum_slots,
 )
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
@@ -281,9 +286,13 @@ def _store_prepared(vals, dst_rows, row_ok, c0, N, xp_ptr, xw_ptr, stride_pm, st
 
 @triton.jit
 def _gemv_prep_kernel(x_ptr, xp_ptr, xw_ptr, K, stride_xm, stride_xk, stride_pm, stride_wm, BLOCK: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
-    """x [T, K] (bf16/fp16) -> x' [T, K] float32 and word sums [T, K/8] (_store_prepared). Grid (T, K blocks)."""
+                      USE_PDL: tl.constexpr = False, arrivals_ptr=None, num_arrivals=0,
+                      ZERO_COUNTERS: tl.constexpr = False):
+    """x [T, K] (bf16/fp16) -> x' [T, K] float32 and word sums [T, K/8] (_store_prepared). Grid (T, K blocks).
+    ZERO_COUNTERS: also zero the arrival counters of the GEMM2 that sums the slots (SUM_SLOTS_LAST)."""
     wait_for_previous_kernel(USE_PDL)
+    if ZERO_COUNTERS:
+        _zero_arrivals(arrivals_ptr, num_arrivals)
     row = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK
     offs = c0 + tl.arange(0, BLOCK)
@@ -343,7 +352,8 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                  GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, GATHER_X: tl.constexpr, SWIGLU: tl.constexpr,
                  ACT_OUT: tl.constexpr, WEIGHT_SCATTER: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False,
-                 USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0):
+                 USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0, y_ptr=None, arrivals_ptr=None,
+                 SUM_SLOTS_LAST: tl.constexpr = False):
     """One program: ROWS sorted rows of one expert x BLOCK_N output columns x one K slice.
 
     x_ptr/xw_ptr  prepared activations x' [*, 8*KW] and word sums [*, KW] (rows: x_rows[r] with GATHER_X)
@@ -354,6 +364,9 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
     ONE_TOKEN_TOPK = k > 0 (T = 1, ROWS 1): row r is slot r of the single token, its expert x_rows_ptr[r] (the
                   router's topk_ids) and its weight row_weight_ptr[r] (topk_weights); no RoutingPlan is read,
                   the activation row is 0 and the output row r (grouped_gemm._locate_row_block)
+    SUM_SLOTS_LAST (ONE_TOKEN_TOPK = k, not ACT_OUT): the last of the k * SPLIT_K programs of a column block to
+                  store writes y[0, columns] = the sum of out over slices and slots (grouped_gemm.
+                  _last_arrival_sums_slots; arrivals zeroed by the prep kernel)
     N and KW (words per weight row) are constexprs: the 8 activation loads per step then sit at constant
     offsets of one address (no address arithmetic each), and the compiler knows the word offsets are
     16-byte aligned, so the packed-word loads are 128-bit.
@@ -452,6 +465,10 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
             tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=o_mask)
             if SWIGLU:
                 tl.store(o_ptrs + N, tl.sum(acc_up, axis=2).to(out_ptr.dtype.element_ty), mask=o_mask)
+            if SUM_SLOTS_LAST:
+                tl.static_assert(ONE_TOKEN_TOPK > 0 and not SWIGLU)
+                _last_arrival_sums_slots(out_ptr, stride_os, stride_om, 1, offs_n, n_ok, y_ptr, arrivals_ptr, pid_n,
+                                         SPLIT_K, ONE_TOKEN_TOPK, BLOCK_N)
 
 
 @triton.jit
@@ -513,15 +530,19 @@ def unprepare_activations(xp: torch.Tensor) -> torch.Tensor:
     return words.transpose(1, 2).reshape(M, K)
 
 
-def prepare_activations(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_activations(x: torch.Tensor, pdl: bool = False, zero_arrivals: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] -> (x' [T, K] float32, word sums [T, K/8] float32), the GEMV input layout (_store_prepared).
-    pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
+    pdl: launch with programmatic dependent launch (kernels/pdl.py). zero_arrivals: int32 counters to zero too
+    (for a GEMM2 with sum_into)."""
     T, K = x.shape
     xp, xw = _prepared_buffers(T, K, x)
     if T:
         block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(K))
+        zero = {} if zero_arrivals is None else dict(arrivals_ptr=zero_arrivals, num_arrivals=zero_arrivals.numel(),
+                                                     ZERO_COUNTERS=True)
         _gemv_prep_kernel[(T, triton.cdiv(K, block))](x, xp, xw, K, x.stride(0), x.stride(1), xp.stride(0),
-                                                      xw.stride(0), BLOCK=block, **pdl_launch(pdl))
+                                                      xw.stride(0), BLOCK=block, **zero, **pdl_launch(pdl))
     return xp, xw
 
 
@@ -529,7 +550,8 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
                       config: GemvConfig, split_k: int, gather_rows: bool = False, swiglu: bool = False,
                       weight_scatter: bool = False, out: torch.Tensor | None = None,
                       out_w: torch.Tensor | None = None, pdl: bool = False,
-                      topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                      topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      sum_into: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w).
 
     xp, xw   prepared activations [T or T*k, K] and their word sums (prepare_activations)
@@ -540,6 +562,8 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
     pdl      launch with programmatic dependent launch (kernels/pdl.py)
     topk_rows (T = 1, rows 1) grouped_gemm.one_token_routing(plan): the rows are the token's k slots, read from
              these views of the router's top-k; the plan's sorted tensors are not read, row j is slot j
+    sum_into (with topk_rows, not swiglu) (y [1, N], arrivals [>= N blocks] int32, all zero): also y = the sum of
+             out over slices and slots, by the last program of each column block (SUM_SLOTS_LAST)
     """
     E, n_w, K = qt.shape
     N = n_w // 2 if swiglu else n_w
@@ -559,6 +583,14 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         routing = (ids, ids, route_w, ids)  # the kernel reads ids as each row's expert
     else:
         routing = (plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets)
+    fused_sum = {}
+    if sum_into is not None:
+        y, arrivals = sum_into
+        if topk_rows is None or swiglu or y.shape != (1, N) or not y.is_contiguous() \
+                or arrivals.dtype != torch.int32 or arrivals.numel() < grid[1]:
+            raise ValueError(f"sum_into needs topk_rows, no swiglu, y [1, {N}] contiguous and {grid[1]} int32 "
+                             f"counters; got y {tuple(y.shape)}, arrivals {tuple(arrivals.shape)} {arrivals.dtype}")
+        fused_sum = dict(y_ptr=y, arrivals_ptr=arrivals, SUM_SLOTS_LAST=True)
     _gemv_kernel[grid](
         xp, xw, words, qt.scales, z, out, out_w, *routing, ONE_BITS, xp.stride(0), xw.stride(0), words.stride(0),
         words.stride(1),
@@ -568,7 +600,7 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
-        num_warps=config.num_warps, **pdl_launch(pdl))
+        num_warps=config.num_warps, **fused_sum, **pdl_launch(pdl))
 
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
@@ -627,8 +659,12 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
 
     # One token with a row per program: its k slots are the rows, read from the router's top-k (no sorting)
     topk_rows = one_token_routing(plan) if rows == 1 else None
+    # and then GEMM2's last program per column block sums the slots and K slices: no slot-sum kernel
+    sum_in_gemm2 = topk_rows is not None and (k > 1 or split2 > 1) and one_token_sum_in_gemm2()
+    arrivals = torch.empty(triton.cdiv(H, config2.block_n), dtype=torch.int32, device=x.device) \
+        if sum_in_gemm2 else None
 
-    xp, xw = prepare_activations(x, pdl=pdl)
+    xp, xw = prepare_activations(x, pdl=pdl, zero_arrivals=arrivals)
     act, act_w = _prepared_buffers(n_rows, F, x)
     if split1 == 1:  # SwiGLU in GEMM1's epilogue
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=1, gather_rows=True,
@@ -647,9 +683,10 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
                           out=y, pdl=pdl, topk_rows=topk_rows)
         return y[0]
     part2 = _alloc_f32((split2, n_rows, H), x)
+    y = _alloc((T, H), x) if sum_in_gemm2 else None
     gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
-                      out=part2, pdl=pdl, topk_rows=topk_rows)
-    return sum_slots(part2, T, k, x, pdl=pdl)
+                      out=part2, pdl=pdl, topk_rows=topk_rows, sum_into=(y, arrivals) if sum_in_gemm2 else None)
+    return y if sum_in_gemm2 else sum_slots(part2, T, k, x, pdl=pdl)
 
 
 def gemv_extra_bytes(T: int, top_k: int, H: int, F: int, split1: int = 1, split2: int = 1) -> int:
