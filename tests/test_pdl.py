@@ -128,8 +128,7 @@ DECODE_CHAINS = {  # (backend, T, variant): the kernels of the forward (plan inc
     ("triton", 1, None): ["_moe_gemm_kernel", "_moe_gemm_kernel"],  # no plan, GEMM2 sums the slots: one token
     ("triton", 16, None): [PLAN, "_moe_gemm_kernel", "_moe_gemm_kernel", "_sum_slots_kernel"],
     ("triton_int4", 1, None): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_kernel"],  # GEMM2 sums the slots
-    ("triton_int4", 1, SPLIT_VARIANT): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_swiglu_finish_kernel",
-                                        "_gemv_kernel"],
+    ("triton_int4", 1, SPLIT_VARIANT): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_kernel"],  # GEMM1 finishes too
     ("triton_int4", 16, None): [PLAN, "_moe_int4_kernel", "_moe_int4_kernel", "_sum_slots_kernel"],
     ("triton_int4", 16, SPLIT_VARIANT): [PLAN, "_moe_int4_kernel", "_swiglu_slices_kernel", "_moe_int4_kernel",
                                          "_sum_slots_kernel"],
@@ -232,6 +231,10 @@ kernels = {  # name: (JIT function, constexprs, pointer types, warps, stages)
                                         SUM_SLOTS_LAST=True),
                                         dict(x_ptr=f32, xw_ptr=f32, q_ptr="*i32", s_ptr=bf16, z_ptr=bf16, out_ptr=f32,
                                              out_w_ptr=f32, row_weight_ptr=f32, y_ptr=bf16), 4, 1),
+    "gemv_gemm1_split_finishes": (gv._gemv_kernel, dict(gemv, N=2048, KW=512, GATHER_X=True, SWIGLU=True,
+                                  ACT_OUT=False, WEIGHT_SCATTER=False, SPLIT_K=2, FINISH_LAST=True),
+                                  dict(x_ptr=f32, xw_ptr=f32, q_ptr="*i32", s_ptr=bf16, z_ptr=bf16, out_ptr=f32,
+                                       out_w_ptr=f32, row_weight_ptr=f32, act_ptr=f32, act_w_ptr=f32), 4, 1),
     "gemv_finish": (gv._gemv_swiglu_finish_kernel, dict(SPLIT_K=2, BLOCK=1024),
                     dict(part_ptr=f32, xp_ptr=f32, xw_ptr=f32), 4, 1),
     "plan": (plan._plan_kernel, dict(N_PAD=32, E_BINS=32), dict(ids_ptr="*i64", w_ptr=f32, sorted_w_ptr=f32), 1, 1),
@@ -259,7 +262,7 @@ def test_sm90_code_waits_before_any_global_memory_access():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 36
+    assert len(results) == 38
     for r in results:
         if not r["use_pdl"]:  # nothing emitted: the kernel is what it was before PDL
             assert r["wait"] == r["release"] == -1, r

@@ -131,6 +131,25 @@ def test_one_token_slot_sum_in_gemm2_equals_the_slot_sum_kernel(case, kw, monkey
     assert torch.equal(y, expected) and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("case,kw", [(dict(E=4, H=256, F=192, k=2, T=1, G=64), dict(split_k=2)),  # partial column block
+                                     (dict(E=5, H=256, F=128, k=3, T=3, G=64, symmetric=False), dict(split_k=4)),
+                                     (dict(E=2, H=256, F=128, k=2, T=4), dict(split_k=2, rows=2))],
+                         ids=["T1-split2", "T3-asym-split4", "T4-rows2-split2"])
+def test_split_gemm1_finishes_the_swiglu_in_its_last_slice(case, kw, monkeypatch, nan_buffers):
+    # the last K slice of each GEMM1 tile applies the SwiGLU and stores act' prepared (FINISH_LAST): the same bits
+    # as the finisher kernel, every element written, one token (no plan) and plan paths with 1-2 rows per program
+    x, q, ids, tw, plan = make_case(**case)
+    config = GemvConfig(64, 64, 4)
+    monkeypatch.setenv(gv.FINISH_ENV, "kernel")
+    expected = gv.moe_forward_int4_gemv(x, q, plan, config=config, **kw)
+    monkeypatch.setenv(gv.FINISH_ENV, "gemm1")
+    y = check(x, q, ids, tw, plan, config=config, **kw)
+    assert torch.equal(y, expected) and torch.isfinite(y).all()
+    monkeypatch.setenv(gv.FINISH_ENV, "later")
+    with pytest.raises(ValueError, match="MOE_TUT_GEMV_FINISH"):
+        gv.moe_forward_int4_gemv(x, q, plan, config=config, **kw)
+
+
 def test_one_token_path_out_of_range_id_adds_nothing():
     x, q, _, tw, _ = make_case(E=4, H=64, F=128, k=3, T=1, G=64)
     ids = torch.tensor([[1, 9, 0]], device=DEVICE)
@@ -428,3 +447,35 @@ def test_gpu_one_token_slot_sum_in_gemm2(shape, monkeypatch):
         plan.topk_weights.copy_(new_tw)
         graph.replay()
         assert torch.equal(y_graph, forward("kernel")), seed
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
+def test_gpu_split_gemm1_finishes_in_its_last_slice(shape, T, symmetric, monkeypatch):
+    # the arrival counters of GEMM1's K slices across SMs, over graph replays with new x each time. Symmetric: the
+    # same bits as the finisher kernel. With zero points act' also carries word sums, which the two kernels add in
+    # another order on the GPU (a bf16 ulp in a few outputs; measured on an H100: 1-8 of 4096-16384)
+    E, H, F, k = GPU_SHAPES[shape]
+    q = gpu_weights(shape, symmetric)
+    ids, tw = simulate_routing(T, E, k, "uniform", seed=T, device=DEVICE)
+    x = torch.randn(T, H, device=DEVICE).bfloat16()
+    plan = RoutingPlan.build(ids, tw, E)
+
+    def forward(mode):
+        monkeypatch.setenv(gv.FINISH_ENV, mode)
+        return gv.moe_forward_int4_gemv(x, q, plan, split_k=4)
+
+    def same(a, b):
+        return torch.equal(a, b) if symmetric else relative_error(a, b) < 1e-3
+
+    assert same(forward("gemm1"), forward("kernel"))
+    check(x, q, ids, tw, plan, split_k=4)
+    monkeypatch.setenv(gv.FINISH_ENV, "gemm1")
+    graph, y_graph = capture_graph(lambda: gv.moe_forward_int4_gemv(x, q, plan, split_k=4))
+    for seed in range(1, 4):
+        x.copy_(torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(DEVICE, x.dtype))
+        graph.replay()
+        assert same(y_graph, forward("kernel")), seed

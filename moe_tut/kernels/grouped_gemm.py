@@ -214,7 +214,9 @@ def get_autotune_configs(fused_gate_up: bool = False) -> list[TileConfig]:
     ]
     if not fused_gate_up:
         return plain
-    return [replace(c, block_n=max(16, c.block_n // 2)) for c in plain]
+    # + 64-row tiles with 8 warps for GEMM1: H100 (results/h100/prefill_knobs_v1) deepseek T=1024 (128 rows per
+    # expert, memory-bound) 8.01-8.07 -> 7.73-7.81 ms; slower at every compute-bound shape measured
+    return [replace(c, block_n=max(16, c.block_n // 2)) for c in plain] + [TileConfig(64, 128, 64, 8, 8, 4)]
 
 
 def get_decode_configs(N: int, est_row_blocks: int, num_sms: int, fused_gate_up: bool = False,

@@ -20,7 +20,8 @@ Pipeline (5 launches at most; none needs a host sync, so a forward can be captur
       --sum over K slices, then over the k slots, fixed order--> y [T, H]
     (one token, ROWS 1: GEMM2's last program per column block does that sum, no slot-sum kernel: see
     grouped_gemm._last_arrival_sums_slots; the prep kernel zeroes its counters)
-    With split-K, GEMM1 writes float32 partial sums [S, T*k, 2F] and a finisher applies the SwiGLU;
+    With split-K, GEMM1 writes float32 partial sums [S, T*k, 2F] and the last K slice of each tile to finish adds
+    them and applies the SwiGLU (FINISH_LAST; MOE_TUT_GEMV_FINISH=kernel: a finisher kernel instead);
     with one K slice and top_k = 1, GEMM2 writes y itself. No float atomics: deterministic. On sm_90+ every
     launch uses programmatic dependent launch (kernels/pdl.py; MOE_TUT_PDL=0 turns it off).
 
@@ -85,6 +86,7 @@ prepare_activations_reference spells out the x' layout.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -110,6 +112,7 @@ from .grouped_gemm import (
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
 from .pdl import pdl_launch, wait_for_previous_kernel
 
+FINISH_ENV = "MOE_TUT_GEMV_FINISH"  # "gemm1" (default): split GEMM1's last K slice applies the SwiGLU; "kernel"
 MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
 # Split K until a GEMM has this many programs per SM (or the limits below). 7, not 4: mixtral T=1's GEMM1 (896
 # programs, 6.8 per SM, up to 9 resident) waited on DRAM latency (ncu: 43% of DRAM peak; results/h100/
@@ -187,6 +190,15 @@ CANDIDATE_CONFIGS = (
     GemvConfig(64, 128, 8),
     GemvConfig(128, 128, 8),
 )
+
+
+def finish_in_gemm() -> bool:
+    """MOE_TUT_GEMV_FINISH: whether a GEMM1 split along K applies the SwiGLU in its last K slice per tile ("gemm1",
+    the default) or in a finisher kernel after it ("kernel")."""
+    text = os.environ.get(FINISH_ENV, "").strip().lower() or "gemm1"
+    if text not in ("gemm1", "kernel"):
+        raise ValueError(f"{FINISH_ENV} takes 'gemm1' or 'kernel', got {text!r}")
+    return text == "gemm1"
 
 
 def rows_per_block(num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -353,7 +365,8 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                  ACT_OUT: tl.constexpr, WEIGHT_SCATTER: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False,
                  USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0, y_ptr=None, arrivals_ptr=None,
-                 SUM_SLOTS_LAST: tl.constexpr = False):
+                 SUM_SLOTS_LAST: tl.constexpr = False, act_ptr=None, act_w_ptr=None, stride_am=0, stride_awm=0,
+                 FINISH_LAST: tl.constexpr = False):
     """One program: ROWS sorted rows of one expert x BLOCK_N output columns x one K slice.
 
     x_ptr/xw_ptr  prepared activations x' [*, 8*KW] and word sums [*, KW] (rows: x_rows[r] with GATHER_X)
@@ -367,6 +380,10 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
     SUM_SLOTS_LAST (ONE_TOKEN_TOPK = k, not ACT_OUT): the last of the k * SPLIT_K programs of a column block to
                   store writes y[0, columns] = the sum of out over slices and slots (grouped_gemm.
                   _last_arrival_sums_slots; arrivals zeroed by the prep kernel)
+    FINISH_LAST   (SWIGLU, SPLIT_K > 1): the last of the SPLIT_K programs of a (row block, column block) to store its
+                  partial sums adds the slices' gate and up sums and stores silu(gate) * up prepared at act_ptr /
+                  act_w_ptr, what _gemv_swiglu_finish_kernel would (counter arrivals[pid_m * N blocks + pid_n]; the
+                  same bits, except that the word sums, used with zero points, may be added in another order)
     N and KW (words per weight row) are constexprs: the 8 activation loads per step then sit at constant
     offsets of one address (no address arithmetic each), and the compiler knows the word offsets are
     16-byte aligned, so the packed-word loads are 128-bit.
@@ -465,10 +482,37 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
             tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=o_mask)
             if SWIGLU:
                 tl.store(o_ptrs + N, tl.sum(acc_up, axis=2).to(out_ptr.dtype.element_ty), mask=o_mask)
+            if FINISH_LAST:
+                tl.static_assert(SWIGLU and not ACT_OUT and SPLIT_K > 1)
+                _last_slice_finishes_swiglu(out_ptr, stride_os, stride_om, rows, rows_c, row_ok, pid_n * BLOCK_N,
+                                            offs_n, n_ok, N, act_ptr, act_w_ptr, stride_am, stride_awm,
+                                            arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K, ROWS, BLOCK_N)
             if SUM_SLOTS_LAST:
                 tl.static_assert(ONE_TOKEN_TOPK > 0 and not SWIGLU)
                 _last_arrival_sums_slots(out_ptr, stride_os, stride_om, 1, offs_n, n_ok, y_ptr, arrivals_ptr, pid_n,
                                          SPLIT_K, ONE_TOKEN_TOPK, BLOCK_N)
+
+
+@triton.jit
+def _last_slice_finishes_swiglu(part_ptr, stride_ps, stride_pm, rows, rows_c, row_ok, c0, offs_n, n_ok, N, act_ptr,
+                                act_w_ptr, stride_am, stride_awm, counter_ptr, SPLIT_K: tl.constexpr,
+                                ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Called by each of the SPLIT_K programs of a (row block, column block) after storing its gate and up partial
+    sums (part[slice, row, n] and [.., N + n]): the last to arrive at *counter_ptr adds the slices in order and stores
+    silu(gate) * up prepared, the arithmetic of _gemv_swiglu_finish_kernel (memory ordering: see
+    grouped_gemm._last_arrival_sums_slots)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        base = part_ptr + rows_c.to(tl.int64)[:, None] * stride_pm + offs_n[None, :]
+        ok = row_ok[:, None] & n_ok[None, :]
+        gate = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for sl in tl.static_range(SPLIT_K):
+            gate += tl.load(base + sl * stride_ps, mask=ok, other=0.0, cache_modifier=".cg")
+            up += tl.load(base + sl * stride_ps + N, mask=ok, other=0.0, cache_modifier=".cg")
+        _store_prepared(gate * tl.sigmoid(gate) * up, rows, row_ok, c0, N, act_ptr, act_w_ptr, stride_am, stride_awm,
+                        ROWS, BLOCK_N)
 
 
 @triton.jit
@@ -551,7 +595,8 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
                       weight_scatter: bool = False, out: torch.Tensor | None = None,
                       out_w: torch.Tensor | None = None, pdl: bool = False,
                       topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      sum_into: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                      sum_into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      finish_into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w).
 
     xp, xw   prepared activations [T or T*k, K] and their word sums (prepare_activations)
@@ -564,6 +609,8 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
              these views of the router's top-k; the plan's sorted tensors are not read, row j is slot j
     sum_into (with topk_rows, not swiglu) (y [1, N], arrivals [>= N blocks] int32, all zero): also y = the sum of
              out over slices and slots, by the last program of each column block (SUM_SLOTS_LAST)
+    finish_into (swiglu, split_k > 1) (act', its word sums, arrivals [>= row blocks x N blocks] int32, all zero): the
+             last K slice of each tile also stores silu(gate) * up prepared there (FINISH_LAST), so no finisher runs
     """
     E, n_w, K = qt.shape
     N = n_w // 2 if swiglu else n_w
@@ -591,6 +638,15 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
             raise ValueError(f"sum_into needs topk_rows, no swiglu, y [1, {N}] contiguous and {grid[1]} int32 "
                              f"counters; got y {tuple(y.shape)}, arrivals {tuple(arrivals.shape)} {arrivals.dtype}")
         fused_sum = dict(y_ptr=y, arrivals_ptr=arrivals, SUM_SLOTS_LAST=True)
+    if finish_into is not None:
+        act, act_w, arrivals = finish_into
+        if not swiglu or split_k < 2 or sum_into is not None or act.shape != (plan.num_rows, N) \
+                or arrivals.dtype != torch.int32 or arrivals.numel() < grid[0] * grid[1]:
+            raise ValueError(f"finish_into needs swiglu, split_k > 1, act' [{plan.num_rows}, {N}] and "
+                             f"{grid[0] * grid[1]} int32 counters; got split_k={split_k}, act' {tuple(act.shape)}, "
+                             f"arrivals {tuple(arrivals.shape)} {arrivals.dtype}")
+        fused_sum = dict(act_ptr=act, act_w_ptr=act_w, stride_am=act.stride(0), stride_awm=act_w.stride(0),
+                         arrivals_ptr=arrivals, FINISH_LAST=True)
     _gemv_kernel[grid](
         xp, xw, words, qt.scales, z, out, out_w, *routing, ONE_BITS, xp.stride(0), xw.stride(0), words.stride(0),
         words.stride(1),
@@ -661,8 +717,13 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     topk_rows = one_token_routing(plan) if rows == 1 else None
     # and then GEMM2's last program per column block sums the slots and K slices: no slot-sum kernel
     sum_in_gemm2 = topk_rows is not None and (k > 1 or split2 > 1) and one_token_sum_in_gemm2()
-    arrivals = torch.empty(triton.cdiv(H, config2.block_n), dtype=torch.int32, device=x.device) \
-        if sum_in_gemm2 else None
+    # GEMM1 split along K: its last slice per tile applies the SwiGLU (no finisher kernel)
+    finish_in_gemm1 = split1 > 1 and finish_in_gemm()
+    counters1 = max_row_blocks(n_rows, weights.num_experts, rows) * triton.cdiv(F, config1.block_n) \
+        if finish_in_gemm1 else 0
+    counters2 = triton.cdiv(H, config2.block_n) if sum_in_gemm2 else 0
+    arrivals = torch.empty(counters1 + counters2, dtype=torch.int32, device=x.device) if counters1 + counters2 \
+        else None
 
     xp, xw = prepare_activations(x, pdl=pdl, zero_arrivals=arrivals)
     act, act_w = _prepared_buffers(n_rows, F, x)
@@ -672,11 +733,13 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     else:
         part1 = _alloc_f32((split1, n_rows, 2 * F), x)
         gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=split1, gather_rows=True,
-                          swiglu=True, out=part1, pdl=pdl, topk_rows=topk_rows)
-        block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
-        _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
-            part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0), SPLIT_K=split1,
-            BLOCK=block, **pdl_launch(pdl))
+                          swiglu=True, out=part1, pdl=pdl, topk_rows=topk_rows,
+                          finish_into=(act, act_w, arrivals[:counters1]) if finish_in_gemm1 else None)
+        if not finish_in_gemm1:
+            block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
+            _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
+                part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0),
+                SPLIT_K=split1, BLOCK=block, **pdl_launch(pdl))
     if split2 == 1 and k == 1:  # one slice, one slot per token: GEMM2 writes y
         y = _alloc((1, T, H), x)
         gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=1, weight_scatter=True,
@@ -685,7 +748,8 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     part2 = _alloc_f32((split2, n_rows, H), x)
     y = _alloc((T, H), x) if sum_in_gemm2 else None
     gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
-                      out=part2, pdl=pdl, topk_rows=topk_rows, sum_into=(y, arrivals) if sum_in_gemm2 else None)
+                      out=part2, pdl=pdl, topk_rows=topk_rows,
+                      sum_into=(y, arrivals[counters1:]) if sum_in_gemm2 else None)
     return y if sum_in_gemm2 else sum_slots(part2, T, k, x, pdl=pdl)
 
 
