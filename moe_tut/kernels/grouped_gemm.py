@@ -454,7 +454,8 @@ def _locate_row_block(pid_m, offsets_ptr, block_expert_ptr, block_row_start_ptr,
 
 @triton.jit
 def _zero_arrivals(arrivals_ptr, num_arrivals):
-    """Program 0 sets the int32 counters arrivals[0 : num_arrivals] to zero (for a later SUM_SLOTS_LAST launch)."""
+    """Program 0 sets the int32 counters arrivals[0 : num_arrivals] to zero, for a later launch that counts arrivals
+    (SUM_SLOTS_LAST here, FINISH_LAST in int4_gemv). Per call, in a kernel already on the stream: no memset launch."""
     if tl.program_id(0) + tl.program_id(1) + tl.program_id(2) == 0:
         for i in range(0, num_arrivals, 1024):
             offs = i + tl.arange(0, 1024)
