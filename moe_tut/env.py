@@ -51,6 +51,14 @@ def environment(values: dict[str, str], clear: Iterable[str] = ()) -> Iterator[N
                 os.environ[name] = value
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """$name, stripped: one of `choices`, the first when unset or empty; else a ValueError that names the variable."""
+    value = os.environ.get(name, "").strip() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {choices}")
+    return value
+
+
 PDL_ENV = "MOE_TUT_PDL"
 
 

@@ -62,3 +62,15 @@ def test_environment_sets_clears_and_restores(monkeypatch):
             raise RuntimeError("inside")  # restored on the way out of an exception too
     assert os.environ["MOE_TUT_TEST_A"] == "old" and os.environ["MOE_TUT_TEST_B"] == "cleared"
     assert "MOE_TUT_TEST_C" not in os.environ
+
+
+def test_env_choice_defaults_to_the_first_and_names_the_variable(monkeypatch):
+    monkeypatch.delenv("MOE_TUT_TEST_CHOICE", raising=False)
+    assert env.env_choice("MOE_TUT_TEST_CHOICE", ("a", "b")) == "a"
+    monkeypatch.setenv("MOE_TUT_TEST_CHOICE", "  ")
+    assert env.env_choice("MOE_TUT_TEST_CHOICE", ("a", "b")) == "a"
+    monkeypatch.setenv("MOE_TUT_TEST_CHOICE", " b ")
+    assert env.env_choice("MOE_TUT_TEST_CHOICE", ("a", "b")) == "b"
+    monkeypatch.setenv("MOE_TUT_TEST_CHOICE", "B")
+    with pytest.raises(ValueError, match="MOE_TUT_TEST_CHOICE='B': expected one of"):
+        env.env_choice("MOE_TUT_TEST_CHOICE", ("a", "b"))

@@ -13,13 +13,14 @@ CPU: a perf_counter median. Those are correctness-run timings, never comparable 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ..env import env_choice
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 # How L2 is made cold before each timed call (MOE_TUT_L2_FLUSH overrides the default, "read"):
@@ -32,10 +33,7 @@ L2_FLUSH_MODES = ("read", "write")
 
 
 def l2_flush_mode() -> str:
-    mode = os.environ.get(L2_FLUSH_ENV, "").strip() or L2_FLUSH_MODES[0]
-    if mode not in L2_FLUSH_MODES:
-        raise ValueError(f"{L2_FLUSH_ENV}={mode!r}: expected one of {L2_FLUSH_MODES}")
-    return mode
+    return env_choice(L2_FLUSH_ENV, L2_FLUSH_MODES)
 
 
 def l2_flusher(mode: str | None = None, device: torch.device | str = "cuda") -> Callable[[], object]:

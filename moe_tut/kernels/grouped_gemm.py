@@ -108,7 +108,7 @@ import triton.language as tl
 
 from ..backends.base import check_inputs, combine
 from ..env import cuda_capability as _capability
-from ..env import interpreting, max_shared_memory_per_block, programmatic_launch_ok
+from ..env import env_choice, interpreting, max_shared_memory_per_block, programmatic_launch_ok
 from ..reference import swiglu
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
@@ -267,10 +267,7 @@ def decode_max_rows() -> int:
 def one_token_sum_in_gemm2() -> bool:
     """MOE_TUT_ONE_TOKEN_SUM: whether a one-token forward sums its k slots in GEMM2 ("gemm2", the default) or in
     a slot-sum kernel after it ("kernel")."""
-    text = os.environ.get(ONE_TOKEN_SUM_ENV, "").strip().lower() or "gemm2"
-    if text not in ("gemm2", "kernel"):
-        raise ValueError(f"{ONE_TOKEN_SUM_ENV} takes 'gemm2' or 'kernel', got {text!r}")
-    return text == "gemm2"
+    return env_choice(ONE_TOKEN_SUM_ENV, ("gemm2", "kernel")) == "gemm2"
 
 
 def is_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -996,7 +993,8 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
     # T = 1, k > 1, one known GEMM2 tile: GEMM2's last program per column block sums the slots (no third kernel)
     gemm2_config = config2 or (configs2[0] if configs2 is not None and len(configs2) == 1 else None)
     sum_in_gemm2 = topk_rows is not None and k > 1 and gemm2_config is not None and one_token_sum_in_gemm2()
-    arrivals = torch.empty(triton.cdiv(H, 16), dtype=torch.int32, device=x.device) if sum_in_gemm2 else None
+    arrivals = torch.empty(triton.cdiv(H, gemm2_config.block_n), dtype=torch.int32, device=x.device) \
+        if sum_in_gemm2 else None
     inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
                          version=4, config=config, configs=configs1, tma=tma, pdl=pdl, topk_rows=topk_rows,
                          zero_arrivals=arrivals)
@@ -1007,7 +1005,7 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
     # results/h100/pdl_v1), most likely because its persistent programs then land on the SMs GEMM1 frees first,
     # more than one per SM, instead of one on each (the cause cuda_int4's GEMM2 showed, see csrc/moe_int4.cu).
     grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
-                 config=gemm2_config if sum_in_gemm2 else config2, configs=configs2, tma=tma, topk_rows=topk_rows,
+                 config=gemm2_config, configs=configs2, tma=tma, topk_rows=topk_rows,
                  sum_into=(y, arrivals) if sum_in_gemm2 else None)
     if k == 1:
         return out

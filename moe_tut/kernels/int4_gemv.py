@@ -86,14 +86,13 @@ prepare_activations_reference spells out the x' layout.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from ..env import interpreting, programmatic_launch_ok
+from ..env import env_choice, interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor
 from ..routing import RoutingPlan
 from .grouped_gemm import (
@@ -195,10 +194,7 @@ CANDIDATE_CONFIGS = (
 def finish_in_gemm() -> bool:
     """MOE_TUT_GEMV_FINISH: whether a GEMM1 split along K applies the SwiGLU in its last K slice per tile ("gemm1",
     the default) or in a finisher kernel after it ("kernel")."""
-    text = os.environ.get(FINISH_ENV, "").strip().lower() or "gemm1"
-    if text not in ("gemm1", "kernel"):
-        raise ValueError(f"{FINISH_ENV} takes 'gemm1' or 'kernel', got {text!r}")
-    return text == "gemm1"
+    return env_choice(FINISH_ENV, ("gemm1", "kernel")) == "gemm1"
 
 
 def rows_per_block(num_tokens: int, top_k: int, num_experts: int) -> int:
