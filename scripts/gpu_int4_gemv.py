@@ -75,6 +75,23 @@ VARIANTS = {
        for n, s in ((128, 0), (128, 4), (256, 4), (256, 8))},
     **{f"gemv-g2n{n}": (None, gv.GemvConfig(n, 128, 4), {}, 1, "GEMM2 -2-4 us at mixtral T=1") for n in (128, 256)},
     "gemv-n128": (gv.GemvConfig(128, 128, 4), gv.GemvConfig(128, 128, 4), {}, 1, "the two above together"),
+    # session 12: the K loop's loads software-pipelined by Triton (tl.range num_stages: cp.async into shared memory,
+    # stages - 1 steps in flight ahead of the one computed; sm_90 code: GEMM1 299 instead of 246 SASS instructions
+    # per step, 71 registers at 3 stages, 55 at 2). The SASS of the unpipelined loop issues a step's weight loads and
+    # then waits on them before its first FFMA, so each program has one step of weights in flight. (Configs spelt
+    # out: the module defaults became GEMM1 16,128,2 stages 3 after this run.)
+    **{f"gemv-st{st}": (gv.GemvConfig(32, 128, 4, stages=st), gv.GemvConfig(64, 128, 4, stages=st), {}, 1, pred)
+       for st, pred in ((2, "mixtral T=1 105 -> ~95 us (two steps in flight per program, 9 programs per SM)"),
+                        (3, "mixtral T=1 105 -> ~90 us (three in flight; 7 programs per SM by registers)"),
+                        (4, "= st3 +-3% (more in flight, same registers, 14 KB shared per program)"))},
+    "gemv-g1st3": (gv.GemvConfig(32, 128, 4, stages=3), gv.GemvConfig(64, 128, 4), {}, 1,
+                   "GEMM1 ~-10 us at mixtral T=1"),
+    "gemv-g2st3": (gv.GemvConfig(32, 128, 4), gv.GemvConfig(64, 128, 4, stages=3), {}, 1,
+                   "GEMM2 ~-5 us at mixtral T=1"),
+    "gemv-st3-g1n16w2": (gv.GemvConfig(16, 128, 2, stages=3), gv.GemvConfig(64, 128, 4, stages=3), {}, 1,
+                         "= gemv-st3 +-5%"),
+    "gemv-st3-g2n32": (gv.GemvConfig(32, 128, 4, stages=3), gv.GemvConfig(32, 128, 4, stages=3), {}, 1,
+                       "= gemv-st3 +-5%"),
 }
 FIELDS = ["preset", "T", "backend", "variant", "cfg1", "cfg2", "split1", "split2", "rows", "status", "rel_err", "ms",
           "p20_ms", "p80_ms", "timing", "int4_gb", "gbps", "pct_copy", "speedup_vs_bf16_triton", "bf16_triton_ms",

@@ -71,6 +71,8 @@ CASES = [
     ("split-k2-top1", dict(E=3, H=256, F=256, k=1, T=2, G=128), dict(split_k=2)),
     ("small-blocks", dict(E=4, H=128, F=128, k=2, T=2, G=128),
      dict(config=GemvConfig(16, 64, 2), config2=GemvConfig(32, 32, 1))),  # many programs and K steps
+    ("pipelined-asym", dict(E=4, H=256, F=256, k=2, T=2, G=64, symmetric=False),
+     dict(config=GemvConfig(16, 64, 2, stages=3), config2=GemvConfig(32, 32, 1, stages=2))),
 ]
 
 
@@ -294,10 +296,30 @@ def test_rows_split_and_block_rules():
     assert gv.adapt_block_k(GemvConfig(32, 128, 4), 96).block_k == 32
     assert gv.adapt_block_k(GemvConfig(32, 128, 4), 256).block_k == 128
     assert GemvConfig.parse("64, 128, 8, 2") == GemvConfig(64, 128, 8, 2)
+    assert GemvConfig.parse("16,128,2,0,3") == GemvConfig(16, 128, 2, stages=3)
+    assert GemvConfig(32, 128, 4, 2, 3).label() == "n32k128w4s2st3"
     with pytest.raises(ValueError, match="BLOCK_N,BLOCK_K,warps"):
         GemvConfig.parse("64,128")
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(24, 128, 4)
+    with pytest.raises(ValueError, match="stages"):
+        GemvConfig(32, 128, 4, stages=0)
+
+
+def test_configs_pinned_by_the_environment(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(gv.CONFIG_ENV, "32,128,4,0,3; 32,128,4")
+    assert gv.default_configs(cpu, 4.0) == (GemvConfig(32, 128, 4, stages=3), GemvConfig(32, 128, 4))
+    monkeypatch.setenv(gv.CONFIG_ENV, "16,128,4")  # GEMM2 left as the module's
+    assert gv.default_configs(cpu) == (GemvConfig(16, 128, 4), gv.DEFAULT_GEMM2_CONFIG)
+    for bad, match in (("16,128", "BLOCK_N,BLOCK_K,warps"), ("16,128,2;16,128,2;16,128,2", "at most two"),
+                       ("24,128,2", "power of two")):
+        monkeypatch.setenv(gv.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=f"MOE_TUT_GEMV_CONFIG=.*{match}"):
+            gv.default_configs(cpu)
+    monkeypatch.setenv(gv.CONFIG_ENV, " ")  # blank: as unset
+    monkeypatch.setattr(gv, "interpreting", lambda: False)
+    assert gv.default_configs(cpu) == (gv.DEFAULT_GEMM1_CONFIG, gv.DEFAULT_GEMM2_CONFIG)
 
 
 def test_default_gemm1_block_by_rows_per_expert(monkeypatch):
@@ -337,12 +359,16 @@ roles = {  # role: flags, N, K, group size, zeros, config
               False, gv.DEFAULT_GEMM1_CONFIG),
     "gemm2-asym-splitk4": (dict(GATHER_X=False, SWIGLU=False, ACT_OUT=False, WEIGHT_SCATTER=True, SPLIT_K=4), 4096,
                            14336, 128, True, gv.DEFAULT_GEMM2_CONFIG),
+    "gemm1-unpipelined": (dict(GATHER_X=True, SWIGLU=True, ACT_OUT=True, WEIGHT_SCATTER=False, SPLIT_K=2), 14336,
+                          4096, 128, False, gv.GemvConfig(32, 128, 4)),
+    "gemm2-asym-pipelined": (dict(GATHER_X=False, SWIGLU=False, ACT_OUT=False, WEIGHT_SCATTER=True, SPLIT_K=4), 4096,
+                             14336, 128, True, gv.GemvConfig(64, 128, 4, stages=3)),
 }
 out = []
 for cc in (80, 90):
     for role, (flags, N, K, G, hz, cfg) in roles.items():
         const = dict(flags, N=N, KW=K // 8, E=8, E_PAD=16, GROUP_SIZE=G, HAS_ZEROS=hz, ROWS=1, BLOCK_N=cfg.block_n,
-                     BLOCK_K=cfg.block_k, ONE_IN_MASK=cc < 90)  # as one_in_mask picks it
+                     BLOCK_K=cfg.block_k, ONE_IN_MASK=cc < 90, STAGES=cfg.stages)  # ONE_IN_MASK as one_in_mask
         kernel = compile_kernel(
             gv._gemv_kernel, const,
             ptr_types=dict(x_ptr="*fp32", xw_ptr="*fp32", q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16",
@@ -351,12 +377,16 @@ for cc in (80, 90):
             aligned=("x_ptr", "xw_ptr", "q_ptr", "s_ptr", "z_ptr", "out_ptr", "out_w_ptr", "stride_xm", "stride_xwm",
                      "stride_qe", "stride_qn", "stride_se", "stride_sg", "stride_ze", "stride_zg", "stride_os",
                      "stride_om", "stride_owm", "one_bits"),
-            cc=cc, num_warps=cfg.num_warps, num_stages=1)
+            cc=cc, num_warps=cfg.num_warps, num_stages=cfg.stages)
         ttgir = kernel.asm["ttgir"]
         loop = ttgir[ttgir.index("scf.for"):]
         loop = loop[:loop.index("scf.yield")]
+        ptx = kernel.asm["ptx"]
         out.append(dict(cc=cc, role=role, loop_converts=loop.count("convert_layout") + loop.count("local_alloc"),
-                        v4_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", kernel.asm["ptx"]))))
+                        v4_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
+                        async_16b=len(re.findall(r"cp\.async\.cg\.shared\.global(?:\.\w+)* \[[^]]+\], \[[^]]+\], 0x10",
+                                                 ptx)),
+                        pipelined=cfg.stages > 1))
 print(json.dumps(out))
 """
 
@@ -365,10 +395,11 @@ def test_kernel_compiles_for_sm80_and_sm90_without_conversions_in_the_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 4
+    assert len(results) == 8 and sum(r["pipelined"] for r in results) == 4
     for r in results:
-        # GEMM1: gate and up words + 8 activation vectors; GEMM2: words + 8 activation vectors + word sums
-        assert r["loop_converts"] == 0 and r["v4_loads"] >= 9, r
+        # GEMM1: gate and up words + 8 activation vectors; GEMM2: words + 8 activation vectors + word sums, each
+        # 16 bytes per thread: 128-bit loads, or (pipelined) 16-byte asynchronous copies into shared memory
+        assert r["loop_converts"] == 0 and r["async_16b" if r["pipelined"] else "v4_loads"] >= 9, r
 
 
 # ---- GPU: preset-like shapes --------------------------------------------------------------------------------
@@ -398,7 +429,9 @@ def test_gpu_preset_shapes(shape, T, symmetric):
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(DEVICE, torch.bfloat16)
     plan = RoutingPlan.build(ids, tw, E)
     y = check(x, q, ids, tw, plan)
-    for kw in (dict(rows=2), dict(split_k=1), dict(split_k=4), dict(config=GemvConfig(64, 128, 8))):
+    for kw in (dict(rows=2), dict(split_k=1), dict(split_k=4), dict(config=GemvConfig(64, 128, 8)),
+               dict(config=GemvConfig(32, 128, 4)), dict(config=GemvConfig(64, 128, 4, 2, 3), config2=GemvConfig(
+                   64, 128, 4, stages=3))):
         assert relative_error(gv.moe_forward_int4_gemv(x, q, plan, **kw), y.float()) < TOL, kw
     variant = ig.Int4Variant.parse("magic,post,split,asm,gemv=8")
     assert relative_error(ig.moe_forward_triton_int4(x, q, plan, variant=variant), y.float()) < 1e-2

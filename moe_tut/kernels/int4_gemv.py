@@ -86,6 +86,7 @@ prepare_activations_reference spells out the x' layout.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -112,6 +113,7 @@ from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_M
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 FINISH_ENV = "MOE_TUT_GEMV_FINISH"  # "gemm1" (default): split GEMM1's last K slice applies the SwiGLU; "kernel"
+CONFIG_ENV = "MOE_TUT_GEMV_CONFIG"  # "GEMM1[;GEMM2]" (GemvConfig.parse each): pins what default_configs returns
 MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
 # Split K until a GEMM has this many programs per SM (or the limits below). 7, not 4: mixtral T=1's GEMM1 (896
 # programs, 6.8 per SM, up to 9 resident) waited on DRAM latency (ncu: 43% of DRAM peak; results/h100/
@@ -125,19 +127,23 @@ ONE_BITS = 0x3F800000  # float32 1.0
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Block sizes of one GEMV GEMM: BLOCK_N weight rows x BLOCK_K values of K per step, num_warps, and
-    split_k (K slices, a power of two; 0 = automatic, gemv_split_k).
+    """Block sizes of one GEMV GEMM: BLOCK_N weight rows x BLOCK_K values of K per step, num_warps, split_k (K
+    slices, a power of two; 0 = automatic, gemv_split_k) and stages (the K loop's software pipeline).
 
     BLOCK_K is lowered to the group size's largest power-of-two divisor where it is larger (adapt_block_k),
-    so a step always lies in one group and K (a multiple of the group) is a multiple of BLOCK_K. There is
-    no num_stages: Triton does not software-pipeline these loads (no tl.dot consumes them; checked in the
-    sm_90 code), and many resident programs per SM hide the memory latency instead.
+    so a step always lies in one group and K (a multiple of the group) is a multiple of BLOCK_K. stages 1: each
+    step's loads are plain register loads, and the step waits on its packed words before its first FFMA (sm_90
+    SASS), so a program has one step of weights in flight; only many resident programs per SM hide DRAM latency.
+    stages s > 1 (tl.range num_stages): Triton copies each step's words and activations into shared memory with
+    cp.async, s - 1 steps ahead of the one computed (sm_90, GEMM1 at BLOCK_N 16, 2 warps, s = 3: 71 registers,
+    9 KB of shared memory, 299 SASS instructions per step instead of 246).
     """
 
     block_n: int = 32
     block_k: int = 128
     num_warps: int = 4
     split_k: int = 0
+    stages: int = 1
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -148,21 +154,24 @@ class GemvConfig:
             raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
         if self.split_k < 0 or self.split_k & (self.split_k - 1):
             raise ValueError(f"split_k must be 0 (automatic) or a power of two, got {self.split_k}")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """'BLOCK_N,BLOCK_K,warps[,split_k]', e.g. '32,128,4' or '64,128,8,2'."""
+        """'BLOCK_N,BLOCK_K,warps[,split_k[,stages]]', e.g. '32,128,4', '64,128,8,2' or '16,128,2,0,3'."""
         try:
             values = [int(v) for v in text.replace(" ", "").split(",")]
-            if not 3 <= len(values) <= 4:
+            if not 3 <= len(values) <= 5:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"a GEMV config is 'BLOCK_N,BLOCK_K,warps[,split_k]' (e.g. 32,128,4), got {text!r}"
-                             ) from None
+            raise ValueError(f"a GEMV config is 'BLOCK_N,BLOCK_K,warps[,split_k[,stages]]' (e.g. 32,128,4), got "
+                             f"{text!r}") from None
         return cls(*values)
 
     def label(self) -> str:
-        return f"n{self.block_n}k{self.block_k}w{self.num_warps}" + (f"s{self.split_k}" if self.split_k else "")
+        return (f"n{self.block_n}k{self.block_k}w{self.num_warps}" + (f"s{self.split_k}" if self.split_k else "")
+                + (f"st{self.stages}" if self.stages > 1 else ""))
 
 
 # Defaults before any GPU timing (scripts/gpu_int4_gemv.py measures the candidates), chosen from the sm_90
@@ -171,13 +180,17 @@ class GemvConfig:
 # 56 registers (up to 9 programs per SM), K loop 3.8 instructions per weight value, ~3.1 of them the LOP3,
 # FADD and FFMA per value (BLOCK_N 64: 3.6 per value but 96 registers, 5 programs per SM). GEMM2 (one tile)
 # at BLOCK_N 64: 64 registers, 3.8 per value (BLOCK_N 32: 4.2, the per-step overhead shared by fewer values).
-DEFAULT_GEMM1_CONFIG = GemvConfig(32, 128, 4)
+# GEMM1 pipelined (stages 3) in 16-row, 2-warp programs; GEMM2 not pipelined. H100, session 12 (results/h100/
+# gemv_stages_v1, forward under graph replay, us, unpipelined n32 4 warps -> this): mixtral T=1 106.4-106.8 ->
+# 99.7-100.0, glm-4.5 67.0-67.2 -> 61.3-61.4, qwen3-30b-a3b 24.1 -> 23.7, deepseek-v3 104.9 -> 105.5-105.6; T=4
+# -2 to -10% on all four. GEMM2 pipelined lost (mixtral T=1 +5 us, qwen3 +5 us).
+DEFAULT_GEMM1_CONFIG = GemvConfig(16, 128, 2, stages=3)
 DEFAULT_GEMM2_CONFIG = GemvConfig(64, 128, 4)
 # GEMM1 at BLOCK_N 64 where experts get half a row or more on average (T*k/E >= 0.5: few large experts, whose
 # rows' programs share weights through L2). H100 (results/h100/int4_gemv_v1, BLOCK_N 64 vs 32): mixtral T=2
 # 0.196 vs 0.204 ms, T=4 0.289 vs 0.366; where T*k/E < 0.5 it tied or lost by 1-6% (deepseek-v3 T=1-4,
-# qwen3-30b-a3b T=1-4, mixtral T=1).
-WIDE_GEMM1_CONFIG = GemvConfig(64, 128, 4)
+# qwen3-30b-a3b T=1-4, mixtral T=1). Pipelined (session 12): mixtral T=4 275.5-276.1 -> 261.6-263.7 us.
+WIDE_GEMM1_CONFIG = GemvConfig(64, 128, 4, stages=3)
 WIDE_GEMM1_MIN_ROWS_PER_EXPERT = 0.5
 # Under the interpreter the cost grows with programs x K steps: one wide block.
 INTERPRETER_GEMV_CONFIG = GemvConfig(64, 128, 4)
@@ -362,7 +375,7 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr = False,
                  USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0, y_ptr=None, arrivals_ptr=None,
                  SUM_SLOTS_LAST: tl.constexpr = False, act_ptr=None, act_w_ptr=None, stride_am=0, stride_awm=0,
-                 FINISH_LAST: tl.constexpr = False):
+                 FINISH_LAST: tl.constexpr = False, STAGES: tl.constexpr = 1):
     """One program: ROWS sorted rows of one expert x BLOCK_N output columns x one K slice.
 
     x_ptr/xw_ptr  prepared activations x' [*, 8*KW] and word sums [*, KW] (rows: x_rows[r] with GATHER_X)
@@ -429,7 +442,8 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
         xw_base = xw_ptr + x_rows.to(tl.int64)[:, None, None] * stride_xwm
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
         acc_up = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
-        for w0 in range(w_begin, w_begin + w_len, BLOCK_W):
+        # STAGES > 1: Triton software-pipelines the step's loads (cp.async into shared memory, STAGES - 1 steps ahead)
+        for w0 in tl.range(w_begin, w_begin + w_len, BLOCK_W, num_stages=STAGES):
             # No masks: BLOCK_K divides the group size, which divides K, so every step is whole and lies in
             # one group (one scale per row), and rows/columns are clamped above.
             cols = w0 + offs_w
@@ -651,16 +665,38 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        STAGES=config.stages,
         ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
         num_warps=config.num_warps, **fused_sum, **pdl_launch(pdl))
 
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
-    """(GEMM1, GEMM2) block sizes; rows_per_expert = T*k/E picks GEMM1's (WIDE_GEMM1_MIN_ROWS_PER_EXPERT)."""
+    """(GEMM1, GEMM2) block sizes; rows_per_expert = T*k/E picks GEMM1's (WIDE_GEMM1_MIN_ROWS_PER_EXPERT).
+    MOE_TUT_GEMV_CONFIG, where set, pins them (config_from_env)."""
+    pinned = config_from_env()
+    if pinned is not None:
+        return pinned
     if interpreting():
         return INTERPRETER_GEMV_CONFIG, INTERPRETER_GEMV_CONFIG
     wide = rows_per_expert >= WIDE_GEMM1_MIN_ROWS_PER_EXPERT
     return (WIDE_GEMM1_CONFIG if wide else DEFAULT_GEMM1_CONFIG), DEFAULT_GEMM2_CONFIG
+
+
+def config_from_env() -> tuple[GemvConfig, GemvConfig] | None:
+    """MOE_TUT_GEMV_CONFIG="GEMM1[;GEMM2]", e.g. "16,128,2,0,3;64,128,4": the (GEMM1, GEMM2) configs (GEMM2 the
+    module default where left out), or None where unset or blank."""
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    if not text:
+        return None
+    parts = text.split(";")
+    try:
+        if len(parts) > 2:
+            raise ValueError(f"at most two configs (GEMM1;GEMM2), got {len(parts)}")
+        gemm1 = GemvConfig.parse(parts[0])
+        gemm2 = GemvConfig.parse(parts[1]) if len(parts) == 2 and parts[1].strip() else DEFAULT_GEMM2_CONFIG
+    except ValueError as exc:
+        raise ValueError(f"{CONFIG_ENV}={text!r}: {exc}") from None
+    return gemm1, gemm2
 
 
 def plan_splits(weights, plan: RoutingPlan, rows: int, config1: GemvConfig, config2: GemvConfig,
