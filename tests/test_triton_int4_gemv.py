@@ -262,12 +262,24 @@ def test_triton_int4_routes_decode_batches_to_gemv(monkeypatch):
     monkeypatch.setenv(ig.VARIANT_ENV, "gemv")  # the harness's way in
     ig.moe_forward_triton_int4(x, q, plan)
     assert len(calls) == 3
+    # T = 3 > 2 tokens, but 3 * 2 / 8 <= 1 row per expert: the GEMV kernels with gemvrows=1, not without it
+    x, q, ids, tw, plan = make_case(8, 64, 128, 2, 3, G=64)
+    ig.moe_forward_triton_int4(x, q, plan, variant=ig.Int4Variant.parse("gemv=2"))
+    assert len(calls) == 3
+    y = ig.moe_forward_triton_int4(x, q, plan, variant=ig.Int4Variant.parse("gemv=2,gemvrows=1"))
+    assert len(calls) == 4 and relative_error(y, int4_moe_reference(x, q, ids, tw)) < TOL
+    assert ig.DECODE_VARIANT.takes_gemv(16, 8, 256) and ig.DECODE_VARIANT.takes_gemv(16, 8, 128)  # deepseek-v3, qwen3
+    assert ig.DECODE_VARIANT.takes_gemv(4, 2, 8) and not ig.DECODE_VARIANT.takes_gemv(8, 2, 8)  # mixtral T=4, T=8
 
 
 def test_variant_text():
     assert ig.Int4Variant.parse("gemv") == ig.Int4Variant(gemv=4)
     v = ig.Int4Variant.parse("magic,post,split,asm,gemv=2")
     assert v.gemv == 2 and ig.Int4Variant.parse(v.label()) == v
+    v = ig.Int4Variant.parse("gemv,gemvrows=0.5")
+    assert v.gemv_rows == 0.5 and ig.Int4Variant.parse(v.label()) == v
+    with pytest.raises(ValueError, match="gemvrows"):
+        ig.Int4Variant.parse("gemvrows=-1")
     assert ig.Int4Variant.parse(ig.Int4Variant(gemv=4).label()).gemv == 4
     assert ig.DECODE_VARIANT.gemv == 4  # the default: T <= 4 runs the GEMV kernels (H100, int4_gemv_v1)
     with pytest.raises(ValueError, match="gemv=N"):

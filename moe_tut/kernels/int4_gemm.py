@@ -77,8 +77,9 @@ zero to each K step's [BLOCK_N, BLOCK_M] partial sum; `split` feeds low and high
 against the even / odd rows of the A tile instead of interleaving them; `ppsm=N` sets the persistent
 programs per SM. v0's decode loop is bound by its two conversions per weight value (I2F, F2F; see
 results/h100/LOG.md, section triton_int4), which magic + post remove. `gemv` (or `gemv=N`) sends decode
-batches of T <= 4 (N) tokens to the GEMV kernels of int4_gemv.py, which use no tl.dot (default gemv=4,
-measured with scripts/gpu_int4_gemv.py). Prefill runs `stack` (GEMM1's gate and up rows as one weight tile,
+batches of T <= 4 (N) tokens to the GEMV kernels of int4_gemv.py, which use no tl.dot, and `gemvrows=R` also those
+whose experts get at most R rows on average (default gemv=4,gemvrows=1, measured with scripts/gpu_int4_gemv.py and
+scripts/gpu_env_ab.py). Prefill runs `stack` (GEMM1's gate and up rows as one weight tile,
 alternating in 8-row blocks, one dot) and `packed` (the weight tile built by inline PTX: prmt/lop3 unpack,
 then fma.rn.bf16x2 with the scale), measured with scripts/gpu_triton_int4_tune.py and
 scripts/gpu_int4_prefill_gemms.py (results/h100/LOG.md, session 6).
@@ -289,6 +290,8 @@ class Int4Variant:
                      (no tl.dot: float32 FFMAs on codes unpacked from int32 words) instead of the tl.dot
                      kernel; 0 = off. The tile switches above do not apply there; split_k does (for both
                      GEMMs). Weights it cannot read (group size not a multiple of 8) take the tl.dot path
+    gemv_rows        (with gemv) also run the GEMV kernels for decode batches of any T whose experts get at most
+                     this many rows on average (T*k/E <= gemv_rows); 0 = off
 
     Text form (MOE_TUT_TRITON_INT4_VARIANT): comma-separated flags, e.g. "magic,post,split,ppsm=8";
     "gemv" is gemv=GEMV_MAX_TOKENS (4), "gemv=N" sets N; "" or "v0" is the default (all off).
@@ -304,12 +307,15 @@ class Int4Variant:
     split_k: int = 0
     programs_per_sm: int = 0
     gemv: int = 0
+    gemv_rows: float = 0.0
 
     def __post_init__(self):
         if self.split_k < 0 or self.split_k & (self.split_k - 1):
             raise ValueError(f"split_k must be 0 (automatic) or a power of two, got {self.split_k}")
         if self.gemv < 0:
             raise ValueError(f"gemv is a token count (0 = off), got {self.gemv}")
+        if self.gemv_rows < 0:
+            raise ValueError(f"gemvrows is a mean row count per expert (0 = off), got {self.gemv_rows}")
         if self.asm and not (self.magic and self.post_scale and self.split):
             raise ValueError("the INT4 switch 'asm' needs 'magic', 'post' and 'split' too")
         if self.packed and (self.post_scale or self.split):
@@ -343,9 +349,11 @@ class Int4Variant:
                 kw["gemv"] = GEMV_MAX_TOKENS
             elif item.startswith("gemv="):
                 kw["gemv"] = int(item[5:])
+            elif item.startswith("gemvrows="):
+                kw["gemv_rows"] = float(item[9:])
             else:
-                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} "
-                                 "(magic, post, split, asm, pipe, stack, packed, splitk=N, ppsm=N, gemv, gemv=N)")
+                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, asm, pipe, "
+                                 "stack, packed, splitk=N, ppsm=N, gemv, gemv=N, gemvrows=R)")
         return cls(**kw)
 
     def label(self) -> str:
@@ -358,7 +366,13 @@ class Int4Variant:
             parts.append(f"ppsm={self.programs_per_sm}")
         if self.gemv:
             parts.append("gemv" if self.gemv == GEMV_MAX_TOKENS else f"gemv={self.gemv}")
+        if self.gemv_rows:
+            parts.append(f"gemvrows={self.gemv_rows:g}")
         return ",".join(parts) or "v0"
+
+    def takes_gemv(self, T: int, top_k: int, num_experts: int) -> bool:
+        """Whether a decode batch runs the GEMV kernels: T <= gemv, or at most gemv_rows rows per expert."""
+        return bool(self.gemv) and (T <= self.gemv or T * top_k <= self.gemv_rows * num_experts)
 
 
 # The switches each regime runs with unless a variant is passed or pinned (MOE_TUT_TRITON_INT4_VARIANT).
@@ -375,7 +389,11 @@ class Int4Variant:
 # the tl.dot decode path at T = 1, 2 and 4 on mixtral, deepseek-v3 and qwen3 with the blocks default_configs
 # picks (mixtral T=1 0.128 vs 0.157 ms, T=4 0.289 vs 0.318; deepseek-v3 T=1 0.122 vs 0.154, T=4 0.392 vs
 # 0.456; qwen3 T=4 0.068 vs 0.078) and lost at T = 8 on mixtral (0.537 vs 0.404): gemv=4.
-DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=4")
+# H100 (results/h100/gemv_stages_v1, session 12, GEMV GEMM1 pipelined, us): with at most one row per expert the GEMV
+# kernels win at T = 8 and 16 too: deepseek-v3 T=16 1423-1430 -> 1303 (55.8 -> 60.9% of copy), T=8 821-824 -> 716;
+# glm-4.5 T=16 671-675 -> 631, T=8 418-420 -> 374; qwen3-30b-a3b T=16 (exactly 1 row per expert) 153-154 -> 140,
+# T=8 101 -> 86; mixtral (2 and 4 rows per expert) loses: T=8 391-394 -> 526, T=16 428-431 -> 869: gemvrows=1.
+DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=4,gemvrows=1")
 PREFILL_VARIANT = Int4Variant(stack=True, packed=True)
 
 
@@ -1022,9 +1040,9 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     config2 pins GEMM2's tile config alone (with config: config is GEMM1's)
     path    'decode' or 'prefill' forces a regime; default: chosen by shape (path_for)
     variant kernel switches (Int4Variant); default MOE_TUT_TRITON_INT4_VARIANT if set, else the
-            regime's DECODE_VARIANT / PREFILL_VARIANT. With variant.gemv, decode batches of T <= gemv
-            tokens run int4_gemv.moe_forward_int4_gemv (its own block sizes: config / config2 pin tl.dot
-            tiles and do not apply there)
+            regime's DECODE_VARIANT / PREFILL_VARIANT. Decode batches variant.takes_gemv accepts (T <= gemv
+            tokens, or <= gemv_rows rows per expert) run int4_gemv.moe_forward_int4_gemv (its own block sizes:
+            config / config2 pin tl.dot tiles and do not apply there)
     """
     check_int4_inputs(x, weights, plan)
     if path not in (None, "decode", "prefill"):
@@ -1044,7 +1062,7 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     regime = path or path_for(T, k, weights.num_experts)
     if variant is None:
         variant = pinned_variant() or (DECODE_VARIANT if regime == "decode" else PREFILL_VARIANT)
-    if regime == "decode" and variant.gemv and T <= variant.gemv:
+    if regime == "decode" and variant.takes_gemv(T, k, weights.num_experts):
         from . import int4_gemv  # here, not at import: int4_gemv imports from this module
 
         if int4_gemv.gemv_unsupported(weights) is None:

@@ -183,7 +183,8 @@ class GemvConfig:
 # GEMM1 pipelined (stages 3) in 16-row, 2-warp programs; GEMM2 not pipelined. H100, session 12 (results/h100/
 # gemv_stages_v1, forward under graph replay, us, unpipelined n32 4 warps -> this): mixtral T=1 106.4-106.8 ->
 # 99.7-100.0, glm-4.5 67.0-67.2 -> 61.3-61.4, qwen3-30b-a3b 24.1 -> 23.7, deepseek-v3 104.9 -> 105.5-105.6; T=4
-# -2 to -10% on all four. GEMM2 pipelined lost (mixtral T=1 +5 us, qwen3 +5 us).
+# -2 to -10% on all four. GEMM2 pipelined as well was mixed (one pass: mixtral T=1 +1 us, T=4 +17; qwen3 T=1 -1.3,
+# deepseek-v3 T=4 -3.8), so it is not.
 DEFAULT_GEMM1_CONFIG = GemvConfig(16, 128, 2, stages=3)
 DEFAULT_GEMM2_CONFIG = GemvConfig(64, 128, 4)
 # GEMM1 at BLOCK_N 64 where experts get half a row or more on average (T*k/E >= 0.5: few large experts, whose
