@@ -524,3 +524,23 @@ def test_gpu_split_gemm1_finishes_in_its_last_slice(shape, T, symmetric, monkeyp
         x.copy_(torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(DEVICE, x.dtype))
         graph.replay()
         assert same(y_graph, forward("kernel")), seed
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("shape,T", [("qwen3-30b-a3b", 16), ("deepseek-v3-32e", 4), ("mixtral", 8)])
+def test_gpu_decode_batches_up_to_one_row_per_expert_take_gemv(shape, T, symmetric, monkeypatch):
+    # The default decode variant runs the GEMV kernels past T = 4 where experts get at most one row on average
+    # (qwen3 T=16: 1.0); mixtral T=8 (2 rows per expert) stays on the tl.dot path
+    E, H, F, k = GPU_SHAPES[shape]
+    q = gpu_weights(shape, symmetric)
+    ids, tw = simulate_routing(T, E, k, "uniform", seed=T, device=DEVICE)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(DEVICE, torch.bfloat16)
+    plan = RoutingPlan.build(ids, tw, E)
+    calls = []
+    real = gv.moe_forward_int4_gemv
+    monkeypatch.setattr(gv, "moe_forward_int4_gemv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    y = ig.moe_forward_triton_int4(x, q, plan)
+    assert len(calls) == (T * k <= E or T <= 4)
+    assert relative_error(y, int4_moe_reference(x, q, ids, tw)) < TOL
