@@ -86,6 +86,7 @@ prepare_activations_reference spells out the x' layout.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -632,7 +633,7 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
     act_out = swiglu and split_k == 1
     z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
     words = packed_words(qt)
-    grid = (max_row_blocks(plan.num_rows, E, rows), triton.cdiv(N, config.block_n), split_k)
+    grid = gemv_grid(plan.num_rows, E, rows, N, config, split_k)
     out_w = out_w if out_w is not None else out
     if topk_rows is not None:
         if rows != 1:
@@ -669,6 +670,13 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
         STAGES=config.stages,
         ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
         num_warps=config.num_warps, **fused_sum, **pdl_launch(pdl))
+
+
+def gemv_grid(num_rows: int, num_experts: int, rows: int, N: int, config: GemvConfig, split_k: int = 1
+              ) -> tuple[int, int, int]:
+    """The launch grid of a GEMV GEMM with N output columns: (row blocks, column blocks, K slices); FINISH_LAST
+    counts arrivals per (row block, column block)."""
+    return max_row_blocks(num_rows, num_experts, rows), triton.cdiv(N, config.block_n), split_k
 
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
@@ -752,8 +760,7 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     sum_in_gemm2 = topk_rows is not None and (k > 1 or split2 > 1) and one_token_sum_in_gemm2()
     # GEMM1 split along K: its last slice per tile applies the SwiGLU (no finisher kernel)
     finish_in_gemm1 = split1 > 1 and finish_in_gemm()
-    counters1 = max_row_blocks(n_rows, weights.num_experts, rows) * triton.cdiv(F, config1.block_n) \
-        if finish_in_gemm1 else 0
+    counters1 = math.prod(gemv_grid(n_rows, weights.num_experts, rows, F, config1)[:2]) if finish_in_gemm1 else 0
     counters2 = triton.cdiv(H, config2.block_n) if sum_in_gemm2 else 0
     arrivals = torch.empty(counters1 + counters2, dtype=torch.int32, device=x.device) if counters1 + counters2 \
         else None
