@@ -119,6 +119,8 @@ MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more
 # Split K until a GEMM has this many programs per SM (or the limits below). 7, not 4: mixtral T=1's GEMM1 (896
 # programs, 6.8 per SM, up to 9 resident) waited on DRAM latency (ncu: 43% of DRAM peak; results/h100/
 # int4_gemv_ncu_v1) and two K slices took the forward from 0.128 to 0.120 ms on an H100 (results/h100/LOG.md).
+# It counts programs, not warps: with the 2-warp GEMM 1 (session 12) deepseek-v3 T=1 keeps 1024 programs, 23% achieved
+# occupancy (ncu), but two slices (full occupancy) were not faster (105.9 vs 105.5-106.1 us; gemv_stages_v1).
 GEMV_PROGRAMS_PER_SM = 7
 GEMV_SPLIT_K_MAX = 8
 GEMV_MIN_SLICE = 512  # K per slice: shorter slices spend more on partial sums than they win
