@@ -12,10 +12,13 @@ import functools
 import os
 import platform
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def has_cuda() -> bool:
@@ -57,6 +60,17 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r}: expected one of {choices}")
     return value
+
+
+def env_parsed(name: str, parse: Callable[[str], T]) -> T | None:
+    """parse($name stripped), or None when unset or blank; parse's ValueError comes back naming the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}={text!r}: {exc}") from None
 
 
 PDL_ENV = "MOE_TUT_PDL"

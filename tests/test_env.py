@@ -74,3 +74,15 @@ def test_env_choice_defaults_to_the_first_and_names_the_variable(monkeypatch):
     monkeypatch.setenv("MOE_TUT_TEST_CHOICE", "B")
     with pytest.raises(ValueError, match="MOE_TUT_TEST_CHOICE='B': expected one of"):
         env.env_choice("MOE_TUT_TEST_CHOICE", ("a", "b"))
+
+
+def test_env_parsed_is_none_when_unset_or_blank_and_names_the_variable(monkeypatch):
+    monkeypatch.delenv("MOE_TUT_TEST_PARSED", raising=False)
+    assert env.env_parsed("MOE_TUT_TEST_PARSED", int) is None
+    monkeypatch.setenv("MOE_TUT_TEST_PARSED", "  ")
+    assert env.env_parsed("MOE_TUT_TEST_PARSED", int) is None
+    monkeypatch.setenv("MOE_TUT_TEST_PARSED", " 12 ")
+    assert env.env_parsed("MOE_TUT_TEST_PARSED", int) == 12
+    monkeypatch.setenv("MOE_TUT_TEST_PARSED", "twelve")
+    with pytest.raises(ValueError, match="MOE_TUT_TEST_PARSED='twelve': invalid literal"):
+        env.env_parsed("MOE_TUT_TEST_PARSED", int)

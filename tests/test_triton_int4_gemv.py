@@ -240,7 +240,9 @@ def test_gemms_differ_from_dequantize_then_multiply_only_by_float32_rounding(G, 
 # ---- the switch in moe_forward_triton_int4 -------------------------------------------------------------
 
 
-def test_triton_int4_routes_decode_batches_to_gemv(monkeypatch):
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """The keyword arguments of every call of int4_gemv.moe_forward_int4_gemv (which still runs)."""
     calls = []
     real = gv.moe_forward_int4_gemv
 
@@ -249,6 +251,11 @@ def test_triton_int4_routes_decode_batches_to_gemv(monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(gv, "moe_forward_int4_gemv", spy)
+    return calls
+
+
+def test_triton_int4_routes_decode_batches_to_gemv(gemv_calls, monkeypatch):
+    calls = gemv_calls
     v = ig.Int4Variant.parse("magic,post,split,gemv")
     assert v.gemv == gv.GEMV_MAX_TOKENS == 4
     x, q, ids, tw, plan = make_case(4, 64, 128, 2, 3, G=64)
@@ -530,7 +537,7 @@ def test_gpu_split_gemm1_finishes_in_its_last_slice(shape, T, symmetric, monkeyp
 @needs_cuda
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("shape,T", [("qwen3-30b-a3b", 16), ("deepseek-v3-32e", 4), ("mixtral", 8)])
-def test_gpu_decode_batches_up_to_one_row_per_expert_take_gemv(shape, T, symmetric, monkeypatch):
+def test_gpu_decode_batches_up_to_one_row_per_expert_take_gemv(shape, T, symmetric, gemv_calls):
     # The default decode variant runs the GEMV kernels past T = 4 where experts get at most one row on average
     # (qwen3 T=16: 1.0); mixtral T=8 (2 rows per expert) stays on the tl.dot path
     E, H, F, k = GPU_SHAPES[shape]
@@ -538,9 +545,6 @@ def test_gpu_decode_batches_up_to_one_row_per_expert_take_gemv(shape, T, symmetr
     ids, tw = simulate_routing(T, E, k, "uniform", seed=T, device=DEVICE)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(DEVICE, torch.bfloat16)
     plan = RoutingPlan.build(ids, tw, E)
-    calls = []
-    real = gv.moe_forward_int4_gemv
-    monkeypatch.setattr(gv, "moe_forward_int4_gemv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     y = ig.moe_forward_triton_int4(x, q, plan)
-    assert len(calls) == (T * k <= E or T <= 4)
+    assert len(gemv_calls) == (T * k <= E or T <= 4)
     assert relative_error(y, int4_moe_reference(x, q, ids, tw)) < TOL

@@ -103,7 +103,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import check_inputs
-from ..env import interpreting, programmatic_launch_ok
+from ..env import env_parsed, interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor, dequantize, int4_moe_reference  # noqa: F401  (re-exported)
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
@@ -422,13 +422,7 @@ def adapt_to_variant(cfg: TileConfig, group_size: int, variant: Int4Variant) -> 
 
 def pinned_config() -> TileConfig | None:
     """The config named by MOE_TUT_TRITON_INT4_CONFIG, if set."""
-    text = os.environ.get(CONFIG_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        return TileConfig.parse(text)
-    except ValueError as exc:
-        raise ValueError(f"{CONFIG_ENV}: {exc}") from None
+    return env_parsed(CONFIG_ENV, TileConfig.parse)
 
 
 # --------------------------------------------------------------------------------------------------

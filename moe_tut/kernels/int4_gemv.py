@@ -87,14 +87,13 @@ prepare_activations_reference spells out the x' layout.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from ..env import env_choice, interpreting, programmatic_launch_ok
+from ..env import env_choice, env_parsed, interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor
 from ..routing import RoutingPlan
 from .grouped_gemm import (
@@ -696,18 +695,15 @@ def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple
 def config_from_env() -> tuple[GemvConfig, GemvConfig] | None:
     """MOE_TUT_GEMV_CONFIG="GEMM1[;GEMM2]", e.g. "16,128,2,0,3;64,128,4": the (GEMM1, GEMM2) configs (GEMM2 the
     module default where left out), or None where unset or blank."""
-    text = os.environ.get(CONFIG_ENV, "").strip()
-    if not text:
-        return None
+    return env_parsed(CONFIG_ENV, _parse_config_pair)
+
+
+def _parse_config_pair(text: str) -> tuple[GemvConfig, GemvConfig]:
     parts = text.split(";")
-    try:
-        if len(parts) > 2:
-            raise ValueError(f"at most two configs (GEMM1;GEMM2), got {len(parts)}")
-        gemm1 = GemvConfig.parse(parts[0])
-        gemm2 = GemvConfig.parse(parts[1]) if len(parts) == 2 and parts[1].strip() else DEFAULT_GEMM2_CONFIG
-    except ValueError as exc:
-        raise ValueError(f"{CONFIG_ENV}={text!r}: {exc}") from None
-    return gemm1, gemm2
+    if len(parts) > 2:
+        raise ValueError(f"at most two configs (GEMM1;GEMM2), got {len(parts)}")
+    gemm1 = GemvConfig.parse(parts[0])
+    return gemm1, GemvConfig.parse(parts[1]) if len(parts) == 2 and parts[1].strip() else DEFAULT_GEMM2_CONFIG
 
 
 def plan_splits(weights, plan: RoutingPlan, rows: int, config1: GemvConfig, config2: GemvConfig,
