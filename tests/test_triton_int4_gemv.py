@@ -7,6 +7,7 @@ from dequantize-then-multiply only by float32 rounding.
 """
 
 import functools
+import math
 from dataclasses import replace
 
 import pytest
@@ -150,6 +151,81 @@ def test_split_gemm1_finishes_the_swiglu_in_its_last_slice(case, kw, monkeypatch
     monkeypatch.setenv(gv.FINISH_ENV, "later")
     with pytest.raises(ValueError, match="MOE_TUT_GEMV_FINISH"):
         gv.moe_forward_int4_gemv(x, q, plan, config=config, **kw)
+
+
+# GEMM1 and GEMM2 in one launch (MOE_TUT_GEMV_FUSED=1): (id, case kwargs, forward kwargs), configs that fuse (one
+# warp count, GEMM2's K slices whole blocks of GEMM1 columns)
+FUSED_CASES = [
+    ("T1-split2-gemm2-split4", dict(E=4, H=256, F=512, k=2, T=1),
+     dict(config=GemvConfig(16, 64, 2, split_k=2), config2=GemvConfig(32, 64, 2, split_k=4))),
+    ("T3-asym-pipelined-plan", dict(E=4, H=128, F=256, k=2, T=3, G=64, symmetric=False),
+     dict(config=GemvConfig(16, 64, 2, stages=2), config2=GemvConfig(32, 64, 2, split_k=2))),
+    ("T4-rows2-both-split", dict(E=2, H=256, F=128, k=2, T=4),
+     dict(config=GemvConfig(16, 64, 2, split_k=2), config2=GemvConfig(64, 64, 2, split_k=2), rows=2)),
+    ("top1-y-direct-partial-block", dict(E=5, H=96, F=160, k=1, T=2, G=32),
+     dict(config=GemvConfig(16, 32, 2), config2=GemvConfig(64, 32, 2))),
+    ("one-token-k3-asym", dict(E=5, H=128, F=128, k=3, T=1, G=64, symmetric=False),
+     dict(config=GemvConfig(16, 64, 2, split_k=2), config2=GemvConfig(32, 64, 2, split_k=2))),
+]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """(gemm1 keywords, gemm2 keywords, the counters after the launch) of every int4_gemv.gemv_fused_gemms call."""
+    calls = []
+    real = gv.gemv_fused_gemms
+
+    def spy(xp, xw, act, act_w, weights, plan, gemm1, gemm2, counters, pdl=False):
+        real(xp, xw, act, act_w, weights, plan, gemm1, gemm2, counters, pdl)
+        calls.append((gemm1, gemm2, counters.clone()))
+
+    monkeypatch.setattr(gv, "gemv_fused_gemms", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case,kw", [c[1:] for c in FUSED_CASES], ids=[c[0] for c in FUSED_CASES])
+def test_fused_launch_gives_the_two_launches_bits(case, kw, fused_calls, monkeypatch, nan_buffers):
+    x, q, ids, tw, plan = make_case(**case)
+    if case["T"] == 1:
+        plan = RoutingPlan.build(ids, tw, q.num_experts, defer=True)
+    monkeypatch.setenv(gv.FUSED_ENV, "0")
+    expected = gv.moe_forward_int4_gemv(x, q, plan, **kw)
+    assert not fused_calls
+    monkeypatch.setenv(gv.FUSED_ENV, "1")
+    y = check(x, q, ids, tw, plan, **kw)
+    assert torch.equal(y, expected) and torch.isfinite(y).all()
+    [(gemm1, gemm2, counters)] = fused_calls
+    # every ticket was taken; each real row block's GEMM2 K slices were counted complete by exactly their GEMM1
+    # column blocks (the count a GEMM2 tile waits for), and the row blocks past the routing's last were never touched
+    E, rows, F, H = q.num_experts, gemm1["rows"], q.ffn_size, q.hidden_size
+    grid1 = gv.gemv_grid(plan.num_rows, E, rows, F, gemm1["config"], gemm1["split_k"])
+    grid2 = gv.gemv_grid(plan.num_rows, E, rows, H, gemm2["config"], gemm2["split_k"])
+    assert gemm2["split_k"] == kw["config2"].split_k or kw["config2"].split_k == 0
+    real = case["k"] if case["T"] == 1 else sum(-(-int(n) // rows) for n in torch.bincount(ids.flatten(),
+                                                                                         minlength=E))
+    ready = counters[1:].view(grid1[0], gemm2["split_k"]).cpu()
+    assert counters[0] == math.prod(grid1) + math.prod(grid2)
+    assert (ready[:real] == F // gemm2["split_k"] // gemm1["config"].block_n).all() and (ready[real:] == 0).all()
+
+
+def test_fusion_rules(fused_calls, monkeypatch):
+    cfg = GemvConfig(16, 64, 2)
+    assert gv.fusion_blocker(512, cfg, GemvConfig(32, 64, 4), 1, 1) == "GEMM1 has 2 warps, GEMM2 4"
+    assert "160 are not whole blocks of 64" in gv.fusion_blocker(320, GemvConfig(64, 64, 2), cfg, 1, 2)
+    assert gv.fusion_blocker(384, GemvConfig(64, 64, 2), cfg, 2, 1) is None
+    monkeypatch.setenv(gv.FINISH_ENV, "kernel")  # a split GEMM1 must finish the SwiGLU in its last slice
+    assert gv.fusion_blocker(384, GemvConfig(64, 64, 2), cfg, 2, 1) == "MOE_TUT_GEMV_FINISH=kernel"
+    monkeypatch.delenv(gv.FINISH_ENV)
+    monkeypatch.setenv(gv.FUSED_ENV, "1")
+    x, q, ids, tw, plan = make_case(E=4, H=128, F=256, k=2, T=2)
+    check(x, q, ids, tw, plan, config=cfg, config2=GemvConfig(32, 64, 4))  # not fusable: two launches, still right
+    assert not fused_calls
+    monkeypatch.setattr(gv, "interpreting", lambda: False)  # the GPU's defaults fuse with one warp count
+    c1, c2 = gv.default_configs(torch.device("cpu"), 0.25, fused=True)
+    assert c1 == gv.FUSED_GEMM1_CONFIG and c1.num_warps == c2.num_warps
+    monkeypatch.setenv(gv.FUSED_ENV, "yes")
+    with pytest.raises(ValueError, match="MOE_TUT_GEMV_FUSED='yes'"):
+        gv.moe_forward_int4_gemv(x, q, plan)
 
 
 def test_one_token_path_out_of_range_id_adds_nothing():
@@ -548,3 +624,34 @@ def test_gpu_decode_batches_up_to_one_row_per_expert_take_gemv(shape, T, symmetr
     y = ig.moe_forward_triton_int4(x, q, plan)
     assert len(gemv_calls) == (T * k <= E or T <= 4)
     assert relative_error(y, int4_moe_reference(x, q, ids, tw)) < TOL
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
+def test_gpu_fused_launch_gives_the_two_launches_bits(shape, T, symmetric, fused_calls, monkeypatch):
+    # GEMM2's tiles wait on GEMM1's ready counts across SMs: the same bits as two launches of the same blocks, eagerly
+    # and over graph replays with new x and routing each time (a tile that read act' before it was complete would
+    # differ; the prep kernel zeroes the queue and the counts every forward)
+    E, H, F, k = GPU_SHAPES[shape]
+    q = gpu_weights(shape, symmetric)
+    ids, tw = simulate_routing(T, E, k, "uniform", seed=T, device=DEVICE)
+    x = torch.randn(T, H, device=DEVICE).bfloat16()
+    blocks = dict(config=gv.FUSED_GEMM1_CONFIG, config2=gv.DEFAULT_GEMM2_CONFIG)
+
+    def forward(fused):
+        monkeypatch.setenv(gv.FUSED_ENV, fused)
+        return gv.moe_forward_int4_gemv(x, q, RoutingPlan.build(ids, tw, E, validate=False, defer=T == 1), **blocks)
+
+    assert torch.equal(forward("1"), forward("0")) and len(fused_calls) == 1
+    check(x, q, ids, tw, RoutingPlan.build(ids, tw, E), **blocks)
+    graph, y_graph = capture_graph(lambda: forward("1"))
+    for seed in range(1, 6):
+        x.copy_(torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(DEVICE, x.dtype))
+        new_ids, new_tw = simulate_routing(T, E, k, "uniform", seed=seed, device=DEVICE)
+        ids.copy_(new_ids)
+        tw.copy_(new_tw)
+        graph.replay()
+        assert torch.equal(y_graph, forward("0")), seed

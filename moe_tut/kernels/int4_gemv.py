@@ -114,6 +114,7 @@ from .pdl import pdl_launch, wait_for_previous_kernel
 
 FINISH_ENV = "MOE_TUT_GEMV_FINISH"  # "gemm1" (default): split GEMM1's last K slice applies the SwiGLU; "kernel"
 CONFIG_ENV = "MOE_TUT_GEMV_CONFIG"  # "GEMM1[;GEMM2]" (GemvConfig.parse each): pins what default_configs returns
+FUSED_ENV = "MOE_TUT_GEMV_FUSED"  # "0" (default): GEMM1 and GEMM2 in two launches; "1": one (_gemv_fused_kernel)
 MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
 # Split K until a GEMM has this many programs per SM (or the limits below). 7, not 4: mixtral T=1's GEMM1 (896
 # programs, 6.8 per SM, up to 9 resident) waited on DRAM latency (ncu: 43% of DRAM peak; results/h100/
@@ -197,6 +198,9 @@ WIDE_GEMM1_CONFIG = GemvConfig(64, 128, 4, stages=3)
 WIDE_GEMM1_MIN_ROWS_PER_EXPERT = 0.5
 # Under the interpreter the cost grows with programs x K steps: one wide block.
 INTERPRETER_GEMV_CONFIG = GemvConfig(64, 128, 4)
+# GEMM1 in the fused launch, which has one warp count for both GEMMs: DEFAULT_GEMM1_CONFIG's work per thread at
+# GEMM2's 4 warps.
+FUSED_GEMM1_CONFIG = GemvConfig(32, 128, 4, stages=3)
 # Candidates the GPU script measures.
 CANDIDATE_CONFIGS = (
     GemvConfig(32, 128, 4),
@@ -205,6 +209,25 @@ CANDIDATE_CONFIGS = (
     GemvConfig(64, 128, 8),
     GemvConfig(128, 128, 8),
 )
+
+
+def fused_launch() -> bool:
+    """MOE_TUT_GEMV_FUSED: whether GEMM1 and GEMM2 run as one launch ("1"; where fusion_blocker allows) or two ("0",
+    the default)."""
+    return env_choice(FUSED_ENV, ("0", "1")) == "1"
+
+
+def fusion_blocker(F: int, config1: GemvConfig, config2: GemvConfig, split1: int, split2: int) -> str | None:
+    """Why GEMM1 and GEMM2 (resolved configs and splits) cannot share one launch, or None: the launch has one warp
+    count, each block of BLOCK_N1 act' columns must lie in one GEMM2 K slice, and a split GEMM1 must finish the
+    SwiGLU itself (MOE_TUT_GEMV_FINISH=gemm1)."""
+    if config1.num_warps != config2.num_warps:
+        return f"GEMM1 has {config1.num_warps} warps, GEMM2 {config2.num_warps}"
+    if (F // split2) % config1.block_n:
+        return f"GEMM2's K slices of {F // split2} are not whole blocks of {config1.block_n} GEMM1 columns"
+    if split1 > 1 and not finish_in_gemm():
+        return f"{FINISH_ENV}=kernel"
+    return None
 
 
 def finish_in_gemm() -> bool:
@@ -400,14 +423,40 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
     offsets of one address (no address arithmetic each), and the compiler knows the word offsets are
     16-byte aligned, so the packed-word loads are 128-bit.
     """
+    wait_for_previous_kernel(USE_PDL)
+    _gemv_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
+               x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_ptr, out_rows_ptr, row_weight_ptr,
+               offsets_ptr, one_bits, stride_xm, stride_xwm, stride_qe, stride_qn, stride_se, stride_sg, stride_sn,
+               stride_ze, stride_zg, stride_zn, stride_os, stride_om, stride_owm, N, KW, E, E_PAD, GROUP_SIZE,
+               HAS_ZEROS, GATHER_X, SWIGLU, ACT_OUT, WEIGHT_SCATTER, SPLIT_K, ROWS, BLOCK_N, BLOCK_K, ONE_IN_MASK,
+               ONE_TOKEN_TOPK, y_ptr, arrivals_ptr, SUM_SLOTS_LAST, act_ptr, act_w_ptr, stride_am, stride_awm,
+               FINISH_LAST, STAGES, X_CACHE="")
+
+
+@triton.jit
+def _gemv_tile(pid_m, pid_n, k_slice, num_pid_n, x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_ptr,
+               out_rows_ptr, row_weight_ptr, offsets_ptr, one_bits, stride_xm, stride_xwm, stride_qe, stride_qn,
+               stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_os, stride_om, stride_owm,
+               N: tl.constexpr, KW: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, GATHER_X: tl.constexpr, SWIGLU: tl.constexpr,
+               ACT_OUT: tl.constexpr, WEIGHT_SCATTER: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_IN_MASK: tl.constexpr,
+               ONE_TOKEN_TOPK: tl.constexpr, y_ptr, arrivals_ptr,
+               SUM_SLOTS_LAST: tl.constexpr, act_ptr, act_w_ptr, stride_am, stride_awm,
+               FINISH_LAST: tl.constexpr, STAGES: tl.constexpr,
+               ready_ptr=None, READY_SLICES: tl.constexpr = 0, READY_COLS: tl.constexpr = 1,
+               READY_TARGET: tl.constexpr = 0, X_CACHE: tl.constexpr = ""):
+    """One tile of _gemv_kernel (its arguments; the tile is row block pid_m, column block pid_n of num_pid_n, K slice
+    k_slice), for _gemv_kernel and _gemv_fused_kernel. For the fused kernel (READY_SLICES = GEMM2's K slices > 0):
+    GEMM1 (READY_TARGET 0) counts each stored block of act' columns in at ready[pid_m, the GEMM2 K slice of
+    READY_COLS columns holding them]; GEMM2 (READY_TARGET > 0) first waits until ready[pid_m, k_slice] reaches
+    READY_TARGET and loads act' with X_CACHE ".cg" (at L2: this SM's L1 may hold lines read before they were
+    written, where a line spans two K slices)."""
+
     BLOCK_W: tl.constexpr = BLOCK_K // 8
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)  # one group per K step (the host lowers BLOCK_K)
     tl.static_assert(KW % (SPLIT_K * BLOCK_W) == 0)
     SYMMETRIC: tl.constexpr = not HAS_ZEROS
-    wait_for_previous_kernel(USE_PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    k_slice = tl.program_id(2)
     # With ONE_TOKEN_TOPK, x_rows_ptr holds topk_ids: read here as each row's expert (else not read here)
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, x_rows_ptr, offsets_ptr, E, E_PAD, ROWS,
                                                    True, ONE_TOKEN_TOPK)
@@ -416,6 +465,8 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
         id_ok = expert >= 0  # an out-of-range id reads expert 0 and adds nothing (weight 0)
         expert = tl.maximum(expert, 0)
     if row_start < row_end:  # row blocks past the routing's last one do nothing
+        if READY_TARGET > 0:  # fused GEMM2: this K slice of the row block's act' must be complete
+            _wait_ready(ready_ptr + pid_m * READY_SLICES + k_slice, READY_TARGET)
         rows = row_start + tl.arange(0, ROWS)
         row_ok = rows < row_end
         # Rows past the block's end and columns past N are clamped to valid ones rather than masked: the loads
@@ -451,14 +502,14 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
             # one group (one scale per row), and rows/columns are clamped above.
             cols = w0 + offs_w
             x_ptrs = x_base + cols
-            x0 = tl.load(x_ptrs)
-            x1 = tl.load(x_ptrs + KW)
-            x2 = tl.load(x_ptrs + 2 * KW)
-            x3 = tl.load(x_ptrs + 3 * KW)
-            x4 = tl.load(x_ptrs + 4 * KW)
-            x5 = tl.load(x_ptrs + 5 * KW)
-            x6 = tl.load(x_ptrs + 6 * KW)
-            x7 = tl.load(x_ptrs + 7 * KW)
+            x0 = tl.load(x_ptrs, cache_modifier=X_CACHE)
+            x1 = tl.load(x_ptrs + KW, cache_modifier=X_CACHE)
+            x2 = tl.load(x_ptrs + 2 * KW, cache_modifier=X_CACHE)
+            x3 = tl.load(x_ptrs + 3 * KW, cache_modifier=X_CACHE)
+            x4 = tl.load(x_ptrs + 4 * KW, cache_modifier=X_CACHE)
+            x5 = tl.load(x_ptrs + 5 * KW, cache_modifier=X_CACHE)
+            x6 = tl.load(x_ptrs + 6 * KW, cache_modifier=X_CACHE)
+            x7 = tl.load(x_ptrs + 7 * KW, cache_modifier=X_CACHE)
             g = (w0 * 8) // GROUP_SIZE
             w = tl.load(q_rows + cols)
             # acc += s * p and acc += z * X as two statements: one FFMA each per word (as one expression the
@@ -466,7 +517,7 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
             acc += tl.load(s_row + g * stride_sg).to(tl.float32) * _word_sums(w, x0, x1, x2, x3, x4, x5, x6, x7,
                                                                                 one_bits, SYMMETRIC, ONE_IN_MASK)
             if HAS_ZEROS:  # asymmetric: sum_k (c s + z) x = s sum_k c x + z X, X the word's activation sum
-                xw = tl.load(xw_base + cols)
+                xw = tl.load(xw_base + cols, cache_modifier=X_CACHE)
                 acc += tl.load(z_row + g * stride_zg).to(tl.float32) * xw
             if SWIGLU:  # the up rows N + n of the same columns: same activations, own scales
                 w_up = tl.load(q_rows + N * stride_qn + cols)
@@ -481,6 +532,8 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
             act = h * tl.sigmoid(h) * h_up
             _store_prepared(act, rows, row_ok, pid_n * BLOCK_N, N, out_ptr, out_w_ptr, stride_om, stride_owm, ROWS,
                             BLOCK_N)
+            if READY_SLICES > 0 and READY_TARGET == 0:  # fused GEMM1: these act' columns are complete
+                _signal_ready(ready_ptr + pid_m * READY_SLICES + (pid_n * BLOCK_N) // READY_COLS)
         else:
             if WEIGHT_SCATTER and ONE_TOKEN_TOPK > 0:  # the router's weight; rows are slots already
                 h = h * tl.where(id_ok, tl.load(row_weight_ptr + rows_c).to(tl.float32), 0.0)[:, None]
@@ -499,17 +552,93 @@ def _gemv_kernel(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, out_ptr, out_w_ptr, x_rows_
                 tl.static_assert(SWIGLU and not ACT_OUT and SPLIT_K > 1)
                 _last_slice_finishes_swiglu(out_ptr, stride_os, stride_om, rows, rows_c, row_ok, pid_n * BLOCK_N,
                                             offs_n, n_ok, N, act_ptr, act_w_ptr, stride_am, stride_awm,
-                                            arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K, ROWS, BLOCK_N)
+                                            arrivals_ptr + pid_m * num_pid_n + pid_n, SPLIT_K, ROWS, BLOCK_N,
+                                            ready_ptr, pid_m * READY_SLICES + (pid_n * BLOCK_N) // READY_COLS,
+                                            READY_SLICES > 0)
             if SUM_SLOTS_LAST:
                 tl.static_assert(ONE_TOKEN_TOPK > 0 and not SWIGLU)
                 _last_arrival_sums_slots(out_ptr, stride_os, stride_om, 1, offs_n, n_ok, y_ptr, arrivals_ptr, pid_n,
                                          SPLIT_K, ONE_TOKEN_TOPK, BLOCK_N)
 
 
+
+
+@triton.jit
+def _signal_ready(counter_ptr):
+    """Count a stored block of act' in at *counter_ptr: every thread's stores before the barrier, the barrier before
+    the release (as in grouped_gemm._last_arrival_sums_slots)."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_ready(counter_ptr, target):
+    """Spin until *counter_ptr >= target (acquire), then a barrier, so every thread's loads come after."""
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _gemv_fused_kernel(
+        x_ptr, xw_ptr, q1_ptr, s1_ptr, z1_ptr, out1_ptr, out1_w_ptr, stride_xm, stride_xwm, stride_q1e, stride_q1n,
+        stride_s1e, stride_s1g, stride_s1n, stride_z1e, stride_z1g, stride_z1n, stride_o1s, stride_o1m, stride_o1wm,
+        act_ptr, act_w_ptr, q2_ptr, s2_ptr, z2_ptr, out2_ptr, stride_am, stride_awm, stride_q2e, stride_q2n,
+        stride_s2e, stride_s2g, stride_s2n, stride_z2e, stride_z2g, stride_z2n, stride_o2s, stride_o2m,
+        x_rows_ptr, out_rows_ptr, row_weight_ptr, offsets_ptr, one_bits, row_blocks, queue_ptr, ready_ptr, finish_ptr,
+        y_ptr, sum_ptr,
+        H: tl.constexpr, F: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, GROUP1: tl.constexpr,
+        GROUP2: tl.constexpr, HAS_ZEROS1: tl.constexpr, HAS_ZEROS2: tl.constexpr, SPLIT1: tl.constexpr,
+        SPLIT2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
+        STAGES1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr, STAGES2: tl.constexpr,
+        ONE_IN_MASK: tl.constexpr = False, USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0,
+        SUM_SLOTS_LAST: tl.constexpr = False):
+    """GEMM1 and GEMM2 of moe_forward_int4_gemv in one launch, so GEMM2's tiles run on the SMs that GEMM1's last
+    tiles leave idle (two launches: GEMM2 waits for the whole of GEMM1).
+
+    Each program takes a ticket from *queue_ptr (zeroed by the prep kernel): tickets below row_blocks x N1 blocks x
+    SPLIT1 are GEMM1 tiles (row block fastest, then K slice, then column block: act' fills in column order), the
+    rest GEMM2 tiles (row block, column block, then K slice: slice 0 first). A GEMM1 tile that completes a block
+    of act' columns (split: its last K slice to arrive, FINISH_LAST) counts it in at ready[row block, GEMM2 K
+    slice]; a GEMM2 tile waits until its slice's count reaches F / SPLIT2 / BLOCK_N1. No deadlock: every GEMM1
+    ticket is handed out before any GEMM2 ticket, to a program already running, and GEMM1 tiles wait on nothing.
+    Arguments: _gemv_kernel's for GEMM1 (suffix 1; out1 = act' unsplit, else the partial sums, finished into
+    act_ptr) and GEMM2 (suffix 2; activations act', out2 as _gemv_kernel's out with WEIGHT_SCATTER)."""
+    NUM_N1: tl.constexpr = (F + BLOCK_N1 - 1) // BLOCK_N1
+    NUM_N2: tl.constexpr = (H + BLOCK_N2 - 1) // BLOCK_N2
+    tl.static_assert((F // SPLIT2) % BLOCK_N1 == 0)  # each block of act' columns lies in one GEMM2 K slice
+    wait_for_previous_kernel(USE_PDL)
+    ticket = tl.atomic_add(queue_ptr, 1, sem="relaxed", scope="gpu")
+    tiles1 = row_blocks * NUM_N1 * SPLIT1
+    if ticket < tiles1:
+        rest = ticket // row_blocks
+        _gemv_tile(ticket % row_blocks, rest // SPLIT1, rest % SPLIT1, NUM_N1,
+                   x_ptr, xw_ptr, q1_ptr, s1_ptr, z1_ptr, out1_ptr, out1_w_ptr, x_rows_ptr, out_rows_ptr,
+                   row_weight_ptr, offsets_ptr, one_bits, stride_xm, stride_xwm, stride_q1e, stride_q1n, stride_s1e,
+                   stride_s1g, stride_s1n, stride_z1e, stride_z1g, stride_z1n, stride_o1s, stride_o1m, stride_o1wm,
+                   F, H // 8, E, E_PAD, GROUP1, HAS_ZEROS1, True, True, SPLIT1 == 1, False, SPLIT1, ROWS, BLOCK_N1,
+                   BLOCK_K1, ONE_IN_MASK, ONE_TOKEN_TOPK, None, finish_ptr, False, act_ptr, act_w_ptr, stride_am,
+                   stride_awm, SPLIT1 > 1, STAGES1,
+                   ready_ptr=ready_ptr, READY_SLICES=SPLIT2, READY_COLS=F // SPLIT2, X_CACHE="")
+    else:
+        t2 = ticket - tiles1
+        rest = t2 // row_blocks
+        _gemv_tile(t2 % row_blocks, rest % NUM_N2, rest // NUM_N2, NUM_N2,
+                   act_ptr, act_w_ptr, q2_ptr, s2_ptr, z2_ptr, out2_ptr, out2_ptr, x_rows_ptr, out_rows_ptr,
+                   row_weight_ptr, offsets_ptr, one_bits, stride_am, stride_awm, stride_q2e, stride_q2n, stride_s2e,
+                   stride_s2g, stride_s2n, stride_z2e, stride_z2g, stride_z2n, stride_o2s, stride_o2m, 0,
+                   H, F // 8, E, E_PAD, GROUP2, HAS_ZEROS2, False, False, False, True, SPLIT2, ROWS, BLOCK_N2,
+                   BLOCK_K2, ONE_IN_MASK, ONE_TOKEN_TOPK, y_ptr, sum_ptr, SUM_SLOTS_LAST, None, None, 0, 0, False,
+                   STAGES2, ready_ptr=ready_ptr, READY_SLICES=SPLIT2, READY_TARGET=(F // SPLIT2) // BLOCK_N1,
+                   X_CACHE=".cg")
+
+
 @triton.jit
 def _last_slice_finishes_swiglu(part_ptr, stride_ps, stride_pm, rows, rows_c, row_ok, c0, offs_n, n_ok, N, act_ptr,
                                 act_w_ptr, stride_am, stride_awm, counter_ptr, SPLIT_K: tl.constexpr,
-                                ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ready_ptr=None, ready_index=0,
+                                SIGNAL_READY: tl.constexpr = False):
     """Called by each of the SPLIT_K programs of a (row block, column block) after storing its gate and up partial
     sums (part[slice, row, n] and [.., N + n]): the last to arrive at *counter_ptr adds the slices in order and stores
     silu(gate) * up prepared, the arithmetic of _gemv_swiglu_finish_kernel (memory ordering: see
@@ -526,6 +655,8 @@ def _last_slice_finishes_swiglu(part_ptr, stride_ps, stride_pm, rows, rows_c, ro
             up += tl.load(base + sl * stride_ps + N, mask=ok, other=0.0, cache_modifier=".cg")
         _store_prepared(gate * tl.sigmoid(gate) * up, rows, row_ok, c0, N, act_ptr, act_w_ptr, stride_am, stride_awm,
                         ROWS, BLOCK_N)
+        if SIGNAL_READY:  # fused: these act' columns are complete
+            _signal_ready(ready_ptr + ready_index)
 
 
 @triton.jit
@@ -603,21 +734,28 @@ def prepare_activations(x: torch.Tensor, pdl: bool = False, zero_arrivals: torch
     return xp, xw
 
 
-def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *, rows: int,
-                      config: GemvConfig, split_k: int, gather_rows: bool = False, swiglu: bool = False,
-                      weight_scatter: bool = False, out: torch.Tensor | None = None,
-                      out_w: torch.Tensor | None = None, pdl: bool = False,
-                      topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      sum_into: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      finish_into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-    """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w).
+def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *,
+                      pdl: bool = False, **gemm) -> None:
+    """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w). gemm: the
+    keywords of gemv_kernel_args; pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
+    grid, args = gemv_kernel_args(xp, xw, qt, plan, **gemm)
+    _gemv_kernel[grid](**args, **pdl_launch(pdl))
+
+
+def gemv_kernel_args(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *, rows: int,
+                     config: GemvConfig, split_k: int, gather_rows: bool = False, swiglu: bool = False,
+                     weight_scatter: bool = False, out: torch.Tensor | None = None,
+                     out_w: torch.Tensor | None = None, topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     sum_into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     finish_into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[tuple[int, int, int], dict]:
+    """(grid, arguments by name, num_warps included) of _gemv_kernel for one GEMV grouped GEMM, checked:
 
     xp, xw   prepared activations [T or T*k, K] and their word sums (prepare_activations)
     rows     ROWS, rows per program; config block sizes (BLOCK_K must divide the group size, and K must
              be a multiple of split_k * BLOCK_K)
     out      swiglu and split_k == 1: prepared act' [T*k, N] with word sums out_w; otherwise
              [split_k, T*k, N (2N with swiglu)] sums (float32, or the activation dtype)
-    pdl      launch with programmatic dependent launch (kernels/pdl.py)
     topk_rows (T = 1, rows 1) grouped_gemm.one_token_routing(plan): the rows are the token's k slots, read from
              these views of the router's top-k; the plan's sorted tensors are not read, row j is slot j
     sum_into (with topk_rows, not swiglu) (y [1, N], arrivals [>= N blocks] int32, all zero): also y = the sum of
@@ -660,17 +798,62 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
                              f"arrivals {tuple(arrivals.shape)} {arrivals.dtype}")
         fused_sum = dict(act_ptr=act, act_w_ptr=act_w, stride_am=act.stride(0), stride_awm=act_w.stride(0),
                          arrivals_ptr=arrivals, FINISH_LAST=True)
-    _gemv_kernel[grid](
-        xp, xw, words, qt.scales, z, out, out_w, *routing, ONE_BITS, xp.stride(0), xw.stride(0), words.stride(0),
-        words.stride(1),
-        *qt.scales.stride(), *z.stride(), 0 if act_out else out.stride(0), out.stride(-2),
-        out_w.stride(0) if act_out else 0,
+    routing = dict(zip(("x_rows_ptr", "out_rows_ptr", "row_weight_ptr", "offsets_ptr"), routing, strict=True))
+    args = dict(
+        x_ptr=xp, xw_ptr=xw, q_ptr=words, s_ptr=qt.scales, z_ptr=z, out_ptr=out, out_w_ptr=out_w, **routing,
+        one_bits=ONE_BITS, stride_xm=xp.stride(0), stride_xwm=xw.stride(0), stride_qe=words.stride(0),
+        stride_qn=words.stride(1),
+        **dict(zip(("stride_se", "stride_sg", "stride_sn"), qt.scales.stride(), strict=True)),
+        **dict(zip(("stride_ze", "stride_zg", "stride_zn"), z.stride(), strict=True)),
+        stride_os=0 if act_out else out.stride(0), stride_om=out.stride(-2),
+        stride_owm=out_w.stride(0) if act_out else 0,
         N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STAGES=config.stages,
-        ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
-        num_warps=config.num_warps, **fused_sum, **pdl_launch(pdl))
+        STAGES=config.stages, ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
+        num_warps=config.num_warps, **fused_sum)
+    return grid, args
+
+
+def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_w: torch.Tensor, weights,
+                     plan: RoutingPlan, gemm1: dict, gemm2: dict, counters: torch.Tensor, pdl: bool = False) -> None:
+    """GEMM1 (x' -> act') and GEMM2 (act' -> out) in one launch of _gemv_fused_kernel. gemm1, gemm2: the keywords of
+    gemv_kernel_args for each (a split GEMM1 with finish_into); counters: 1 + row blocks x GEMM2 K slices int32,
+    zero (the ticket queue, then the ready counts)."""
+    grid1, a1 = gemv_kernel_args(xp, xw, weights.w13, plan, **gemm1)
+    grid2, a2 = gemv_kernel_args(act, act_w, weights.w2, plan, **gemm2)
+    split1, split2 = grid1[2], grid2[2]
+    F = a1["N"]
+    problem = fusion_blocker(F, gemm1["config"], gemm2["config"], split1, split2)
+    if problem or (split1 > 1 and not a1.get("FINISH_LAST")) or counters.numel() < 1 + grid1[0] * split2 \
+            or counters.dtype != torch.int32:
+        raise ValueError(f"cannot fuse these GEMMs: {problem or 'a split GEMM1 needs finish_into and the launch '}"
+                         f"{'' if problem else f'1 + {grid1[0] * split2} int32 counters'}")
+    one, two = _weight_args(a1, 1), _weight_args(a2, 2)
+    one.update(out1_ptr=a1["out_ptr"], out1_w_ptr=a1["out_w_ptr"], stride_o1s=a1["stride_os"],
+               stride_o1m=a1["stride_om"], stride_o1wm=a1["stride_owm"])
+    two.update(out2_ptr=a2["out_ptr"], stride_o2s=a2["stride_os"], stride_o2m=a2["stride_om"])
+    tiles = math.prod(grid1) + math.prod(grid2)
+    _gemv_fused_kernel[(tiles,)](
+        x_ptr=xp, xw_ptr=xw, stride_xm=a1["stride_xm"], stride_xwm=a1["stride_xwm"], **one,
+        act_ptr=act, act_w_ptr=act_w, stride_am=act.stride(0), stride_awm=act_w.stride(0), **two,
+        x_rows_ptr=a1["x_rows_ptr"], out_rows_ptr=a2["out_rows_ptr"], row_weight_ptr=a2["row_weight_ptr"],
+        offsets_ptr=a1["offsets_ptr"], one_bits=ONE_BITS, row_blocks=grid1[0], queue_ptr=counters,
+        ready_ptr=counters[1:], finish_ptr=a1.get("arrivals_ptr"), y_ptr=a2.get("y_ptr"),
+        sum_ptr=a2.get("arrivals_ptr"), H=a2["N"], F=F, E=a1["E"], E_PAD=a1["E_PAD"], GROUP1=a1["GROUP_SIZE"],
+        GROUP2=a2["GROUP_SIZE"], HAS_ZEROS1=a1["HAS_ZEROS"], HAS_ZEROS2=a2["HAS_ZEROS"], SPLIT1=split1,
+        SPLIT2=split2, ROWS=a1["ROWS"], BLOCK_N1=a1["BLOCK_N"], BLOCK_K1=a1["BLOCK_K"], STAGES1=a1["STAGES"],
+        BLOCK_N2=a2["BLOCK_N"], BLOCK_K2=a2["BLOCK_K"], STAGES2=a2["STAGES"], ONE_IN_MASK=a1["ONE_IN_MASK"],
+        ONE_TOKEN_TOPK=a1["ONE_TOKEN_TOPK"], SUM_SLOTS_LAST=a2.get("SUM_SLOTS_LAST", False),
+        num_warps=a1["num_warps"], **pdl_launch(pdl))
+
+
+def _weight_args(args: dict, gemm: int) -> dict:
+    """_gemv_kernel's weight arguments renamed for _gemv_fused_kernel's GEMM `gemm`: q_ptr -> q1_ptr, stride_qe ->
+    stride_q1e, and so on."""
+    strides = dict(q="en", s="egn", z="egn")
+    return {f"{w}{gemm}_ptr": args[f"{w}_ptr"] for w in strides} | {
+        f"stride_{w}{gemm}{d}": args[f"stride_{w}{d}"] for w, dims in strides.items() for d in dims}
 
 
 def gemv_grid(num_rows: int, num_experts: int, rows: int, N: int, config: GemvConfig, split_k: int = 1
@@ -680,16 +863,19 @@ def gemv_grid(num_rows: int, num_experts: int, rows: int, N: int, config: GemvCo
     return max_row_blocks(num_rows, num_experts, rows), triton.cdiv(N, config.block_n), split_k
 
 
-def default_configs(device: torch.device, rows_per_expert: float = 0.0) -> tuple[GemvConfig, GemvConfig]:
-    """(GEMM1, GEMM2) block sizes; rows_per_expert = T*k/E picks GEMM1's (WIDE_GEMM1_MIN_ROWS_PER_EXPERT).
-    MOE_TUT_GEMV_CONFIG, where set, pins them (config_from_env)."""
+def default_configs(device: torch.device, rows_per_expert: float = 0.0, fused: bool = False
+                    ) -> tuple[GemvConfig, GemvConfig]:
+    """(GEMM1, GEMM2) block sizes; rows_per_expert = T*k/E picks GEMM1's (WIDE_GEMM1_MIN_ROWS_PER_EXPERT), fused
+    (one launch for both) FUSED_GEMM1_CONFIG for the narrow one. MOE_TUT_GEMV_CONFIG, where set, pins them
+    (config_from_env)."""
     pinned = config_from_env()
     if pinned is not None:
         return pinned
     if interpreting():
         return INTERPRETER_GEMV_CONFIG, INTERPRETER_GEMV_CONFIG
-    wide = rows_per_expert >= WIDE_GEMM1_MIN_ROWS_PER_EXPERT
-    return (WIDE_GEMM1_CONFIG if wide else DEFAULT_GEMM1_CONFIG), DEFAULT_GEMM2_CONFIG
+    if rows_per_expert >= WIDE_GEMM1_MIN_ROWS_PER_EXPERT:
+        return WIDE_GEMM1_CONFIG, DEFAULT_GEMM2_CONFIG
+    return (FUSED_GEMM1_CONFIG if fused else DEFAULT_GEMM1_CONFIG), DEFAULT_GEMM2_CONFIG
 
 
 def config_from_env() -> tuple[GemvConfig, GemvConfig] | None:
@@ -743,12 +929,14 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     rows = rows or rows_per_block(T, k, weights.num_experts)
     if rows < 1 or rows > MAX_ROWS_PER_BLOCK or rows & (rows - 1):
         raise ValueError(f"rows per block must be a power of two in 1..{MAX_ROWS_PER_BLOCK}, got {rows}")
-    d1, d2 = default_configs(x.device, plan.num_rows / weights.num_experts)
+    fused = fused_launch()
+    d1, d2 = default_configs(x.device, plan.num_rows / weights.num_experts, fused)
     config1 = config or d1
     config2 = config2 or (config if config is not None else d2)
     if split_k:
         config1, config2 = replace(config1, split_k=split_k), replace(config2, split_k=split_k)
     config1, config2, split1, split2 = plan_splits(weights, plan, rows, config1, config2, x.device)
+    fused = fused and fusion_blocker(F, config1, config2, split1, split2) is None
     n_rows = plan.num_rows
     pdl = programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change between graph captures
 
@@ -757,37 +945,44 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     # and then GEMM2's last program per column block sums the slots and K slices: no slot-sum kernel
     sum_in_gemm2 = topk_rows is not None and (k > 1 or split2 > 1) and one_token_sum_in_gemm2()
     # GEMM1 split along K: its last slice per tile applies the SwiGLU (no finisher kernel)
-    finish_in_gemm1 = split1 > 1 and finish_in_gemm()
-    counters1 = math.prod(gemv_grid(n_rows, weights.num_experts, rows, F, config1)[:2]) if finish_in_gemm1 else 0
-    counters2 = triton.cdiv(H, config2.block_n) if sum_in_gemm2 else 0
-    arrivals = torch.empty(counters1 + counters2, dtype=torch.int32, device=x.device) if counters1 + counters2 \
-        else None
+    finish_in_gemm1 = split1 > 1 and (fused or finish_in_gemm())
+    grid1 = gemv_grid(n_rows, weights.num_experts, rows, F, config1)
+    # Counters, zeroed by the prep kernel: GEMM1's finish, GEMM2's slot sum, and for the fused launch its ticket
+    # queue and the ready count per (row block, GEMM2 K slice)
+    n_finish = math.prod(grid1[:2]) if finish_in_gemm1 else 0
+    n_sum = triton.cdiv(H, config2.block_n) if sum_in_gemm2 else 0
+    n_fused = 1 + grid1[0] * split2 if fused else 0
+    arrivals = torch.empty(max(1, n_finish + n_sum + n_fused), dtype=torch.int32, device=x.device) \
+        if n_finish + n_sum + n_fused else None
+    if arrivals is not None:
+        finish_counters, sum_counters = arrivals[:n_finish], arrivals[n_finish:n_finish + n_sum]
+        fused_counters = arrivals[n_finish + n_sum:]
 
     xp, xw = prepare_activations(x, pdl=pdl, zero_arrivals=arrivals)
     act, act_w = _prepared_buffers(n_rows, F, x)
+    part1 = _alloc_f32((split1, n_rows, 2 * F), x) if split1 > 1 else None
+    y_direct = split2 == 1 and k == 1  # one slice, one slot per token: GEMM2 writes y
+    part2 = _alloc((1, T, H), x) if y_direct else _alloc_f32((split2, n_rows, H), x)
+    y = _alloc((T, H), x) if sum_in_gemm2 else None
+    gemm1 = dict(rows=rows, config=config1, split_k=split1, gather_rows=True, swiglu=True, topk_rows=topk_rows)
+    gemm2 = dict(rows=rows, config=config2, split_k=split2, weight_scatter=True, out=part2, topk_rows=topk_rows,
+                 sum_into=(y, sum_counters) if sum_in_gemm2 else None)
     if split1 == 1:  # SwiGLU in GEMM1's epilogue
-        gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=1, gather_rows=True,
-                          swiglu=True, out=act, out_w=act_w, pdl=pdl, topk_rows=topk_rows)
+        gemm1.update(out=act, out_w=act_w)
     else:
-        part1 = _alloc_f32((split1, n_rows, 2 * F), x)
-        gemv_grouped_gemm(xp, xw, weights.w13, plan, rows=rows, config=config1, split_k=split1, gather_rows=True,
-                          swiglu=True, out=part1, pdl=pdl, topk_rows=topk_rows,
-                          finish_into=(act, act_w, arrivals[:counters1]) if finish_in_gemm1 else None)
-        if not finish_in_gemm1:
+        gemm1.update(out=part1, finish_into=(act, act_w, finish_counters) if finish_in_gemm1 else None)
+    if fused:
+        gemv_fused_gemms(xp, xw, act, act_w, weights, plan, gemm1, gemm2, fused_counters, pdl)
+    else:
+        gemv_grouped_gemm(xp, xw, weights.w13, plan, pdl=pdl, **gemm1)
+        if split1 > 1 and not finish_in_gemm1:
             block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
             _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
                 part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0),
                 SPLIT_K=split1, BLOCK=block, **pdl_launch(pdl))
-    if split2 == 1 and k == 1:  # one slice, one slot per token: GEMM2 writes y
-        y = _alloc((1, T, H), x)
-        gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=1, weight_scatter=True,
-                          out=y, pdl=pdl, topk_rows=topk_rows)
-        return y[0]
-    part2 = _alloc_f32((split2, n_rows, H), x)
-    y = _alloc((T, H), x) if sum_in_gemm2 else None
-    gemv_grouped_gemm(act, act_w, weights.w2, plan, rows=rows, config=config2, split_k=split2, weight_scatter=True,
-                      out=part2, pdl=pdl, topk_rows=topk_rows,
-                      sum_into=(y, arrivals[counters1:]) if sum_in_gemm2 else None)
+        gemv_grouped_gemm(act, act_w, weights.w2, plan, pdl=pdl, **gemm2)
+    if y_direct:
+        return part2[0]
     return y if sum_in_gemm2 else sum_slots(part2, T, k, x, pdl=pdl)
 
 
