@@ -87,6 +87,7 @@ prepare_activations_reference spells out the x' layout.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -445,7 +446,7 @@ def _gemv_tile(pid_m, pid_n, k_slice, num_pid_n, x_ptr, xw_ptr, q_ptr, s_ptr, z_
                SUM_SLOTS_LAST: tl.constexpr, act_ptr, act_w_ptr, stride_am, stride_awm,
                FINISH_LAST: tl.constexpr, STAGES: tl.constexpr,
                ready_ptr=None, READY_SLICES: tl.constexpr = 0, READY_COLS: tl.constexpr = 1,
-               READY_TARGET: tl.constexpr = 0, X_CACHE: tl.constexpr = ""):
+               READY_TARGET: tl.constexpr = 0, X_CACHE: tl.constexpr = "", SPIN: tl.constexpr = 0):
     """One tile of _gemv_kernel (its arguments; the tile is row block pid_m, column block pid_n of num_pid_n, K slice
     k_slice), for _gemv_kernel and _gemv_fused_kernel. For the fused kernel (READY_SLICES = GEMM2's K slices > 0):
     GEMM1 (READY_TARGET 0) counts each stored block of act' columns in at ready[pid_m, the GEMM2 K slice of
@@ -466,7 +467,7 @@ def _gemv_tile(pid_m, pid_n, k_slice, num_pid_n, x_ptr, xw_ptr, q_ptr, s_ptr, z_
         expert = tl.maximum(expert, 0)
     if row_start < row_end:  # row blocks past the routing's last one do nothing
         if READY_TARGET > 0:  # fused GEMM2: this K slice of the row block's act' must be complete
-            _wait_ready(ready_ptr + pid_m * READY_SLICES + k_slice, READY_TARGET)
+            _wait_ready(ready_ptr + pid_m * READY_SLICES + k_slice, READY_TARGET, SPIN)
         rows = row_start + tl.arange(0, ROWS)
         row_ok = rows < row_end
         # Rows past the block's end and columns past N are clamped to valid ones rather than masked: the loads
@@ -572,11 +573,22 @@ def _signal_ready(counter_ptr):
 
 
 @triton.jit
-def _wait_ready(counter_ptr, target):
-    """Spin until *counter_ptr >= target (acquire), then a barrier, so every thread's loads come after."""
-    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while seen < target:
+def _wait_ready(counter_ptr, target, SPIN: tl.constexpr):
+    """Spin until *counter_ptr >= target, then acquire and a barrier, so every thread's loads come after the stores
+    counted. SPIN 0: polls with acquire atomics; 1: with plain volatile loads (no atomic traffic at L2), then one
+    acquire; 2: as 1 with a nanosleep between polls (not under the interpreter)."""
+    if SPIN == 0:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    else:
+        seen = tl.load(counter_ptr, volatile=True)
+        while seen < target:
+            if SPIN == 2:
+                seen += tl.inline_asm_elementwise("nanosleep.u32 200;\n mov.u32 $0, 0;", "=r,r", [seen],
+                                                  dtype=tl.int32, is_pure=False, pack=1)
+            seen = tl.load(counter_ptr, volatile=True)
+        tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -593,7 +605,7 @@ def _gemv_fused_kernel(
         SPLIT2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
         STAGES1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr, STAGES2: tl.constexpr,
         ONE_IN_MASK: tl.constexpr = False, USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0,
-        SUM_SLOTS_LAST: tl.constexpr = False):
+        SUM_SLOTS_LAST: tl.constexpr = False, SPIN: tl.constexpr = 0, ACT_CACHE: tl.constexpr = ".cg"):
     """GEMM1 and GEMM2 of moe_forward_int4_gemv in one launch, so GEMM2's tiles run on the SMs that GEMM1's last
     tiles leave idle (two launches: GEMM2 waits for the whole of GEMM1).
 
@@ -631,7 +643,7 @@ def _gemv_fused_kernel(
                    H, F // 8, E, E_PAD, GROUP2, HAS_ZEROS2, False, False, False, True, SPLIT2, ROWS, BLOCK_N2,
                    BLOCK_K2, ONE_IN_MASK, ONE_TOKEN_TOPK, y_ptr, sum_ptr, SUM_SLOTS_LAST, None, None, 0, 0, False,
                    STAGES2, ready_ptr=ready_ptr, READY_SLICES=SPLIT2, READY_TARGET=(F // SPLIT2) // BLOCK_N1,
-                   X_CACHE=".cg")
+                   X_CACHE=ACT_CACHE, SPIN=SPIN)
 
 
 @triton.jit
@@ -845,7 +857,18 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
         SPLIT2=split2, ROWS=a1["ROWS"], BLOCK_N1=a1["BLOCK_N"], BLOCK_K1=a1["BLOCK_K"], STAGES1=a1["STAGES"],
         BLOCK_N2=a2["BLOCK_N"], BLOCK_K2=a2["BLOCK_K"], STAGES2=a2["STAGES"], ONE_IN_MASK=a1["ONE_IN_MASK"],
         ONE_TOKEN_TOPK=a1["ONE_TOKEN_TOPK"], SUM_SLOTS_LAST=a2.get("SUM_SLOTS_LAST", False),
+        SPIN=min(int(os.environ.get("MOE_TUT_GEMV_SPIN", "0")), 1 if interpreting() else 2),
+        ACT_CACHE=act_cache(F, split2),
         num_warps=a1["num_warps"], **pdl_launch(pdl))
+
+
+def act_cache(F: int, split2: int) -> str:
+    """The fused GEMM2's cache modifier for act': "" (through L1) where every 128-byte line of act' and its word sums
+    lies in one GEMM2 K slice (F and F / split2 multiples of 256), so no SM's L1 can hold a line of a slice read
+    before that slice was complete; ".cg" (L2 only) otherwise."""
+    if os.environ.get("MOE_TUT_GEMV_ACT_CG") == "1":
+        return ".cg"
+    return "" if F % 256 == 0 and (F // split2) % 256 == 0 else ".cg"
 
 
 def _weight_args(args: dict, gemm: int) -> dict:
