@@ -128,7 +128,8 @@ DECODE_CHAINS = {  # (backend, T, variant): the kernels of the forward (plan inc
     ("triton", 1, None): ["_moe_gemm_kernel", "_moe_gemm_kernel"],  # no plan, GEMM2 sums the slots: one token
     ("triton", 16, None): [PLAN, "_moe_gemm_kernel", "_moe_gemm_kernel", "_sum_slots_kernel"],
     ("triton_int4", 1, None): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_kernel"],  # GEMM2 sums the slots
-    ("triton_int4", 1, SPLIT_VARIANT): ["_gemv_prep_kernel", "_gemv_kernel", "_gemv_kernel"],  # GEMM1 finishes too
+    # GEMM2 split along K: both GEMMs in one launch (int4_gemv.fuse_gemms), GEMM1 finishing the SwiGLU
+    ("triton_int4", 1, SPLIT_VARIANT): ["_gemv_prep_kernel", "_gemv_fused_kernel"],
     ("triton_int4", 16, None): [PLAN, "_moe_int4_kernel", "_moe_int4_kernel", "_sum_slots_kernel"],
     ("triton_int4", 16, SPLIT_VARIANT): [PLAN, "_moe_int4_kernel", "_swiglu_slices_kernel", "_moe_int4_kernel",
                                          "_sum_slots_kernel"],
@@ -235,6 +236,13 @@ kernels = {  # name: (JIT function, constexprs, pointer types, warps, stages)
                                   ACT_OUT=False, WEIGHT_SCATTER=False, SPLIT_K=2, FINISH_LAST=True),
                                   dict(x_ptr=f32, xw_ptr=f32, q_ptr="*i32", s_ptr=bf16, z_ptr=bf16, out_ptr=f32,
                                        out_w_ptr=f32, row_weight_ptr=f32, act_ptr=f32, act_w_ptr=f32), 4, 1),
+    "gemv_fused": (gv._gemv_fused_kernel, dict(H=4096, F=2048, E=8, E_PAD=16, GROUP1=128, GROUP2=128,
+                                                HAS_ZEROS1=False, HAS_ZEROS2=False, SPLIT1=2, SPLIT2=2, ROWS=1,
+                                                BLOCK_N1=64, BLOCK_K1=128, STAGES1=3, BLOCK_N2=64, BLOCK_K2=128,
+                                                STAGES2=1, ONE_TOKEN_TOPK=8, SUM_SLOTS_LAST=True, ACT_CACHE=""),
+                   dict(x_ptr=f32, xw_ptr=f32, q1_ptr="*i32", s1_ptr=bf16, z1_ptr=bf16, out1_ptr=f32, out1_w_ptr=f32,
+                        act_ptr=f32, act_w_ptr=f32, q2_ptr="*i32", s2_ptr=bf16, z2_ptr=bf16, out2_ptr=f32,
+                        row_weight_ptr=f32, y_ptr=bf16), 4, 1),
     "gemv_finish": (gv._gemv_swiglu_finish_kernel, dict(SPLIT_K=2, BLOCK=1024),
                     dict(part_ptr=f32, xp_ptr=f32, xw_ptr=f32), 4, 1),
     "plan": (plan._plan_kernel, dict(N_PAD=32, E_BINS=32), dict(ids_ptr="*i64", w_ptr=f32, sorted_w_ptr=f32), 1, 1),
@@ -262,7 +270,7 @@ def test_sm90_code_waits_before_any_global_memory_access():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 38
+    assert len(results) == 40
     for r in results:
         if not r["use_pdl"]:  # nothing emitted: the kernel is what it was before PDL
             assert r["wait"] == r["release"] == -1, r

@@ -226,6 +226,24 @@ def test_fusion_rules(fused_calls, monkeypatch):
     monkeypatch.setenv(gv.FUSED_ENV, "yes")
     with pytest.raises(ValueError, match="MOE_TUT_GEMV_FUSED='yes'"):
         gv.moe_forward_int4_gemv(x, q, plan)
+    monkeypatch.setenv(gv.FUSED_ENV, " ")  # blank: auto, one launch for one token whose GEMM2 is split along K
+    assert gv.fuse_gemms(True, 2) and not gv.fuse_gemms(True, 1) and not gv.fuse_gemms(False, 8)
+    monkeypatch.setenv(gv.FUSED_ENV, "1")
+    assert gv.fuse_gemms(False, 1)
+    monkeypatch.setenv(gv.FUSED_ENV, "0")
+    assert not gv.fuse_gemms(True, 8)
+
+
+def test_one_token_with_gemm2_split_takes_the_fused_launch_by_default(fused_calls, monkeypatch):
+    monkeypatch.delenv(gv.FUSED_ENV, raising=False)
+    x, q, ids, tw, _ = make_case(E=4, H=256, F=512, k=2, T=1)
+    one_token = RoutingPlan.build(ids, tw, 4, defer=True)
+    check(x, q, ids, tw, one_token, split_k=2)
+    assert len(fused_calls) == 1 and fused_calls[0][1]["split_k"] == 2
+    check(x, q, ids, tw, one_token, split_k=1)  # GEMM2 not split: two launches
+    x, q, ids, tw, plan = make_case(E=4, H=256, F=512, k=2, T=2)
+    check(x, q, ids, tw, plan, split_k=2)  # two tokens: two launches
+    assert len(fused_calls) == 1
 
 
 def test_one_token_path_out_of_range_id_adds_nothing():

@@ -24,6 +24,9 @@ Pipeline (5 launches at most; none needs a host sync, so a forward can be captur
     them and applies the SwiGLU (FINISH_LAST; MOE_TUT_GEMV_FINISH=kernel: a finisher kernel instead);
     with one K slice and top_k = 1, GEMM2 writes y itself. No float atomics: deterministic. On sm_90+ every
     launch uses programmatic dependent launch (kernels/pdl.py; MOE_TUT_PDL=0 turns it off).
+    One token whose GEMM2 is split along K runs GEMM1 and GEMM2 as one launch (_gemv_fused_kernel, fuse_gemms,
+    MOE_TUT_GEMV_FUSED): GEMM2's tiles start on the SMs GEMM1's last tiles leave idle, each once the block of act'
+    it reads is complete (ready counters), instead of after the whole of GEMM1. Same bits as two launches.
 
 The inner loop. Packed bytes are read as int32 words, [BLOCK_N rows, BLOCK_K/8 words] per K step; each
 row's BLOCK_K/2 bytes are one contiguous run (64 B at BLOCK_K = 128) and each thread loads 16 B (one
@@ -87,7 +90,6 @@ prepare_activations_reference spells out the x' layout.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -115,7 +117,7 @@ from .pdl import pdl_launch, wait_for_previous_kernel
 
 FINISH_ENV = "MOE_TUT_GEMV_FINISH"  # "gemm1" (default): split GEMM1's last K slice applies the SwiGLU; "kernel"
 CONFIG_ENV = "MOE_TUT_GEMV_CONFIG"  # "GEMM1[;GEMM2]" (GemvConfig.parse each): pins what default_configs returns
-FUSED_ENV = "MOE_TUT_GEMV_FUSED"  # "0" (default): GEMM1 and GEMM2 in two launches; "1": one (_gemv_fused_kernel)
+FUSED_ENV = "MOE_TUT_GEMV_FUSED"  # "auto" (default, fuse_gemms), "1" or "0": GEMM1 and GEMM2 in one launch or two
 MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more FFMA per weight value
 # Split K until a GEMM has this many programs per SM (or the limits below). 7, not 4: mixtral T=1's GEMM1 (896
 # programs, 6.8 per SM, up to 9 resident) waited on DRAM latency (ncu: 43% of DRAM peak; results/h100/
@@ -199,9 +201,10 @@ WIDE_GEMM1_CONFIG = GemvConfig(64, 128, 4, stages=3)
 WIDE_GEMM1_MIN_ROWS_PER_EXPERT = 0.5
 # Under the interpreter the cost grows with programs x K steps: one wide block.
 INTERPRETER_GEMV_CONFIG = GemvConfig(64, 128, 4)
-# GEMM1 in the fused launch, which has one warp count for both GEMMs: DEFAULT_GEMM1_CONFIG's work per thread at
-# GEMM2's 4 warps.
-FUSED_GEMM1_CONFIG = GemvConfig(32, 128, 4, stages=3)
+# GEMM1 in the fused launch, which has one warp count for both GEMMs. H100, session 13 (results/h100/fused_gemv_v1,
+# one launch, us at T = 1): 64 x 128 mixtral 96.2-96.9, deepseek-v3 98.3-98.7; 32 x 128 (DEFAULT_GEMM1_CONFIG's work
+# per thread at 4 warps) 103.0 and 127.6.
+FUSED_GEMM1_CONFIG = GemvConfig(64, 128, 4, stages=3)
 # Candidates the GPU script measures.
 CANDIDATE_CONFIGS = (
     GemvConfig(32, 128, 4),
@@ -212,10 +215,16 @@ CANDIDATE_CONFIGS = (
 )
 
 
-def fused_launch() -> bool:
-    """MOE_TUT_GEMV_FUSED: whether GEMM1 and GEMM2 run as one launch ("1"; where fusion_blocker allows) or two ("0",
-    the default)."""
-    return env_choice(FUSED_ENV, ("0", "1")) == "1"
+def fuse_gemms(one_token: bool, split2: int) -> bool:
+    """Whether GEMM1 and GEMM2 should share one launch (_gemv_fused_kernel, where fusion_blocker allows), by
+    MOE_TUT_GEMV_FUSED: "1" always, "0" never, "auto" (the default) for one token whose GEMM2 is split along K.
+
+    Measured on an H100 (session 13, results/h100/fused_gemv_v1; forward us, two launches -> one): T = 1 mixtral
+    99.6-100.3 -> 96.2-96.9, deepseek-v3 105.6-105.9 -> 98.3-98.7, glm-4.5 61.5 -> 59.4-59.6, but qwen3-30b-a3b
+    (GEMM2 not split: each GEMM2 tile waits for its slot's whole act' row) 23.7 -> 26.3; T = 4 and T = 16 (two to
+    32 rows) it lost 1-20% on all four (mixtral T=4 262.6-263.6 -> 269.8-270.6)."""
+    mode = env_choice(FUSED_ENV, ("auto", "1", "0"))
+    return mode == "1" or (mode == "auto" and one_token and split2 > 1)
 
 
 def fusion_blocker(F: int, config1: GemvConfig, config2: GemvConfig, split1: int, split2: int) -> str | None:
@@ -446,7 +455,7 @@ def _gemv_tile(pid_m, pid_n, k_slice, num_pid_n, x_ptr, xw_ptr, q_ptr, s_ptr, z_
                SUM_SLOTS_LAST: tl.constexpr, act_ptr, act_w_ptr, stride_am, stride_awm,
                FINISH_LAST: tl.constexpr, STAGES: tl.constexpr,
                ready_ptr=None, READY_SLICES: tl.constexpr = 0, READY_COLS: tl.constexpr = 1,
-               READY_TARGET: tl.constexpr = 0, X_CACHE: tl.constexpr = "", SPIN: tl.constexpr = 0):
+               READY_TARGET: tl.constexpr = 0, X_CACHE: tl.constexpr = ""):
     """One tile of _gemv_kernel (its arguments; the tile is row block pid_m, column block pid_n of num_pid_n, K slice
     k_slice), for _gemv_kernel and _gemv_fused_kernel. For the fused kernel (READY_SLICES = GEMM2's K slices > 0):
     GEMM1 (READY_TARGET 0) counts each stored block of act' columns in at ready[pid_m, the GEMM2 K slice of
@@ -467,7 +476,7 @@ def _gemv_tile(pid_m, pid_n, k_slice, num_pid_n, x_ptr, xw_ptr, q_ptr, s_ptr, z_
         expert = tl.maximum(expert, 0)
     if row_start < row_end:  # row blocks past the routing's last one do nothing
         if READY_TARGET > 0:  # fused GEMM2: this K slice of the row block's act' must be complete
-            _wait_ready(ready_ptr + pid_m * READY_SLICES + k_slice, READY_TARGET, SPIN)
+            _wait_ready(ready_ptr + pid_m * READY_SLICES + k_slice, READY_TARGET)
         rows = row_start + tl.arange(0, ROWS)
         row_ok = rows < row_end
         # Rows past the block's end and columns past N are clamped to valid ones rather than masked: the loads
@@ -573,22 +582,13 @@ def _signal_ready(counter_ptr):
 
 
 @triton.jit
-def _wait_ready(counter_ptr, target, SPIN: tl.constexpr):
-    """Spin until *counter_ptr >= target, then acquire and a barrier, so every thread's loads come after the stores
-    counted. SPIN 0: polls with acquire atomics; 1: with plain volatile loads (no atomic traffic at L2), then one
-    acquire; 2: as 1 with a nanosleep between polls (not under the interpreter)."""
-    if SPIN == 0:
+def _wait_ready(counter_ptr, target):
+    """Spin until *counter_ptr >= target (acquire), then a barrier, so every thread's loads come after the stores
+    counted. (Polling with volatile loads, with or without a nanosleep between polls, measured the same or 1 us
+    slower on an H100: results/h100/fused_gemv_v1.)"""
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
-            seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    else:
-        seen = tl.load(counter_ptr, volatile=True)
-        while seen < target:
-            if SPIN == 2:
-                seen += tl.inline_asm_elementwise("nanosleep.u32 200;\n mov.u32 $0, 0;", "=r,r", [seen],
-                                                  dtype=tl.int32, is_pure=False, pack=1)
-            seen = tl.load(counter_ptr, volatile=True)
-        tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -605,7 +605,7 @@ def _gemv_fused_kernel(
         SPLIT2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
         STAGES1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr, STAGES2: tl.constexpr,
         ONE_IN_MASK: tl.constexpr = False, USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0,
-        SUM_SLOTS_LAST: tl.constexpr = False, SPIN: tl.constexpr = 0, ACT_CACHE: tl.constexpr = ".cg"):
+        SUM_SLOTS_LAST: tl.constexpr = False, ACT_CACHE: tl.constexpr = ".cg"):
     """GEMM1 and GEMM2 of moe_forward_int4_gemv in one launch, so GEMM2's tiles run on the SMs that GEMM1's last
     tiles leave idle (two launches: GEMM2 waits for the whole of GEMM1).
 
@@ -643,7 +643,7 @@ def _gemv_fused_kernel(
                    H, F // 8, E, E_PAD, GROUP2, HAS_ZEROS2, False, False, False, True, SPLIT2, ROWS, BLOCK_N2,
                    BLOCK_K2, ONE_IN_MASK, ONE_TOKEN_TOPK, y_ptr, sum_ptr, SUM_SLOTS_LAST, None, None, 0, 0, False,
                    STAGES2, ready_ptr=ready_ptr, READY_SLICES=SPLIT2, READY_TARGET=(F // SPLIT2) // BLOCK_N1,
-                   X_CACHE=ACT_CACHE, SPIN=SPIN)
+                   X_CACHE=ACT_CACHE)
 
 
 @triton.jit
@@ -857,7 +857,6 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
         SPLIT2=split2, ROWS=a1["ROWS"], BLOCK_N1=a1["BLOCK_N"], BLOCK_K1=a1["BLOCK_K"], STAGES1=a1["STAGES"],
         BLOCK_N2=a2["BLOCK_N"], BLOCK_K2=a2["BLOCK_K"], STAGES2=a2["STAGES"], ONE_IN_MASK=a1["ONE_IN_MASK"],
         ONE_TOKEN_TOPK=a1["ONE_TOKEN_TOPK"], SUM_SLOTS_LAST=a2.get("SUM_SLOTS_LAST", False),
-        SPIN=min(int(os.environ.get("MOE_TUT_GEMV_SPIN", "0")), 1 if interpreting() else 2),
         ACT_CACHE=act_cache(F, split2),
         num_warps=a1["num_warps"], **pdl_launch(pdl))
 
@@ -865,9 +864,7 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
 def act_cache(F: int, split2: int) -> str:
     """The fused GEMM2's cache modifier for act': "" (through L1) where every 128-byte line of act' and its word sums
     lies in one GEMM2 K slice (F and F / split2 multiples of 256), so no SM's L1 can hold a line of a slice read
-    before that slice was complete; ".cg" (L2 only) otherwise."""
-    if os.environ.get("MOE_TUT_GEMV_ACT_CG") == "1":
-        return ".cg"
+    before that slice was complete; ".cg" (L2 only) otherwise. (".cg" everywhere: +0.1-0.7 us at T = 1 on an H100.)"""
     return "" if F % 256 == 0 and (F // split2) % 256 == 0 else ".cg"
 
 
@@ -952,30 +949,37 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     rows = rows or rows_per_block(T, k, weights.num_experts)
     if rows < 1 or rows > MAX_ROWS_PER_BLOCK or rows & (rows - 1):
         raise ValueError(f"rows per block must be a power of two in 1..{MAX_ROWS_PER_BLOCK}, got {rows}")
-    fused = fused_launch()
-    d1, d2 = default_configs(x.device, plan.num_rows / weights.num_experts, fused)
-    config1 = config or d1
-    config2 = config2 or (config if config is not None else d2)
-    if split_k:
-        config1, config2 = replace(config1, split_k=split_k), replace(config2, split_k=split_k)
-    config1, config2, split1, split2 = plan_splits(weights, plan, rows, config1, config2, x.device)
-    fused = fused and fusion_blocker(F, config1, config2, split1, split2) is None
+    # One token with a row per program: its k slots are the rows, read from the router's top-k (no sorting)
+    topk_rows = one_token_routing(plan) if rows == 1 else None
+
+    def resolved(fused: bool) -> tuple[GemvConfig, GemvConfig, int, int]:
+        d1, d2 = default_configs(x.device, plan.num_rows / weights.num_experts, fused)
+        c1, c2 = config or d1, config2 or (config if config is not None else d2)
+        if split_k:
+            c1, c2 = replace(c1, split_k=split_k), replace(c2, split_k=split_k)
+        return plan_splits(weights, plan, rows, c1, c2, x.device)
+
+    config1, config2, split1, split2 = blocks = resolved(False)
+    fused = fuse_gemms(topk_rows is not None, split2)
+    if fused:  # GEMM1 gets the fused launch's default block where none is given
+        blocks = resolved(True)
+        fused = fusion_blocker(F, *blocks) is None
+    if fused:
+        config1, config2, split1, split2 = blocks
     n_rows = plan.num_rows
     pdl = programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change between graph captures
 
-    # One token with a row per program: its k slots are the rows, read from the router's top-k (no sorting)
-    topk_rows = one_token_routing(plan) if rows == 1 else None
-    # and then GEMM2's last program per column block sums the slots and K slices: no slot-sum kernel
+    # One token: GEMM2's last program per column block sums the slots and K slices: no slot-sum kernel
     sum_in_gemm2 = topk_rows is not None and (k > 1 or split2 > 1) and one_token_sum_in_gemm2()
     # GEMM1 split along K: its last slice per tile applies the SwiGLU (no finisher kernel)
-    finish_in_gemm1 = split1 > 1 and (fused or finish_in_gemm())
+    finish_in_gemm1 = split1 > 1 and finish_in_gemm()
     grid1 = gemv_grid(n_rows, weights.num_experts, rows, F, config1)
     # Counters, zeroed by the prep kernel: GEMM1's finish, GEMM2's slot sum, and for the fused launch its ticket
     # queue and the ready count per (row block, GEMM2 K slice)
     n_finish = math.prod(grid1[:2]) if finish_in_gemm1 else 0
     n_sum = triton.cdiv(H, config2.block_n) if sum_in_gemm2 else 0
     n_fused = 1 + grid1[0] * split2 if fused else 0
-    arrivals = torch.empty(max(1, n_finish + n_sum + n_fused), dtype=torch.int32, device=x.device) \
+    arrivals = torch.empty(n_finish + n_sum + n_fused, dtype=torch.int32, device=x.device) \
         if n_finish + n_sum + n_fused else None
     if arrivals is not None:
         finish_counters, sum_counters = arrivals[:n_finish], arrivals[n_finish:n_finish + n_sum]
