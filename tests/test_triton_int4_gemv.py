@@ -222,7 +222,12 @@ def test_fusion_rules(fused_calls, monkeypatch):
     assert not fused_calls
     monkeypatch.setattr(gv, "interpreting", lambda: False)  # the GPU's defaults fuse with one warp count
     c1, c2 = gv.default_configs(torch.device("cpu"), 0.25, fused=True)
-    assert c1 == gv.FUSED_GEMM1_CONFIG and c1.num_warps == c2.num_warps
+    assert (c1, c2) == (gv.FUSED_GEMM1_CONFIG, gv.FUSED_GEMM2_CONFIG) and c1.num_warps == c2.num_warps
+    # H100 (132 SMs): GEMM1 in the fused launch cut to GEMV_SPLIT_K_MAX slices on mixtral (2 x 224 programs of 64
+    # columns) and deepseek-v3 (8 x 32), where two launches cut it in 4 and 4
+    per_sm = gv.FUSED_GEMM1_PROGRAMS_PER_SM
+    assert gv.gemv_split_k(448, 4096, 128, 132, per_sm) == gv.gemv_split_k(256, 7168, 128, 132, per_sm) == 8
+    assert gv.gemv_split_k(448, 4096, 128, 132) == gv.gemv_split_k(256, 7168, 128, 132) == 4
     monkeypatch.setenv(gv.FUSED_ENV, "yes")
     with pytest.raises(ValueError, match="MOE_TUT_GEMV_FUSED='yes'"):
         gv.moe_forward_int4_gemv(x, q, plan)
@@ -657,7 +662,8 @@ def test_gpu_fused_launch_gives_the_two_launches_bits(shape, T, symmetric, fused
     q = gpu_weights(shape, symmetric)
     ids, tw = simulate_routing(T, E, k, "uniform", seed=T, device=DEVICE)
     x = torch.randn(T, H, device=DEVICE).bfloat16()
-    blocks = dict(config=gv.FUSED_GEMM1_CONFIG, config2=gv.DEFAULT_GEMM2_CONFIG)
+    # the fused launch's blocks, GEMM1's split pinned (two launches would split it less)
+    blocks = dict(config=replace(gv.FUSED_GEMM1_CONFIG, split_k=8), config2=gv.FUSED_GEMM2_CONFIG)
 
     def forward(fused):
         monkeypatch.setenv(gv.FUSED_ENV, fused)

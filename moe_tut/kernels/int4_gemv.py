@@ -201,10 +201,13 @@ WIDE_GEMM1_CONFIG = GemvConfig(64, 128, 4, stages=3)
 WIDE_GEMM1_MIN_ROWS_PER_EXPERT = 0.5
 # Under the interpreter the cost grows with programs x K steps: one wide block.
 INTERPRETER_GEMV_CONFIG = GemvConfig(64, 128, 4)
-# GEMM1 in the fused launch, which has one warp count for both GEMMs. H100, session 13 (results/h100/fused_gemv_v1,
-# one launch, us at T = 1): 64 x 128 mixtral 96.2-96.9, deepseek-v3 98.3-98.7; 32 x 128 (DEFAULT_GEMM1_CONFIG's work
-# per thread at 4 warps) 103.0 and 127.6.
+# The fused launch (one warp count for both GEMMs). H100, session 13 (results/h100/fused_gemv_v1, one launch, us at
+# T = 1, GEMM2 64 x 128): GEMM1 64 x 128 mixtral 96.2-96.9, deepseek-v3 98.3-98.7; 32 x 128 (DEFAULT_GEMM1_CONFIG's
+# work per thread at 4 warps) 103.0 and 127.6; 128 x 128 112.3 and 110.5. GEMM1 cut in 8 K slices rather than by
+# GEMV_PROGRAMS_PER_SM's 2-4 and GEMM2 in 128 x 128 blocks: mixtral 95.4, deepseek-v3 96.3-96.5 (glm-4.5 the same).
 FUSED_GEMM1_CONFIG = GemvConfig(64, 128, 4, stages=3)
+FUSED_GEMM2_CONFIG = GemvConfig(128, 128, 4)
+FUSED_GEMM1_PROGRAMS_PER_SM = 28  # GEMM1's split-K target in the fused launch: up to GEMV_SPLIT_K_MAX on the presets
 # Candidates the GPU script measures.
 CANDIDATE_CONFIGS = (
     GemvConfig(32, 128, 4),
@@ -295,21 +298,21 @@ def packed_words(qt: QuantizedTensor) -> torch.Tensor:
     return qt.packed.view(torch.int32)
 
 
-def gemv_split_k(programs: int, K: int, block_k: int, sms: int) -> int:
-    """K slices for a GEMV GEMM of `programs` programs: the smallest power of two giving at least
-    GEMV_PROGRAMS_PER_SM programs per SM, within GEMV_SPLIT_K_MAX, whole BLOCK_K steps per slice and slices
-    of at least GEMV_MIN_SLICE."""
+def gemv_split_k(programs: int, K: int, block_k: int, sms: int, per_sm: int = GEMV_PROGRAMS_PER_SM) -> int:
+    """K slices for a GEMV GEMM of `programs` programs: the smallest power of two giving at least `per_sm`
+    programs per SM, within GEMV_SPLIT_K_MAX, whole BLOCK_K steps per slice and slices of at least
+    GEMV_MIN_SLICE."""
     s = 1
-    while (programs * s < GEMV_PROGRAMS_PER_SM * sms and s < GEMV_SPLIT_K_MAX and K % (2 * s * block_k) == 0
+    while (programs * s < per_sm * sms and s < GEMV_SPLIT_K_MAX and K % (2 * s * block_k) == 0
            and K // (2 * s) >= GEMV_MIN_SLICE):
         s *= 2
     return s
 
 
-def resolve_split_k(cfg: GemvConfig, programs: int, K: int, sms: int) -> int:
+def resolve_split_k(cfg: GemvConfig, programs: int, K: int, sms: int, per_sm: int = GEMV_PROGRAMS_PER_SM) -> int:
     """cfg.split_k if set (halved until K holds whole BLOCK_K steps per slice), else gemv_split_k."""
     if not cfg.split_k:
-        return gemv_split_k(programs, K, cfg.block_k, sms)
+        return gemv_split_k(programs, K, cfg.block_k, sms, per_sm)
     s = cfg.split_k
     while s > 1 and K % (s * cfg.block_k):
         s //= 2
@@ -885,17 +888,19 @@ def gemv_grid(num_rows: int, num_experts: int, rows: int, N: int, config: GemvCo
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0, fused: bool = False
                     ) -> tuple[GemvConfig, GemvConfig]:
-    """(GEMM1, GEMM2) block sizes; rows_per_expert = T*k/E picks GEMM1's (WIDE_GEMM1_MIN_ROWS_PER_EXPERT), fused
-    (one launch for both) FUSED_GEMM1_CONFIG for the narrow one. MOE_TUT_GEMV_CONFIG, where set, pins them
+    """(GEMM1, GEMM2) block sizes; rows_per_expert = T*k/E picks GEMM1's (WIDE_GEMM1_MIN_ROWS_PER_EXPERT); fused (one
+    launch for both): FUSED_GEMM1_CONFIG and FUSED_GEMM2_CONFIG. MOE_TUT_GEMV_CONFIG, where set, pins them
     (config_from_env)."""
     pinned = config_from_env()
     if pinned is not None:
         return pinned
     if interpreting():
         return INTERPRETER_GEMV_CONFIG, INTERPRETER_GEMV_CONFIG
+    if fused:
+        return FUSED_GEMM1_CONFIG, FUSED_GEMM2_CONFIG
     if rows_per_expert >= WIDE_GEMM1_MIN_ROWS_PER_EXPERT:
         return WIDE_GEMM1_CONFIG, DEFAULT_GEMM2_CONFIG
-    return (FUSED_GEMM1_CONFIG if fused else DEFAULT_GEMM1_CONFIG), DEFAULT_GEMM2_CONFIG
+    return DEFAULT_GEMM1_CONFIG, DEFAULT_GEMM2_CONFIG
 
 
 def config_from_env() -> tuple[GemvConfig, GemvConfig] | None:
@@ -913,15 +918,16 @@ def _parse_config_pair(text: str) -> tuple[GemvConfig, GemvConfig]:
 
 
 def plan_splits(weights, plan: RoutingPlan, rows: int, config1: GemvConfig, config2: GemvConfig,
-                device: torch.device) -> tuple[GemvConfig, GemvConfig, int, int]:
+                device: torch.device, fused: bool = False) -> tuple[GemvConfig, GemvConfig, int, int]:
     """(GEMM1 config, GEMM2 config, split1, split2): the configs with BLOCK_K fitted to the group sizes
-    (adapt_block_k) and split-K resolved (resolve_split_k)."""
+    (adapt_block_k) and split-K resolved (resolve_split_k; fused: GEMM1 to FUSED_GEMM1_PROGRAMS_PER_SM)."""
     E, H, F = weights.num_experts, weights.hidden_size, weights.ffn_size
     config1 = adapt_block_k(config1, weights.w13.group_size)
     config2 = adapt_block_k(config2, weights.w2.group_size)
     blocks = max_row_blocks(plan.num_rows, E, rows)
     sms = num_sms(device)
-    split1 = resolve_split_k(config1, blocks * triton.cdiv(F, config1.block_n), H, sms)
+    split1 = resolve_split_k(config1, blocks * triton.cdiv(F, config1.block_n), H, sms,
+                             FUSED_GEMM1_PROGRAMS_PER_SM if fused else GEMV_PROGRAMS_PER_SM)
     split2 = resolve_split_k(config2, blocks * triton.cdiv(H, config2.block_n), F, sms)
     return config1, config2, split1, split2
 
@@ -957,11 +963,11 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
         c1, c2 = config or d1, config2 or (config if config is not None else d2)
         if split_k:
             c1, c2 = replace(c1, split_k=split_k), replace(c2, split_k=split_k)
-        return plan_splits(weights, plan, rows, c1, c2, x.device)
+        return plan_splits(weights, plan, rows, c1, c2, x.device, fused)
 
     config1, config2, split1, split2 = blocks = resolved(False)
     fused = fuse_gemms(topk_rows is not None, split2)
-    if fused:  # GEMM1 gets the fused launch's default block where none is given
+    if fused:  # the fused launch's default blocks where none are given, and GEMM1 cut in more K slices
         blocks = resolved(True)
         fused = fusion_blocker(F, *blocks) is None
     if fused:
