@@ -239,6 +239,23 @@ def test_fusion_rules(fused_calls, monkeypatch):
     assert not gv.fuse_gemms(True, 8)
 
 
+def test_fused_launch_refuses_what_it_cannot_run():
+    x, q, ids, tw, plan = make_case(E=4, H=128, F=256, k=2, T=2)
+    xp, xw = gv.prepare_activations(x)
+    act, act_w = gv._prepared_buffers(plan.num_rows, 256, x)
+    cfg = GemvConfig(16, 64, 2)
+    gemm1 = dict(rows=1, config=cfg, split_k=1, gather_rows=True, swiglu=True, out=act, out_w=act_w)
+    gemm2 = dict(rows=1, config=cfg, split_k=1, weight_scatter=True, out=torch.empty(1, 4, 128, device=DEVICE))
+    zeros = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="one launch: need 1 \\+ 4 int32 counters, got 2"):
+        gv.gemv_fused_gemms(xp, xw, act, act_w, q, plan, gemm1, gemm2, zeros[:2])
+    with pytest.raises(ValueError, match="one launch: GEMM1 has 2 warps, GEMM2 4"):
+        gv.gemv_fused_gemms(xp, xw, act, act_w, q, plan, gemm1, dict(gemm2, config=GemvConfig(16, 64, 4)), zeros)
+    split = dict(gemm1, split_k=2, out=torch.empty(2, 4, 512, device=DEVICE), out_w=None)
+    with pytest.raises(ValueError, match="one launch: GEMM1 is split along K but has no finish_into"):
+        gv.gemv_fused_gemms(xp, xw, act, act_w, q, plan, split, gemm2, zeros)
+
+
 def test_one_token_with_gemm2_split_takes_the_fused_launch_by_default(fused_calls, monkeypatch):
     monkeypatch.delenv(gv.FUSED_ENV, raising=False)
     x, q, ids, tw, _ = make_case(E=4, H=256, F=512, k=2, T=1)

@@ -840,10 +840,12 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
     split1, split2 = grid1[2], grid2[2]
     F = a1["N"]
     problem = fusion_blocker(F, gemm1["config"], gemm2["config"], split1, split2)
-    if problem or (split1 > 1 and not a1.get("FINISH_LAST")) or counters.numel() < 1 + grid1[0] * split2 \
-            or counters.dtype != torch.int32:
-        raise ValueError(f"cannot fuse these GEMMs: {problem or 'a split GEMM1 needs finish_into and the launch '}"
-                         f"{'' if problem else f'1 + {grid1[0] * split2} int32 counters'}")
+    if not problem and split1 > 1 and not a1.get("FINISH_LAST"):
+        problem = "GEMM1 is split along K but has no finish_into"
+    if not problem and (counters.numel() < 1 + grid1[0] * split2 or counters.dtype != torch.int32):
+        problem = f"need 1 + {grid1[0] * split2} int32 counters, got {counters.numel()} {counters.dtype}"
+    if problem:
+        raise ValueError(f"cannot run these GEMMs as one launch: {problem}")
     one, two = _weight_args(a1, 1), _weight_args(a2, 2)
     one.update(out1_ptr=a1["out_ptr"], out1_w_ptr=a1["out_w_ptr"], stride_o1s=a1["stride_os"],
                stride_o1m=a1["stride_om"], stride_o1wm=a1["stride_owm"])
