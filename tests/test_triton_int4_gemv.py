@@ -232,11 +232,13 @@ def test_fusion_rules(fused_calls, monkeypatch):
     with pytest.raises(ValueError, match="MOE_TUT_GEMV_FUSED='yes'"):
         gv.moe_forward_int4_gemv(x, q, plan)
     monkeypatch.setenv(gv.FUSED_ENV, " ")  # blank: auto, one launch for one token whose GEMM2 is split along K
-    assert gv.fuse_gemms(True, 2) and not gv.fuse_gemms(True, 1) and not gv.fuse_gemms(False, 8)
+    big = gv.FUSED_MIN_WEIGHT_BYTES
+    assert gv.fuse_gemms(True, 2, big) and not gv.fuse_gemms(True, 1, big) and not gv.fuse_gemms(False, 8, big)
+    assert not gv.fuse_gemms(True, 2, big - 1)  # a small forward: two launches
     monkeypatch.setenv(gv.FUSED_ENV, "1")
-    assert gv.fuse_gemms(False, 1)
+    assert gv.fuse_gemms(False, 1, 0)
     monkeypatch.setenv(gv.FUSED_ENV, "0")
-    assert not gv.fuse_gemms(True, 8)
+    assert not gv.fuse_gemms(True, 8, big)
 
 
 def test_fused_launch_refuses_what_it_cannot_run():
@@ -258,6 +260,7 @@ def test_fused_launch_refuses_what_it_cannot_run():
 
 def test_one_token_with_gemm2_split_takes_the_fused_launch_by_default(fused_calls, monkeypatch):
     monkeypatch.delenv(gv.FUSED_ENV, raising=False)
+    monkeypatch.setattr(gv, "FUSED_MIN_WEIGHT_BYTES", 0)  # the test's experts are tiny
     x, q, ids, tw, _ = make_case(E=4, H=256, F=512, k=2, T=1)
     one_token = RoutingPlan.build(ids, tw, 4, defer=True)
     check(x, q, ids, tw, one_token, split_k=2)

@@ -90,6 +90,7 @@ prepare_activations_reference spells out the x' layout.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -207,6 +208,9 @@ INTERPRETER_GEMV_CONFIG = GemvConfig(64, 128, 4)
 # GEMV_PROGRAMS_PER_SM's 2-4 and GEMM2 in 128 x 128 blocks: mixtral 95.4, deepseek-v3 96.3-96.5 (glm-4.5 the same).
 FUSED_GEMM1_CONFIG = GemvConfig(64, 128, 4, stages=3)
 FUSED_GEMM2_CONFIG = GemvConfig(128, 128, 4)
+# fuse_gemms' floor: glm-4.5 T = 1 (94 MB of packed weights) gained 2 us fused, qwen3-30b-a3b (19 MB, ~23 us)
+# lost 2-3 us even with its GEMM2 split (session 13, call 6)
+FUSED_MIN_WEIGHT_BYTES = 48 << 20
 FUSED_GEMM1_PROGRAMS_PER_SM = 28  # GEMM1's split-K target in the fused launch: up to GEMV_SPLIT_K_MAX on the presets
 # Candidates the GPU script measures.
 CANDIDATE_CONFIGS = (
@@ -218,16 +222,17 @@ CANDIDATE_CONFIGS = (
 )
 
 
-def fuse_gemms(one_token: bool, split2: int) -> bool:
+def fuse_gemms(one_token: bool, split2: int, weight_bytes: int) -> bool:
     """Whether GEMM1 and GEMM2 should share one launch (_gemv_fused_kernel, where fusion_blocker allows), by
-    MOE_TUT_GEMV_FUSED: "1" always, "0" never, "auto" (the default) for one token whose GEMM2 is split along K.
+    MOE_TUT_GEMV_FUSED: "1" always, "0" never, "auto" (the default) for one token whose GEMM2 is split along K and
+    whose touched experts' packed weights (weight_bytes, an upper bound) are at least FUSED_MIN_WEIGHT_BYTES.
 
     Measured on an H100 (session 13, results/h100/fused_gemv_v1; forward us, two launches -> one): T = 1 mixtral
     99.6-100.3 -> 96.2-96.9, deepseek-v3 105.6-105.9 -> 98.3-98.7, glm-4.5 61.5 -> 59.4-59.6, but qwen3-30b-a3b
     (GEMM2 not split: each GEMM2 tile waits for its slot's whole act' row) 23.7 -> 26.3; T = 4 and T = 16 (two to
     32 rows) it lost 1-20% on all four (mixtral T=4 262.6-263.6 -> 269.8-270.6)."""
     mode = env_choice(FUSED_ENV, ("auto", "1", "0"))
-    return mode == "1" or (mode == "auto" and one_token and split2 > 1)
+    return mode == "1" or (mode == "auto" and one_token and split2 > 1 and weight_bytes >= FUSED_MIN_WEIGHT_BYTES)
 
 
 def fusion_blocker(F: int, config1: GemvConfig, config2: GemvConfig, split1: int, split2: int) -> str | None:
@@ -304,7 +309,7 @@ def gemv_split_k(programs: int, K: int, block_k: int, sms: int, per_sm: int = GE
     GEMV_MIN_SLICE."""
     s = 1
     while (programs * s < per_sm * sms and s < GEMV_SPLIT_K_MAX and K % (2 * s * block_k) == 0
-           and K // (2 * s) >= GEMV_MIN_SLICE):
+           and K // (2 * s) >= int(os.environ.get("MOE_TUT_GEMV_MIN_SLICE", GEMV_MIN_SLICE))):
         s *= 2
     return s
 
@@ -968,7 +973,7 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
         return plan_splits(weights, plan, rows, c1, c2, x.device, fused)
 
     config1, config2, split1, split2 = blocks = resolved(False)
-    fused = fuse_gemms(topk_rows is not None, split2)
+    fused = fuse_gemms(topk_rows is not None, split2, k * weights.nbytes // weights.num_experts)
     if fused:  # the fused launch's default blocks where none are given, and GEMM1 cut in more K slices
         blocks = resolved(True)
         fused = fusion_blocker(F, *blocks) is None
