@@ -423,13 +423,14 @@ def test_rows_split_and_block_rules():
     assert gv.rows_per_block(4, 8, 256) == 1  # deepseek-v3
     # H100 (132 SMs), BLOCK_K 128: mixtral T=1 GEMM1 at BLOCK_N 32 (2 x 448 programs, 6.8 per SM) is split in 2,
     # a GEMM with 7 per SM is not; GEMM2 (K = 14336) in 8 at BLOCK_N 64 (2 x 64 programs), in 4 at BLOCK_N 32;
-    # qwen3 T=1 GEMM2 (K = 768) cannot be (slices would be < 512)
+    # qwen3 T=1 GEMM2 (K = 768, 8 x 32 programs) in 2, not 4 (slices would be < GEMV_MIN_SLICE = 256)
     assert gv.gemv_split_k(896, 4096, 128, 132) == 2
     assert gv.gemv_split_k(7 * 132, 4096, 128, 132) == 1
     assert gv.gemv_split_k(128, 14336, 128, 132) == 8
     assert gv.gemv_split_k(256, 14336, 128, 132) == 4
     assert gv.gemv_split_k(8, 14336, 128, 132) == gv.GEMV_SPLIT_K_MAX
-    assert gv.gemv_split_k(512, 768, 128, 132) == 1
+    assert gv.gemv_split_k(256, 768, 128, 132) == 2
+    assert gv.gemv_split_k(256, 384, 128, 132) == 1
     assert gv.resolve_split_k(GemvConfig(split_k=8), 10, 768, 132) == 2  # lowered until K holds whole steps
     assert gv.adapt_block_k(GemvConfig(32, 128, 4), 96).block_k == 32
     assert gv.adapt_block_k(GemvConfig(32, 128, 4), 256).block_k == 128

@@ -90,7 +90,6 @@ prepare_activations_reference spells out the x' layout.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -127,7 +126,10 @@ MAX_ROWS_PER_BLOCK = 8  # ROWS: rows of one expert per program; each is one more
 # occupancy (ncu), but two slices (full occupancy) were not faster (105.9 vs 105.5-106.1 us; gemv_stages_v1).
 GEMV_PROGRAMS_PER_SM = 7
 GEMV_SPLIT_K_MAX = 8
-GEMV_MIN_SLICE = 512  # K per slice: shorter slices spend more on partial sums than they win
+# K per slice: shorter slices spend more on partial sums than they win. 256, not 512 (session 13, results/h100/
+# fused_gemv_v1): qwen3-30b-a3b T=1's GEMM2 (K = 768, 256 programs) is cut in 2, 23.2-23.7 -> 21.8-22.1 us; no other
+# GEMV shape of mixtral, deepseek-v3, glm-4.5, qwen3 at T = 1, 4, 16 moved outside its spread (128: the same).
+GEMV_MIN_SLICE = 256
 WORD_VALUES = 8  # 4-bit codes per int32 word
 ONE_BITS = 0x3F800000  # float32 1.0
 
@@ -309,7 +311,7 @@ def gemv_split_k(programs: int, K: int, block_k: int, sms: int, per_sm: int = GE
     GEMV_MIN_SLICE."""
     s = 1
     while (programs * s < per_sm * sms and s < GEMV_SPLIT_K_MAX and K % (2 * s * block_k) == 0
-           and K // (2 * s) >= int(os.environ.get("MOE_TUT_GEMV_MIN_SLICE", GEMV_MIN_SLICE))):
+           and K // (2 * s) >= GEMV_MIN_SLICE):
         s *= 2
     return s
 
