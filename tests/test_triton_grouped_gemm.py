@@ -104,6 +104,12 @@ def test_decode_threshold_and_loop_options_from_environment(monkeypatch):
     assert gg.is_decode(16, 2, 8) and not gg.is_decode(17, 2, 8)
     monkeypatch.setenv(gg.DECODE_ENV, "0")
     assert not gg.is_decode(1, 1, 8)
+    for bad in ("-1", "many"):
+        monkeypatch.setenv(gg.DECODE_ENV, bad)
+        with pytest.raises(ValueError, match=f"MOE_TUT_DECODE_MAX_ROWS='{bad}'"):
+            gg.is_decode(1, 1, 8)
+    monkeypatch.setenv(gg.DECODE_ENV, "")
+    assert gg.decode_max_rows() == gg.DECODE_MAX_ROWS_PER_EXPERT
     monkeypatch.setenv(gg.LOOP_ENV, "flatten,ws")
     assert gg.loop_options() == (True, True)
     monkeypatch.setenv(gg.LOOP_ENV, "fast")
@@ -289,8 +295,13 @@ def test_pinned_config_from_environment(monkeypatch):
     x, w, ids, tw, plan = make_case(*CASES[1][1:])
     check(gg.moe_forward_triton, x, w, ids, tw, plan)
     monkeypatch.setenv(gg.CONFIG_ENV, "64,128")
-    with pytest.raises(ValueError, match="six integers"):
+    with pytest.raises(ValueError, match="MOE_TUT_TRITON_CONFIG='64,128': a tile config is six integers"):
         gg.moe_forward_triton(x, w, plan)
+    monkeypatch.setenv(gg.CONFIG_ENV, " ")  # blank: as unset
+    monkeypatch.setenv(gg.CONFIG2_ENV, "64,128,64")  # the error names the variable that holds the bad value
+    with pytest.raises(ValueError, match="MOE_TUT_TRITON_CONFIG2='64,128,64': a tile config"):
+        gg.pinned_config(gg.CONFIG2_ENV)
+    assert gg.pinned_config() is None
     monkeypatch.setenv(gg.CONFIG_ENV, "64,100,64,8,4,3")
     with pytest.raises(ValueError, match="power of two"):
         gg.pinned_config()

@@ -108,7 +108,7 @@ import triton.language as tl
 
 from ..backends.base import check_inputs, combine
 from ..env import cuda_capability as _capability
-from ..env import env_choice, interpreting, max_shared_memory_per_block, programmatic_launch_ok
+from ..env import env_choice, env_parsed, interpreting, max_shared_memory_per_block, programmatic_launch_ok
 from ..reference import swiglu
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
@@ -180,8 +180,8 @@ class TileConfig:
             if len(values) != 6:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{CONFIG_ENV} must be six integers 'BM,BN,BK,GROUP_M,warps,stages' "
-                             f"(e.g. 64,128,64,8,4,3), got {text!r}") from None
+            raise ValueError(f"a tile config is six integers 'BM,BN,BK,GROUP_M,warps,stages' (e.g. 64,128,64,8,4,3), "
+                             f"got {text!r}") from None
         return cls(*values)
 
     def __str__(self) -> str:
@@ -253,15 +253,22 @@ def sm_fill(tiles: int, num_sms: int) -> float:
 
 
 def pinned_config(env: str = CONFIG_ENV) -> TileConfig | None:
-    """The config named by MOE_TUT_TRITON_CONFIG (or another variable of the same format), if set."""
-    text = os.environ.get(env, "").strip()
-    return TileConfig.parse(text) if text else None
+    """The config named by MOE_TUT_TRITON_CONFIG (or another variable of the same format), if set; a bad value is a
+    ValueError naming the variable."""
+    return env_parsed(env, TileConfig.parse)
 
 
 def decode_max_rows() -> int:
-    """The decode threshold: MOE_TUT_DECODE_MAX_ROWS if set, else DECODE_MAX_ROWS_PER_EXPERT."""
-    text = os.environ.get(DECODE_ENV, "").strip()
-    return int(text) if text else DECODE_MAX_ROWS_PER_EXPERT
+    """The decode threshold: MOE_TUT_DECODE_MAX_ROWS if set (an integer >= 0), else DECODE_MAX_ROWS_PER_EXPERT."""
+    rows = env_parsed(DECODE_ENV, _rows_threshold)
+    return DECODE_MAX_ROWS_PER_EXPERT if rows is None else rows
+
+
+def _rows_threshold(text: str) -> int:
+    rows = int(text)
+    if rows < 0:
+        raise ValueError("rows per expert must be >= 0 (0: never decode)")
+    return rows
 
 
 def one_token_sum_in_gemm2() -> bool:
