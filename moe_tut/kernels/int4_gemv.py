@@ -90,6 +90,7 @@ prepare_activations_reference spells out the x' layout.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -870,7 +871,9 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
         BLOCK_N2=a2["BLOCK_N"], BLOCK_K2=a2["BLOCK_K"], STAGES2=a2["STAGES"], ONE_IN_MASK=a1["ONE_IN_MASK"],
         ONE_TOKEN_TOPK=a1["ONE_TOKEN_TOPK"], SUM_SLOTS_LAST=a2.get("SUM_SLOTS_LAST", False),
         ACT_CACHE=act_cache(F, split2),
-        num_warps=a1["num_warps"], **pdl_launch(pdl))
+        num_warps=a1["num_warps"], **pdl_launch(pdl),
+        **({"maxnreg": int(os.environ["MOE_TUT_GEMV_FUSED_MAXNREG"])} if os.environ.get("MOE_TUT_GEMV_FUSED_MAXNREG")
+           else {}))
 
 
 def act_cache(F: int, split2: int) -> str:
