@@ -90,7 +90,6 @@ prepare_activations_reference spells out the x' layout.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -214,6 +213,11 @@ FUSED_GEMM2_CONFIG = GemvConfig(128, 128, 4)
 # fuse_gemms' floor: glm-4.5 T = 1 (94 MB of packed weights) gained 2 us fused, qwen3-30b-a3b (19 MB, ~23 us)
 # lost 2-3 us even with its GEMM2 split (session 13, call 6)
 FUSED_MIN_WEIGHT_BYTES = 48 << 20
+# Register cap of the fused launch. Uncapped, GEMM1's 96 registers also hold GEMM2's tiles to 5 blocks per SM (GEMM2
+# alone: 64 registers, 8 blocks; ncu, results/h100/fused_gemv_v1). At 80 (6 blocks; ptxas spills 8 bytes), H100 T = 1:
+# mixtral 95.3-95.5 -> 93.0-93.2 us, deepseek-v3 96.9 -> 94.7-94.9, glm-4.5 59.6-59.7 -> 56.6-56.8; 72 and 64 (more
+# spills) were slower than uncapped.
+FUSED_MAXNREG = 80
 FUSED_GEMM1_PROGRAMS_PER_SM = 28  # GEMM1's split-K target in the fused launch: up to GEMV_SPLIT_K_MAX on the presets
 # Candidates the GPU script measures.
 CANDIDATE_CONFIGS = (
@@ -871,9 +875,7 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
         BLOCK_N2=a2["BLOCK_N"], BLOCK_K2=a2["BLOCK_K"], STAGES2=a2["STAGES"], ONE_IN_MASK=a1["ONE_IN_MASK"],
         ONE_TOKEN_TOPK=a1["ONE_TOKEN_TOPK"], SUM_SLOTS_LAST=a2.get("SUM_SLOTS_LAST", False),
         ACT_CACHE=act_cache(F, split2),
-        num_warps=a1["num_warps"], **pdl_launch(pdl),
-        **({"maxnreg": int(os.environ["MOE_TUT_GEMV_FUSED_MAXNREG"])} if os.environ.get("MOE_TUT_GEMV_FUSED_MAXNREG")
-           else {}))
+        num_warps=a1["num_warps"], **pdl_launch(pdl), **({} if interpreting() else dict(maxnreg=FUSED_MAXNREG)))
 
 
 def act_cache(F: int, split2: int) -> str:
