@@ -234,7 +234,8 @@ def fuse_gemms(one_token: bool, split2: int, weight_bytes: int) -> bool:
     MOE_TUT_GEMV_FUSED: "1" always, "0" never, "auto" (the default) for one token whose GEMM2 is split along K and
     whose touched experts' packed weights (weight_bytes, an upper bound) are at least FUSED_MIN_WEIGHT_BYTES.
 
-    Measured on an H100 (session 13, results/h100/fused_gemv_v1; forward us, two launches -> one): T = 1 mixtral
+    Measured on an H100 (session 13, results/h100/fused_gemv_v1; forward us, two launches -> one, before FUSED_MAXNREG
+    took another 2-3 us off): T = 1 mixtral
     99.6-100.3 -> 96.2-96.9, deepseek-v3 105.6-105.9 -> 98.3-98.7, glm-4.5 61.5 -> 59.4-59.6, but qwen3-30b-a3b
     (GEMM2 not split: each GEMM2 tile waits for its slot's whole act' row) 23.7 -> 26.3; T = 4 and T = 16 (two to
     32 rows) it lost 1-20% on all four (mixtral T=4 262.6-263.6 -> 269.8-270.6)."""
