@@ -234,11 +234,12 @@ def fuse_gemms(one_token: bool, split2: int, weight_bytes: int) -> bool:
     MOE_TUT_GEMV_FUSED: "1" always, "0" never, "auto" (the default) for one token whose GEMM2 is split along K and
     whose touched experts' packed weights (weight_bytes, an upper bound) are at least FUSED_MIN_WEIGHT_BYTES.
 
-    Measured on an H100 (session 13, results/h100/fused_gemv_v1; forward us, two launches -> one, before FUSED_MAXNREG
-    took another 2-3 us off): T = 1 mixtral
-    99.6-100.3 -> 96.2-96.9, deepseek-v3 105.6-105.9 -> 98.3-98.7, glm-4.5 61.5 -> 59.4-59.6, but qwen3-30b-a3b
-    (GEMM2 not split: each GEMM2 tile waits for its slot's whole act' row) 23.7 -> 26.3; T = 4 and T = 16 (two to
-    32 rows) it lost 1-20% on all four (mixtral T=4 262.6-263.6 -> 269.8-270.6)."""
+    Measured on an H100 (session 13, results/h100/fused_gemv_v1; forward us): T = 1 two launches -> one (call 5) ->
+    one capped at FUSED_MAXNREG (call 11, another process): mixtral 99.8-100.2 -> 95.2-95.7, then 95.3-95.5 ->
+    93.0-93.2; deepseek-v3 105.8 -> 97.0-97.1, then 96.9 -> 94.7-94.9; glm-4.5 61.4-61.6 -> 59.5-59.6, then 59.6-59.7
+    -> 56.6-56.8. qwen3-30b-a3b lost 2-3 us fused, with or without its GEMM2 split. T = 4 (call 11, two launches ->
+    capped one): deepseek-v3 373.6-374.4 -> 358.1-358.4, but mixtral 262.3 -> 279.3 and glm-4.5 207.1 -> 208.5, so
+    batches of two or more tokens keep two launches."""
     mode = env_choice(FUSED_ENV, ("auto", "1", "0"))
     return mode == "1" or (mode == "auto" and one_token and split2 > 1 and weight_bytes >= FUSED_MIN_WEIGHT_BYTES)
 
