@@ -9,6 +9,8 @@ backend's forward) is captured in a CUDA graph and replayed 30 times under torch
 flush (moe_tut.bench.timing.l2_flusher, mode from MOE_TUT_L2_FLUSH). Per replay: each kernel's duration, the span
 from the first kernel's start to the last kernel's end, and span - sum of kernels (time with no kernel running:
 launch gaps inside the graph). Averages over the replays are printed; the flush kernels are left out.
+With programmatic dependent launch (sm_90, MOE_TUT_PDL unset or 1) a kernel starts before the previous one ends and
+waits inside, so its duration includes that wait and the gaps come out negative; MOE_TUT_PDL=0 gives a per-kernel split.
 
 Part 2 (--sweep PRESET...): the bf16 `triton` forward at each --tokens with GEMM1 / GEMM2 decode tiles pinned
 (MOE_TUT_TRITON_CONFIG / MOE_TUT_TRITON_CONFIG2), each checked against the float32 reference (relative error
