@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def compile_kernel(fn, const: dict, ptr_types: dict, unit_strides, aligned, cc: int, num_warps: int,
-                   num_stages: int):
+                   num_stages: int, maxnreg: int | None = None):
     """Compile the JIT function `fn` for sm_`cc`, specialised as the JIT would be on aligned inputs.
 
     const        constexpr values by argument name (completed here with the unit strides, = 1, and the
@@ -24,6 +24,7 @@ def compile_kernel(fn, const: dict, ptr_types: dict, unit_strides, aligned, cc: 
     ptr_types    Triton pointer type by argument name; other `*_ptr` arguments are "*i32"
     unit_strides arguments that are 1 (constexpr, as the JIT specialises them)
     aligned      arguments divisible by 16 (pointers and strides of contiguous tensors)
+    maxnreg      the launch's register cap, if any
     """
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
@@ -47,7 +48,8 @@ def compile_kernel(fn, const: dict, ptr_types: dict, unit_strides, aligned, cc: 
             sig[n] = "i32"
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton_compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                       **({} if maxnreg is None else dict(maxnreg=maxnreg))))
 
 
 def run_aot_script(script: str) -> list[dict]:

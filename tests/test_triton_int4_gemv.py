@@ -541,6 +541,49 @@ def test_kernel_compiles_for_sm80_and_sm90_without_conversions_in_the_k_loop():
         assert r["loop_converts"] == 0 and r["async_16b" if r["pipelined"] else "v4_loads"] >= 9, r
 
 
+FUSED_AOT_SCRIPT = r"""
+import json, re
+from aot import compile_kernel
+from moe_tut.kernels import int4_gemv as gv
+
+c1, c2 = gv.FUSED_GEMM1_CONFIG, gv.FUSED_GEMM2_CONFIG
+f32 = "*fp32"
+out = []
+for cc in (80, 90):  # mixtral T = 1 as the forward launches it: GEMM1 in 8 K slices, GEMM2 in 8, slots summed in GEMM2
+    const = dict(H=4096, F=14336, E=8, E_PAD=16, GROUP1=128, GROUP2=128, HAS_ZEROS1=False, HAS_ZEROS2=False, SPLIT1=8,
+                 SPLIT2=8, ROWS=1, BLOCK_N1=c1.block_n, BLOCK_K1=c1.block_k, STAGES1=c1.stages, BLOCK_N2=c2.block_n,
+                 BLOCK_K2=c2.block_k, STAGES2=c2.stages, ONE_IN_MASK=cc < 90, ONE_TOKEN_TOPK=2, SUM_SLOTS_LAST=True,
+                 ACT_CACHE=gv.act_cache(14336, 8), USE_PDL=cc >= 90)
+    kernel = compile_kernel(
+        gv._gemv_fused_kernel, const,
+        ptr_types=dict(x_ptr=f32, xw_ptr=f32, q1_ptr="*i32", s1_ptr="*bf16", z1_ptr="*bf16", out1_ptr=f32,
+                       out1_w_ptr=f32, act_ptr=f32, act_w_ptr=f32, q2_ptr="*i32", s2_ptr="*bf16", z2_ptr="*bf16",
+                       out2_ptr=f32, x_rows_ptr="*i64", row_weight_ptr=f32, y_ptr="*bf16"),
+        unit_strides=("stride_s1n", "stride_z1n", "stride_s2n", "stride_z2n"),
+        aligned=("x_ptr", "xw_ptr", "q1_ptr", "s1_ptr", "act_ptr", "act_w_ptr", "q2_ptr", "s2_ptr", "out1_ptr",
+                 "out2_ptr", "stride_xm", "stride_xwm", "stride_q1e", "stride_q1n", "stride_q2e", "stride_q2n",
+                 "stride_s1e", "stride_s1g", "stride_s2e", "stride_s2g", "stride_am", "stride_awm", "stride_o1s",
+                 "stride_o1m", "stride_o2s", "stride_o2m", "one_bits"),
+        cc=cc, num_warps=c1.num_warps, num_stages=1, maxnreg=gv.FUSED_MAXNREG)
+    ptx = kernel.asm["ptx"]
+    out.append(dict(cc=cc, maxnreg=re.findall(r"\.maxnreg (\d+)", ptx),
+                    async_16b=len(re.findall(r"cp\.async\.cg\.shared\.global(?:\.\w+)* \[[^]]+\], \[[^]]+\], 0x10",
+                                             ptx))))
+print(json.dumps(out))
+"""
+
+
+def test_fused_kernel_compiles_for_sm80_and_sm90_under_its_register_cap():
+    # the one-launch kernel as the forward runs it (register cap included): GEMM1's K loop still pipelined (16-byte
+    # asynchronous copies of its gate and up words and activations)
+    from aot import run_aot_script
+
+    results = run_aot_script(FUSED_AOT_SCRIPT)
+    assert [r["cc"] for r in results] == [80, 90]
+    for r in results:
+        assert r["maxnreg"] == [str(gv.FUSED_MAXNREG)] and r["async_16b"] >= 9, r
+
+
 # ---- GPU: preset-like shapes --------------------------------------------------------------------------------
 
 gpu = pytest.mark.gpu
