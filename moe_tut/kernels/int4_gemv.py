@@ -216,7 +216,7 @@ FUSED_MIN_WEIGHT_BYTES = 48 << 20
 # Register cap of the fused launch. Uncapped, GEMM1's 96 registers also hold GEMM2's tiles to 5 blocks per SM (GEMM2
 # alone: 64 registers, 8 blocks; ncu, results/h100/fused_gemv_v1). At 80 (6 blocks; ptxas spills 8 bytes), H100 T = 1:
 # mixtral 95.3-95.5 -> 93.0-93.2 us, deepseek-v3 96.9 -> 94.7-94.9, glm-4.5 59.6-59.7 -> 56.6-56.8; 72 and 64 (more
-# spills) were slower than uncapped.
+# spills) were slower than uncapped (glm-4.5 at 72: the same).
 FUSED_MAXNREG = 80
 FUSED_GEMM1_PROGRAMS_PER_SM = 28  # GEMM1's split-K target in the fused launch: up to GEMV_SPLIT_K_MAX on the presets
 # Candidates the GPU script measures.
@@ -477,8 +477,8 @@ def _gemv_tile(pid_m, pid_n, k_slice, num_pid_n, x_ptr, xw_ptr, q_ptr, s_ptr, z_
     k_slice), for _gemv_kernel and _gemv_fused_kernel. For the fused kernel (READY_SLICES = GEMM2's K slices > 0):
     GEMM1 (READY_TARGET 0) counts each stored block of act' columns in at ready[pid_m, the GEMM2 K slice of
     READY_COLS columns holding them]; GEMM2 (READY_TARGET > 0) first waits until ready[pid_m, k_slice] reaches
-    READY_TARGET and loads act' with X_CACHE ".cg" (at L2: this SM's L1 may hold lines read before they were
-    written, where a line spans two K slices)."""
+    READY_TARGET and loads act' with the cache modifier X_CACHE (act_cache: ".cg" where a line could span two K
+    slices, so this SM's L1 might hold it from before it was complete)."""
 
     BLOCK_W: tl.constexpr = BLOCK_K // 8
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)  # one group per K step (the host lowers BLOCK_K)
@@ -586,8 +586,6 @@ def _gemv_tile(pid_m, pid_n, k_slice, num_pid_n, x_ptr, xw_ptr, q_ptr, s_ptr, z_
                 tl.static_assert(ONE_TOKEN_TOPK > 0 and not SWIGLU)
                 _last_arrival_sums_slots(out_ptr, stride_os, stride_om, 1, offs_n, n_ok, y_ptr, arrivals_ptr, pid_n,
                                          SPLIT_K, ONE_TOKEN_TOPK, BLOCK_N)
-
-
 
 
 @triton.jit
