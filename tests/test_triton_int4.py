@@ -353,6 +353,27 @@ def test_fast_path_configs_follow_the_rules_and_are_fresh_lists():
     assert ig.fast_path_configs(x, q, plan, "prefill")[1] and ig.fast_path_configs(x, q, plan, "prefill")[2] == p2
 
 
+def test_decode_register_cap_rule(monkeypatch):
+    # GEMM 2's cap: on sm_90 only, where its tiles are more than 4 programs per SM; the variable pins or turns it off
+    cuda = torch.device("cuda", 0)
+    assert ig.decode_register_cap(10**6, DEVICE) is None  # the CPU: never
+    monkeypatch.setattr(ig, "interpreting", lambda: False)
+    monkeypatch.setattr(ig, "num_sms", lambda device: 132)
+    monkeypatch.setattr(ig, "_capability", lambda index: (9, 0))
+    monkeypatch.delenv(ig.DECODE_MAXNREG_ENV, raising=False)
+    assert ig.decode_register_cap(4 * 132, cuda) is None  # mixtral T=16: 512 tiles, one wave at 4 per SM
+    assert ig.decode_register_cap(4 * 132 + 1, cuda) == ig.DECODE_GEMM2_MAXNREG
+    monkeypatch.setattr(ig, "_capability", lambda index: (8, 9))
+    assert ig.decode_register_cap(10**6, cuda) is None  # not measured off sm_90
+    monkeypatch.setenv(ig.DECODE_MAXNREG_ENV, "80")
+    assert ig.decode_register_cap(1, cuda) == 80
+    monkeypatch.setenv(ig.DECODE_MAXNREG_ENV, "0")
+    assert ig.decode_register_cap(10**6, cuda) is None
+    monkeypatch.setenv(ig.DECODE_MAXNREG_ENV, "300")
+    with pytest.raises(ValueError, match="MOE_TUT_INT4_DECODE_MAXNREG='300'"):
+        ig.decode_register_cap(1, cuda)
+
+
 @pytest.mark.parametrize("limit_kb", [99, 163, 227])  # sm_86/89, sm_80, sm_90
 @pytest.mark.parametrize("G,has_zeros", [(128, False), (32, True)])
 @pytest.mark.parametrize("fused", [False, True], ids=["gemm2", "gemm1-fused"])
@@ -394,6 +415,8 @@ roles = {  # role: flags, config, group size, zeros, switches
     "prefill-gemm2": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 64, True, {}),  # 1 group per K step
     "decode-gemm1-pms": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False, pms),  # post-scale, split, magic
     "decode-gemm2-pms-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, pms),
+    # under the decode GEMM 2 register cap (decode_register_cap): still pipelined
+    "decode-gemm2-asm-capped": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, False, {**pms, "ASM": True}),
     # inline-PTX unpack (GPU only: the interpreter cannot run it); scales as int32 words in the pipeline
     "decode-gemm1-asm-pipe": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False,
                               {**pms, "ASM": True, "PIPE_SCALES": True}),
@@ -420,7 +443,9 @@ for cc in (80, 90):
             unit_strides=("stride_ak", "stride_qk", "stride_sn", "stride_zn", "stride_cn"),
             aligned=("a_ptr", "q_ptr", "s_ptr", "z_ptr", "c_ptr", "stride_am", "stride_qe", "stride_qn", "stride_se",
                      "stride_sg", "stride_ze", "stride_zg", "stride_cm", "N", "K"),
-            cc=cc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            cc=cc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            maxnreg=ig.DECODE_GEMM2_MAXNREG if role.endswith("capped") else None)
+        assert role.endswith("capped") == (f".maxnreg {ig.DECODE_GEMM2_MAXNREG}" in kernel.asm["ptx"]), role
         nb = 2 if flags[1] else 1
         per_stage = cfg.block_m * cfg.block_k * 2 + nb * cfg.block_n * cfg.block_k // 2
         out.append(dict(cc=cc, role=role, shared=kernel.metadata.shared, per_stage=per_stage,
@@ -433,7 +458,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 20
+    assert len(results) == 22
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 
@@ -474,6 +499,21 @@ def test_gpu_odd_sizes(T):
     # H, F multiples of the group (64) but not of 128 or of any BLOCK_N; prime E; skewed routing
     x, q, ids, tw, plan = make_case(7, 960, 1344, 3, T, "hot", 64, False)
     check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gpu_decode_register_cap_keeps_the_bits(symmetric, monkeypatch):
+    # qwen3-30b-a3b's H and F, T = 32: GEMM 2's tiles outnumber 4 per SM, so the default caps its registers; a cap
+    # changes how ptxas allocates, never the arithmetic
+    x, q, ids, tw, plan = make_case(128, 2048, 768, 8, 32, "uniform", 128, symmetric)
+    assert ig.path_for(32, 8, 128) == "decode" and not ig.DECODE_VARIANT.takes_gemv(32, 8, 128)
+    monkeypatch.setenv(ig.DECODE_MAXNREG_ENV, "0")
+    y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
+    for regs in ("", "96", "80"):  # "": the rule (96 on an H100)
+        monkeypatch.setenv(ig.DECODE_MAXNREG_ENV, regs)
+        assert torch.equal(ig.moe_forward_triton_int4(x, q, plan), y), regs
 
 
 @gpu

@@ -111,6 +111,8 @@ from .grouped_gemm import (
     TileConfig,
     _alloc,
     _autotune_bench,
+    _capability,
+    _cuda_index,
     _expert_row_blocks,
     _interpreter_bench,
     _locate_row_block,
@@ -127,6 +129,7 @@ from .pdl import pdl_launch, wait_for_previous_kernel
 
 CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
 VARIANT_ENV = "MOE_TUT_TRITON_INT4_VARIANT"
+DECODE_MAXNREG_ENV = "MOE_TUT_INT4_DECODE_MAXNREG"  # registers per thread for decode GEMM 2 ("0": no cap)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)  # tl.dot operands; fp32 would run as TF32 on a GPU
 GEMV_MAX_TOKENS = 4  # Int4Variant "gemv" without a number: the GEMV kernels (int4_gemv) serve T <= 4
 # Under the interpreter: one large tile per regime (64 x 128 x 128 is the notes' measured sweet spot).
@@ -230,6 +233,37 @@ DECODE_CONFIGS = (
     TileConfig(16, 64, 128, 8, 4, 2),
     TileConfig(16, 32, 128, 8, 4, 2),
 )
+# Decode GEMM 2 under a register cap (the launch's maxnreg). ncu of mixtral T=16 on an H100 (results/h100/
+# decode_regs_v1): both decode GEMMs issue 0.53-0.57 instructions per cycle per scheduler with only 3-4 programs
+# (12-16 warps) per SM, set by registers (GEMM 1 168 per thread, GEMM 2 127). At 96, GEMM 2 fits 5 programs per SM
+# (ptxas spills 72 bytes): where its tiles outnumber 4 programs per SM that took the forward 2.6-4% faster
+# (qwen3-30b-a3b T=32/64, glm-4.5 T=32/64/128, deepseek-v3 T=64/128/256); where they fit 4 per SM in one wave
+# (mixtral T=8/16/32: 512 tiles on 132 SMs) the spills only cost, +10%. 80 (6 per SM) was slower everywhere, and
+# GEMM 1 at 128 (4 per SM, 24 bytes of spills) no faster. Measured on sm_90 only, so applied there only.
+DECODE_GEMM2_MAXNREG = 96
+DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM = 4  # what 127 registers x 128 threads leave room for
+
+
+def decode_register_cap(tiles: int, device: torch.device) -> int | None:
+    """maxnreg for a decode GEMM 2 of `tiles` programs: MOE_TUT_INT4_DECODE_MAXNREG if set ("0": none), else
+    DECODE_GEMM2_MAXNREG on sm_90+ when the tiles are more than DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM per SM, else
+    None. Never under the interpreter (no ptxas) or on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return None
+    pinned = env_parsed(DECODE_MAXNREG_ENV, _register_count)
+    if pinned is not None:
+        return pinned or None
+    if _capability(_cuda_index(device))[0] < 9 or tiles <= DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM * num_sms(device):
+        return None
+    return DECODE_GEMM2_MAXNREG
+
+
+def _register_count(text: str) -> int:
+    regs = int(text)
+    if regs and not 24 <= regs <= 255:
+        raise ValueError("registers per thread must be 0 (no cap) or 24..255")
+    return regs
 
 
 def get_prefill_configs(fused_gate_up: bool = False) -> list[TileConfig]:
@@ -882,7 +916,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                       gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                       scatter_rows: bool = False, config: TileConfig | None = None,
                       configs: list[TileConfig] | None = None, variant: Int4Variant | None = None,
-                      split_k: int = 1, pdl: bool = False) -> torch.Tensor:
+                      split_k: int = 1, pdl: bool = False, maxnreg: int | None = None) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows with INT4 weights; returns out.
 
     a        [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -895,6 +929,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     split_k  K slices (K must be a multiple of split_k * BLOCK_K): out is then float32
              [split_k, T*k, N] (swiglu: [split_k, T*k, 2N], gate then up, no activation) of partial sums
     pdl      launch with programmatic dependent launch (kernels/pdl.py)
+    maxnreg  registers per thread the launch may use (GPU only; None: as ptxas chooses)
     """
     check_quantized(qt, "weights")
     E, n_w, K = qt.shape
@@ -961,6 +996,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
                  PACKED=packed, **pdl_launch(pdl))
+    if maxnreg is not None and on_gpu and not interpreting():
+        flags["maxnreg"] = maxnreg
     if config is not None:
         _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                BLOCK_K=config.block_k, GROUP_M=config.group_m,
@@ -1076,6 +1113,11 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     if regime == "decode":
         split1 = gemm_split_k(variant, weights.w13, F, rows, config1, configs1, x.device)
         split2 = gemm_split_k(variant, weights.w2, H, rows, config2, configs2, x.device)
+    cap2 = None
+    if regime == "decode":
+        c2 = config2 if config2 is not None else configs2[0]
+        cap2 = decode_register_cap(max_row_blocks(rows, weights.num_experts, c2.block_m) * triton.cdiv(H, c2.block_n)
+                                   * split2, x.device)
     if split1 == 1:
         act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
                                 config=config1, configs=configs1, variant=variant, pdl=pdl)
@@ -1087,12 +1129,12 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     if split2 > 1:  # slices of every token slot: y = sum over slices and slots, float32, fixed order
         part = int4_grouped_gemm(act, weights.w2, plan, _alloc_f32((split2, rows, H), x), scale_rows=True,
                                  scatter_rows=True, config=config2, configs=configs2, variant=variant, split_k=split2,
-                                 pdl=pdl)
+                                 pdl=pdl, maxnreg=cap2)
         return sum_slots(part, T, k, x, pdl=pdl)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     int4_grouped_gemm(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2,
-                      configs=configs2, variant=variant, pdl=pdl)
+                      configs=configs2, variant=variant, pdl=pdl, maxnreg=cap2)
     if k == 1:
         return out
     return sum_slots(out, T, k, x, pdl=pdl)
