@@ -361,7 +361,10 @@ def test_decode_register_cap_rule(monkeypatch):
     monkeypatch.setattr(ig, "num_sms", lambda device: 132)
     monkeypatch.setattr(ig, "_capability", lambda index: (9, 0))
     monkeypatch.delenv(ig.DECODE_MAXNREG_ENV, raising=False)
-    assert ig.decode_register_cap(4 * 132, cuda) is None  # mixtral T=16: 512 tiles, one wave at 4 per SM
+    mixtral_t16, qwen3_t32 = ig.decode_tiles(32, 8, 4096, 64), ig.decode_tiles(256, 128, 2048, 64)
+    assert (mixtral_t16, qwen3_t32) == (512, 4096)
+    assert ig.decode_register_cap(mixtral_t16, cuda) is None  # one wave at 4 programs per SM
+    assert ig.decode_register_cap(qwen3_t32, cuda) == ig.DECODE_GEMM2_MAXNREG
     assert ig.decode_register_cap(4 * 132 + 1, cuda) == ig.DECODE_GEMM2_MAXNREG
     monkeypatch.setattr(ig, "_capability", lambda index: (8, 9))
     assert ig.decode_register_cap(10**6, cuda) is None  # not measured off sm_90

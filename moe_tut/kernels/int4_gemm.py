@@ -244,6 +244,14 @@ DECODE_GEMM2_MAXNREG = 96
 DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM = 4  # what 127 registers x 128 threads leave room for
 
 
+def decode_tiles(rows: int, num_experts: int, N: int, block_n: int, split_k: int = 1) -> int:
+    """The tiles a decode GEMM will have, as far as the host knows: one row block per touched expert (at most
+    min(E, rows); decode means <= 8 rows per expert on average, so a second block is rare) x column blocks x K
+    slices. The grid's bound (max_row_blocks) counts one more block per 16 rows, which over-counts: mixtral T=16
+    has 8 row blocks, not 10."""
+    return min(num_experts, rows) * triton.cdiv(N, block_n) * split_k
+
+
 def decode_register_cap(tiles: int, device: torch.device) -> int | None:
     """maxnreg for a decode GEMM 2 of `tiles` programs: MOE_TUT_INT4_DECODE_MAXNREG if set ("0": none), else
     DECODE_GEMM2_MAXNREG on sm_90+ when the tiles are more than DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM per SM, else
@@ -1116,8 +1124,7 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     cap2 = None
     if regime == "decode":
         c2 = config2 if config2 is not None else configs2[0]
-        cap2 = decode_register_cap(max_row_blocks(rows, weights.num_experts, c2.block_m) * triton.cdiv(H, c2.block_n)
-                                   * split2, x.device)
+        cap2 = decode_register_cap(decode_tiles(rows, weights.num_experts, H, c2.block_n, split2), x.device)
     if split1 == 1:
         act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
                                 config=config1, configs=configs1, variant=variant, pdl=pdl)
