@@ -176,14 +176,12 @@ def expected_tile(qt: QuantizedTensor, e: int) -> torch.Tensor:
 
 
 VARIANTS = [ig.Int4Variant(), ig.Int4Variant(magic=True), ig.Int4Variant(split=True, magic=True),
-            ig.Int4Variant(post_scale=True), ig.Int4Variant(magic=True, post_scale=True, split=True),
-            ig.Int4Variant(magic=True, post_scale=True, split=True, words=True)]
+            ig.Int4Variant(post_scale=True), ig.Int4Variant(magic=True, post_scale=True, split=True)]
 VARIANT_IDS = [v.label() for v in VARIANTS]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-@pytest.mark.parametrize("G,symmetric,block_k", [(32, True, 128), (64, False, 32), (128, True, 64), (32, False, 32),
-                                                  (128, False, 128)])
+@pytest.mark.parametrize("G,symmetric,block_k", [(32, True, 128), (64, False, 32), (128, True, 64), (32, False, 32)])
 def test_kernel_multiplies_with_exactly_the_dequantised_values(G, symmetric, block_k, variant):
     # GEMM with A = identity rows: out[r, n] = W[n, r] exactly (one nonzero product, float32
     # accumulator), so the output is the weight tile the kernel built. Expert 1 of 2 gets every row,
@@ -202,22 +200,6 @@ def test_kernel_multiplies_with_exactly_the_dequantised_values(G, symmetric, blo
 # ---- kernel switches (Int4Variant): the decode experiments of scripts/gpu_triton_int4_tune.py -------
 
 
-def test_words_engages_only_where_it_can_read_the_weights():
-    # the exact-values test above at G = BLOCK_K = 128 runs the words unpack (emulated here); elsewhere it steps aside
-    w = torch.randn(2, 48, 256, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
-    qt = quantize(w, 128, False)
-    bf16, cfg = torch.bfloat16, TileConfig(16, 32, 128, 2, 4, 2)
-    assert ig.words_fit(qt, bf16, cfg, None) and ig.words_fit(qt, bf16, None, [cfg, replace(cfg, block_n=64)])
-    assert not ig.words_fit(qt, torch.float16, cfg, None)  # its magic constant is bf16's
-    assert not ig.words_fit(qt, bf16, replace(cfg, block_k=64), None)
-    assert not ig.words_fit(qt, bf16, None, [cfg, replace(cfg, block_k=64)])
-    assert not ig.words_fit(quantize(w[..., :192], 64, False), bf16, cfg, None)  # K = 192: a ragged last step
-    with pytest.raises(ValueError, match="'words' needs 'magic', 'post' and 'split'"):
-        ig.Int4Variant.parse("magic,post,words")
-    v = ig.Int4Variant.parse("magic,post,split,words,ppsm=64")
-    assert v.words and ig.Int4Variant.parse(v.label()) == v
-
-
 # stack only changes GEMM1 (SwiGLU), so the single-GEMM exact-values test above has no use for it
 STACKED = [ig.Int4Variant(stack=True), ig.Int4Variant(stack=True, magic=True, post_scale=True, split=True)]
 
@@ -228,16 +210,6 @@ def test_variants_match_dequantised_reference(case, variant):
     x, q, ids, tw, plan = make_case(*case[1:])
     for path in ("decode", "prefill"):
         check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path=path, variant=variant)
-
-
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_words_gives_the_split_variants_bits(symmetric):
-    # H, F multiples of 128 (words engages in both GEMMs): the same codes into the same dots, so the same bits
-    x, q, ids, tw, plan = make_case(4, 128, 256, 2, 6, "uniform", 128, symmetric)
-    split = ig.Int4Variant.parse("magic,post,split")
-    y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="decode", variant=split)
-    words = replace(split, words=True)
-    assert torch.equal(ig.moe_forward_triton_int4(x, q, plan, path="decode", variant=words), y)
 
 
 def test_variants_fp16_and_small_tiles():
@@ -448,9 +420,6 @@ roles = {  # role: flags, config, group size, zeros, switches
     "decode-gemm2-pms-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, pms),
     # under the decode GEMM 2 register cap (decode_register_cap): still pipelined
     "decode-gemm2-asm-capped": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, False, {**pms, "ASM": True}),
-    # the unpack on int32 words (inline PTX, two words a call)
-    "decode-gemm1-words": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False, {**pms, "WORDS": True}),
-    "decode-gemm2-words-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, {**pms, "WORDS": True}),
     # inline-PTX unpack (GPU only: the interpreter cannot run it); scales as int32 words in the pipeline
     "decode-gemm1-asm-pipe": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False,
                               {**pms, "ASM": True, "PIPE_SCALES": True}),
@@ -467,7 +436,7 @@ for cc in (80, 90):
     for role, (flags, cfg, G, hz, switches) in roles.items():
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
                      **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False, ASM=False, PIPE_SCALES=False, SPLIT_K=1,
-                               STACK=False, PACKED=False, WORDS=False),
+                               STACK=False, PACKED=False),
                         **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
@@ -492,7 +461,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 26
+    assert len(results) == 22
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 
@@ -533,22 +502,6 @@ def test_gpu_odd_sizes(T):
     # H, F multiples of the group (64) but not of 128 or of any BLOCK_N; prime E; skewed routing
     x, q, ids, tw, plan = make_case(7, 960, 1344, 3, T, "hot", 64, False)
     check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("shape", [(8, 4096, 14336, 2, 16), (128, 2048, 768, 8, 32), (16, 1024, 384, 4, 9)],
-                         ids=["mixtral-T16", "qwen3-T32", "small-T9"])
-def test_gpu_words_unpack_gives_the_asm_bits(shape, symmetric):
-    # the words unpack relies on how Triton packs two elements per register for the inline PTX (pack=2): the
-    # same codes as the byte-wise asm unpack, so the same bits, or the mapping is wrong
-    E, H, F, k, T = shape
-    x, q, ids, tw, plan = make_case(E, H, F, k, T, "uniform", 128, symmetric)
-    asm = ig.Int4Variant.parse("magic,post,split,asm,ppsm=64")
-    y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="decode", variant=asm)
-    words = replace(asm, words=True)
-    assert torch.equal(ig.moe_forward_triton_int4(x, q, plan, path="decode", variant=words), y)
 
 
 @gpu

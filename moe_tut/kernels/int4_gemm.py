@@ -318,12 +318,6 @@ class Int4Variant:
                      them; off: loaded one K step ahead into registers, so every short decode step
                      waits for a scale load issued one step earlier (a loaded memory latency). Needs
                      bf16 scales/zeros, even N and one group per K step; dropped where these fail
-    words            (needs magic, post and split; bf16 activations, K a multiple of BLOCK_K) the asm unpack on 32-bit
-                     words loaded as int32 in a plain layout: two words per inline-PTX call give 16 magic codes
-                     as bf16 pairs, put in K order by join/permute/reshape (_codes_asm_words), instead of bytes
-                     loaded straight into the dot operand's layout, which Triton assembles byte by byte (PRMT).
-                     Same values as asm, so the same results; the interpreter runs the same index shuffle on
-                     codes computed with plain integer ops (WORDS_EMULATE)
     packed           (GPU, bf16 activations; without post_scale / split) the dequantise-then-dot path with the
                      weight tile built by inline PTX on 32-bit words: the asm unpack, then two fma.rn.bf16x2 per
                      pair of values (_dequant_packed); same values as v0. Needs one group per K step (BLOCK_K
@@ -349,7 +343,6 @@ class Int4Variant:
     post_scale: bool = False
     split: bool = False
     asm: bool = False
-    words: bool = False
     pipe_scales: bool = False
     stack: bool = False
     packed: bool = False
@@ -365,9 +358,8 @@ class Int4Variant:
             raise ValueError(f"gemv is a token count (0 = off), got {self.gemv}")
         if self.gemv_rows < 0:
             raise ValueError(f"gemvrows is a mean row count per expert (0 = off), got {self.gemv_rows}")
-        for name in ("asm", "words"):
-            if getattr(self, name) and not (self.magic and self.post_scale and self.split):
-                raise ValueError(f"the INT4 switch '{name}' needs 'magic', 'post' and 'split' too")
+        if self.asm and not (self.magic and self.post_scale and self.split):
+            raise ValueError("the INT4 switch 'asm' needs 'magic', 'post' and 'split' too")
         if self.packed and (self.post_scale or self.split):
             raise ValueError("the INT4 switch 'packed' is the dequantise-then-dot path: not with 'post' or 'split'")
 
@@ -385,8 +377,6 @@ class Int4Variant:
                 kw["split"] = True
             elif item == "asm":
                 kw["asm"] = True
-            elif item == "words":
-                kw["words"] = True
             elif item == "pipe":
                 kw["pipe_scales"] = True
             elif item == "stack":
@@ -404,14 +394,13 @@ class Int4Variant:
             elif item.startswith("gemvrows="):
                 kw["gemv_rows"] = float(item[9:])
             else:
-                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, asm, words, "
-                                 "pipe, stack, packed, splitk=N, ppsm=N, gemv, gemv=N, gemvrows=R)")
+                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, asm, pipe, "
+                                 "stack, packed, splitk=N, ppsm=N, gemv, gemv=N, gemvrows=R)")
         return cls(**kw)
 
     def label(self) -> str:
         parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split),
-                                              ("asm", self.asm), ("words", self.words),
-                                              ("pipe", self.pipe_scales),
+                                              ("asm", self.asm), ("pipe", self.pipe_scales),
                                               ("stack", self.stack), ("packed", self.packed)) if on]
         if self.split_k:
             parts.append(f"splitk={self.split_k}")
@@ -468,20 +457,9 @@ def adapt_to_variant(cfg: TileConfig, group_size: int, variant: Int4Variant) -> 
     if (variant.post_scale or variant.packed) and group_size % cfg.block_k:
         bk = group_size & -group_size
         if bk < 16:
-            return cfg, replace(variant, post_scale=False, asm=False, words=False, packed=False)
+            return cfg, replace(variant, post_scale=False, asm=False, packed=False)
         cfg = replace(cfg, block_k=bk)
     return cfg, variant
-
-
-def words_fit(qt: QuantizedTensor, dtype: torch.dtype, config: TileConfig | None,
-              configs: list[TileConfig] | None) -> bool:
-    """Whether the `words` unpack can read these weights: bf16 activations (its magic is bf16's), bytes contiguous
-    along K in rows of whole words, and BLOCK_K 128 dividing K (whole word pairs per step, no ragged last step;
-    its GPU output order was checked at 128 only)."""
-    block_ks = {c.block_k for c in ([config] if config is not None else configs)}
-    packed = qt.packed
-    return (dtype == torch.bfloat16 and block_ks == {128} and qt.shape[2] % 128 == 0 and packed.stride(-1) == 1
-            and packed.stride(1) % 4 == 0 and packed.stride(0) % 4 == 0)
 
 
 def pinned_config() -> TileConfig | None:
@@ -584,72 +562,6 @@ UNPACK_PTX_BF16 = tl.constexpr(_UNPACK_PTX.replace("MAGIC2", "0x43004300"))
 UNPACK_PTX_FP16 = tl.constexpr(_UNPACK_PTX.replace("MAGIC2", "0x64006400"))
 
 
-# Two int32 words A = $8 and B = $9 (4 packed bytes each, byte i = bits 8i..8i+7) -> 16 magic bf16 codes as 8 registers
-# of two: $0..$3 the low nibbles of A's bytes (0, 1), (2, 3) and of B's (0, 1), (2, 3); $4..$7 the high nibbles
-# likewise. Same ops as _UNPACK_PTX, on two words.
-_UNPACK_WORDS_PTX = """{
-.reg .b32 t0, t1, t2, t3;
-prmt.b32 t0, $8, 0, 0x4140;
-prmt.b32 t1, $8, 0, 0x4342;
-prmt.b32 t2, $9, 0, 0x4140;
-prmt.b32 t3, $9, 0, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 $1, t1, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 $2, t2, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 $3, t3, 0x000F000F, MAGIC2, 0xEA;
-shr.u32 t0, t0, 4;
-shr.u32 t1, t1, 4;
-shr.u32 t2, t2, 4;
-shr.u32 t3, t3, 4;
-lop3.b32 $4, t0, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 $5, t1, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 $6, t2, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 $7, t3, 0x000F000F, MAGIC2, 0xEA;
-}"""
-UNPACK_WORDS_PTX_BF16 = tl.constexpr(_UNPACK_WORDS_PTX.replace("MAGIC2", "0x43004300"))
-
-
-@triton.jit
-def _magic_bf16(w, SHIFT: tl.constexpr):
-    return (((w >> SHIFT) & 0xF) | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _words_in_k_order(o0, o1, o2, o3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The four outputs of one nibble from _codes_asm_words -> [BLOCK_N, BLOCK_K / 2] codes, byte j at element j.
-
-    With pack=2, Triton hands the PTX two consecutive words w = 2p, 2p + 1 of a row and reads output register k's
-    low half as element w of output k, its high half as element w + 1. The PTX instead puts two codes of one word
-    in each register (a pair the dot operand keeps together), so, for byte i = 2a + h of word 2p + q:
-    code = o_(2q + a)[n, 2p + h]. Undone here by join / permute / reshape only (register renaming, no data moves)."""
-    P: tl.constexpr = BLOCK_K // 16  # word pairs per row
-    j0 = tl.join(tl.reshape(o0, (BLOCK_N, P, 2)), tl.reshape(o1, (BLOCK_N, P, 2)))  # [n, p, h, a], q = 0
-    j1 = tl.join(tl.reshape(o2, (BLOCK_N, P, 2)), tl.reshape(o3, (BLOCK_N, P, 2)))  # q = 1
-    return tl.reshape(tl.permute(tl.join(j0, j1), (0, 1, 4, 3, 2)), (BLOCK_N, BLOCK_K // 2))  # [n, p, q, a, h]
-
-
-@triton.jit
-def _codes_asm_words(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
-    """int32 words [BLOCK_N, BLOCK_K / 8] (4 packed bytes each) -> magic bf16 codes (low nibbles, high nibbles),
-    each [BLOCK_N, BLOCK_K / 2] (byte j of the row at element j). EMULATE (the interpreter: no inline PTX) builds
-    the same eight outputs, in the same element order, from integer ops."""
-    if EMULATE:
-        wa, wb = tl.split(tl.reshape(w, (BLOCK_N, BLOCK_K // 16, 2)))  # words 2p, 2p + 1
-        lo0 = tl.reshape(tl.join(_magic_bf16(wa, 0), _magic_bf16(wa, 8)), (BLOCK_N, BLOCK_K // 8))
-        lo1 = tl.reshape(tl.join(_magic_bf16(wa, 16), _magic_bf16(wa, 24)), (BLOCK_N, BLOCK_K // 8))
-        lo2 = tl.reshape(tl.join(_magic_bf16(wb, 0), _magic_bf16(wb, 8)), (BLOCK_N, BLOCK_K // 8))
-        lo3 = tl.reshape(tl.join(_magic_bf16(wb, 16), _magic_bf16(wb, 24)), (BLOCK_N, BLOCK_K // 8))
-        hi0 = tl.reshape(tl.join(_magic_bf16(wa, 4), _magic_bf16(wa, 12)), (BLOCK_N, BLOCK_K // 8))
-        hi1 = tl.reshape(tl.join(_magic_bf16(wa, 20), _magic_bf16(wa, 28)), (BLOCK_N, BLOCK_K // 8))
-        hi2 = tl.reshape(tl.join(_magic_bf16(wb, 4), _magic_bf16(wb, 12)), (BLOCK_N, BLOCK_K // 8))
-        hi3 = tl.reshape(tl.join(_magic_bf16(wb, 20), _magic_bf16(wb, 28)), (BLOCK_N, BLOCK_K // 8))
-    else:
-        lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = tl.inline_asm_elementwise(
-            UNPACK_WORDS_PTX_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-    return (_words_in_k_order(lo0, lo1, lo2, lo3, BLOCK_N, BLOCK_K),
-            _words_in_k_order(hi0, hi1, hi2, hi3, BLOCK_N, BLOCK_K))
-
-
 @triton.jit
 def _codes_asm(b, OUT_DTYPE: tl.constexpr):
     """Packed bytes [.., n] -> (low-nibble, high-nibble) magic values [.., n] of OUT_DTYPE (see _codes), by
@@ -719,8 +631,7 @@ def _codes_f32(nib, MAGIC: tl.constexpr):
 def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                OUT_DTYPE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr, SPLIT: tl.constexpr,
-               ASM: tl.constexpr, PACKED: tl.constexpr = False, HAS_ZEROS: tl.constexpr = False,
-               WORDS: tl.constexpr = False, WORDS_EMULATE: tl.constexpr = False):
+               ASM: tl.constexpr, PACKED: tl.constexpr = False, HAS_ZEROS: tl.constexpr = False):
     """acc [BLOCK_N, BLOCK_M] += this K step's weight tile (packed bytes at q_ptrs) @ its A tile.
 
     a        [BLOCK_K, BLOCK_M] A^T tile (used unless SPLIT)
@@ -732,25 +643,18 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
              sum_k (c s + z) x = s * sum_k v x + (z - OFFSET s) * sum_k x. Needs BLOCK_K <= GROUP_SIZE.
     MAGIC    codes -> float by integer OR into a float's mantissa instead of I2F (a quarter-rate op).
     ASM      MAGIC + POST_SCALE + SPLIT with the unpack done by inline PTX on 32-bit words (_codes_asm).
-    WORDS    the same with the packed tile loaded as int32 words (q_ptrs point at words): _codes_asm_words
     PACKED   (bf16, one group per step, GPU only) the dequantise-then-dot path with the tile built by inline PTX
              (_dequant_packed): same values as v0
     """
     q_mask = n_ok[:, None]
     if not EVEN_K:
         q_mask = q_mask & (offs_kb[None, :] < (K - k0) // 2)
-    if WORDS:
-        b = tl.load(q_ptrs, mask=n_ok[:, None], other=0)
-    else:
-        b = tl.load(q_ptrs, mask=q_mask, other=0)
+    b = tl.load(q_ptrs, mask=q_mask, other=0)
     lo = b & 0xF
     hi = b >> 4
     if POST_SCALE:
         tl.static_assert(GROUPS_PER_TILE == 1)
-        if WORDS:
-            tl.static_assert(MAGIC and SPLIT and OUT_DTYPE == tl.bfloat16)
-            v_lo, v_hi = _codes_asm_words(b, BLOCK_N, BLOCK_K, WORDS_EMULATE)
-        elif ASM:
+        if ASM:
             tl.static_assert(MAGIC and SPLIT)
             v_lo, v_hi = _codes_asm(b, OUT_DTYPE)
         else:
@@ -808,8 +712,7 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
                SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr,
-               STACK: tl.constexpr, PACKED: tl.constexpr, WORDS: tl.constexpr = False,
-               WORDS_EMULATE: tl.constexpr = False):
+               STACK: tl.constexpr, PACKED: tl.constexpr):
     """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T.
 
     STACK (SWIGLU only): the gate and up rows of the tile's columns are one [2 BLOCK_N, BLOCK_K] weight tile and
@@ -852,13 +755,9 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
     else:
         w_rows = offs_n
         w_ok = n_ok
-    if WORDS:
-        q_ptrs = (q_ptr + e64 * stride_qe + k_begin // 2).to(tl.pointer_type(tl.int32)) \
-            + w_rows[:, None] * (stride_qn // 4) + tl.arange(0, BLOCK_K // 8)[None, :]
-    else:
-        q_ptrs = q_ptr + e64 * stride_qe + w_rows[:, None] * stride_qn + offs_kb[None, :] * stride_qk
+    q_ptrs = q_ptr + e64 * stride_qe + w_rows[:, None] * stride_qn + offs_kb[None, :] * stride_qk
     offs_kb = tl.arange(0, BLOCK_K // 2)  # relative, for _int4_step's ragged-K mask
-    up_q_ptrs = q_ptrs + N * (stride_qn // 4 if WORDS else stride_qn)  # TWO_TILES: up rows N + n, own scales
+    up_q_ptrs = q_ptrs + N * stride_qn  # TWO_TILES: up rows N + n of the same columns, own scales
     if PIPE_SCALES:  # int32 words = bf16 pairs (2i, 2i+1) of the tile's columns; strides in words
         n_pair = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
         p_ok = n_pair < N
@@ -911,16 +810,16 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, w_ok, offs_kb, GROUP_SIZE,
                          GROUPS_PER_TILE, W_ROWS, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT,
-                         ASM, PACKED, HAS_ZEROS, WORDS, WORDS_EMULATE)
+                         ASM, PACKED, HAS_ZEROS)
         if TWO_TILES:
             acc_up = _int4_step(acc_up, up_q_ptrs, s_up, z_up, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb,
                                 GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty,
-                                MAGIC, POST_SCALE, SPLIT, ASM, PACKED, HAS_ZEROS, WORDS, WORDS_EMULATE)
-            up_q_ptrs += (BLOCK_K // 8) if WORDS else (BLOCK_K // 2) * stride_qk
+                                MAGIC, POST_SCALE, SPLIT, ASM, PACKED, HAS_ZEROS)
+            up_q_ptrs += (BLOCK_K // 2) * stride_qk
         if not PIPE_SCALES:
             s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
         a_ptrs += BLOCK_K * stride_ak
-        q_ptrs += (BLOCK_K // 8) if WORDS else (BLOCK_K // 2) * stride_qk
+        q_ptrs += (BLOCK_K // 2) * stride_qk
     if STACK:  # [2 BLOCK_N, BLOCK_M] -> gate, up [BLOCK_N, BLOCK_M]. In wgmma's accumulator layout a thread
         # holds rows r and r + 8 of each 16: with 8-row blocks of gate and up alternating, each thread has the up
         # value of every gate value it holds, so this split needs no data exchange (one block each would need the
@@ -959,7 +858,7 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
                      SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
                      SPLIT_K: tl.constexpr = 1, STACK: tl.constexpr = False, PACKED: tl.constexpr = False,
-                     USE_PDL: tl.constexpr = False, WORDS: tl.constexpr = False, WORDS_EMULATE: tl.constexpr = False):
+                     USE_PDL: tl.constexpr = False):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     wait_for_previous_kernel(USE_PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -973,7 +872,7 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                    stride_qn, stride_qk, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn,
                    stride_cm, stride_cn, stride_cs, E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS,
                    SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT,
-                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED, WORDS, WORDS_EMULATE)
+                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
@@ -1093,7 +992,6 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
         return (min(tiles, sms * per_sm),)
 
     z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
-    words = variant.words and variant.post_scale and words_fit(qt, a.dtype, config, configs)
     pipe_scales = variant.pipe_scales and pairable_scales(qt, z) and (
         (config.block_k if config is not None else max(c.block_k for c in configs)) <= G)
     args = (a, qt.packed, qt.scales, z, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
@@ -1104,7 +1002,6 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
-                 WORDS=words, WORDS_EMULATE=words and not on_gpu,
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
                  PACKED=packed, **pdl_launch(pdl))
     if maxnreg is not None and on_gpu and not interpreting():
