@@ -212,6 +212,68 @@ def test_variants_match_dequantised_reference(case, variant):
         check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path=path, variant=variant)
 
 
+def routed_counts(counts, k, seed=0):
+    """topk_ids [T, k] with counts[e] rows on expert e (a token's k experts distinct: slot j of token t takes the
+    (t*k + j)-th id of the sorted list, so the counts must keep each token's run distinct) and random weights."""
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    T = len(ids) // k
+    ids = ids[: T * k].view(k, T).t().contiguous()  # token t gets ids[t], ids[T + t], ...: distinct experts
+    g = torch.Generator().manual_seed(seed)
+    tw = torch.softmax(torch.randn(T, k, generator=g), dim=1)
+    return ids.to(DEVICE), tw.to(DEVICE)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("counts,k", [((70, 64, 13, 81), 1), ((70, 64, 13, 81, 30, 70), 2)], ids=["top1", "top2"])
+def test_prefill_tail_split_runs_every_row_once(counts, k, symmetric, monkeypatch):
+    # forced on the interpreter: main tile 64 rows, tail tile 16. Expert rows 64 + 6 (a tail), 64 (none), 13 (tail
+    # only), 64 + 17 (more than 16 left: a second main tile), 30 (main only); outputs start NaN, so a row no launch
+    # writes, or a launch writing past its rows, shows
+    E, H, F = len(counts), 128, 256
+    w = ExpertWeights.random(custom(E, H, F, k), device=DEVICE)
+    q = Int4ExpertWeights.from_bf16(w, 128, symmetric)
+    ids, tw = routed_counts(counts, k)
+    assert torch.bincount(ids.flatten(), minlength=E).tolist() == list(counts)
+    T = ids.shape[0]
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    plan = RoutingPlan.build(ids, tw, E)
+    monkeypatch.setattr(ig, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
+                                                                      device=like.device))
+    launches = []
+    real = ig.int4_grouped_gemm
+    monkeypatch.setattr(ig, "int4_grouped_gemm", lambda *a, **kw: launches.append(kw.get("tail")) or real(*a, **kw))
+    monkeypatch.setenv(ig.TAIL_ENV, "1")
+    y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="prefill")
+    assert launches == [(16, 0), (16, 64)] * 2  # both GEMMs, main then tail
+    monkeypatch.setenv(ig.TAIL_ENV, "0")
+    launches.clear()
+    assert torch.equal(ig.moe_forward_triton_int4(x, q, plan, path="prefill"), y)  # same tile shapes: same bits
+    assert launches == [None, None]
+
+
+def test_tail_split_rule(monkeypatch):
+    big, mid = TileConfig(256, 64, 64, 8, 8, 3), TileConfig(128, 64, 64, 8, 8, 3)
+    small = TileConfig(64, 64, 128, 8, 8, 3)
+    monkeypatch.delenv(ig.TAIL_ENV, raising=False)
+    assert ig.tail_split(None, [big, mid, small], 512, DEVICE) is None  # the CPU: only when forced
+    monkeypatch.setenv(ig.TAIL_ENV, "1")
+    assert ig.tail_split(small, None, 512, DEVICE) == ([small], [replace(small, block_m=16)])
+    monkeypatch.setattr(ig, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setenv(ig.TAIL_ENV, "auto")
+    assert ig.tail_split(None, [big, mid, small, replace(big, num_stages=4)], 256, cuda) == (
+        [big, replace(big, num_stages=4)], [small])
+    assert ig.tail_split(None, [big, mid, small], 255.9, cuda) is None  # fewer rows per expert than a big tile
+    assert ig.tail_split(None, [big, mid], 512, cuda) is None  # no 64-row candidate
+    assert ig.tail_split(None, [mid, small], 512, cuda) == ([mid], [small])
+    monkeypatch.setenv(ig.TAIL_ENV, "0")
+    assert ig.tail_split(None, [big, mid, small], 512, cuda) is None
+    with pytest.raises(ValueError, match="at most half of MAIN_M"):
+        x, q, ids, tw, plan = make_case(*CASES[0][1:])
+        ig.int4_grouped_gemm(x, q.w13, plan, torch.empty(plan.num_rows, 256, dtype=x.dtype), gather_rows=True,
+                             swiglu=True, config=small, tail=(16, 64))
+
+
 def test_variants_fp16_and_small_tiles():
     # fp16 activations: the magic constant is 1024 (0x6400); small tiles: many tiles and K steps, a
     # group spanning 2 K steps with post_scale, per-GEMM configs, more programs per SM than tiles
@@ -430,6 +492,11 @@ roles = {  # role: flags, config, group size, zeros, switches
     "prefill-gemm1-stack-packed": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False,
                                    {"STACK": True, "PACKED": True}),
     "prefill-gemm2-packed-zeros": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 128, True, {"PACKED": True}),
+    # a tail split's two launches (tail_split): the main one, then the tail one in 64-row tiles
+    "prefill-gemm1-tail-main": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False,
+                                {"STACK": True, "PACKED": True, "TAIL": 64}),
+    "prefill-gemm2-tail": ((0, 0, 1, 1), ig.TileConfig(64, 128, 128, 8, 8, 3), 128, False,
+                           {"PACKED": True, "TAIL": 64, "MAIN_M": 256}),
 }
 out = []
 for cc in (80, 90):
@@ -461,7 +528,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 22
+    assert len(results) == 26
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 
@@ -483,6 +550,25 @@ def test_gpu_mid_size(T, G, symmetric):
     # the other regime on the same inputs agrees too
     other = "prefill" if ig.path_for(T, 2, 8) == "decode" else "decode"
     assert relative_error(ig.moe_forward_triton_int4(x, q, plan, path=other), y.float()) < TOL
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("routing", ["uniform", "zipf"])
+def test_gpu_prefill_tail_split(routing, symmetric, monkeypatch):
+    # ~500 rows per expert: the default splits each GEMM into a main and a tail launch (tail_split); both ways agree
+    # with the reference, and every row is written (outputs start NaN)
+    x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, 2000, routing, 128, symmetric)
+    monkeypatch.setattr(ig, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
+                                                                      device=like.device))
+    launches = []
+    real = ig.int4_grouped_gemm
+    monkeypatch.setattr(ig, "int4_grouped_gemm", lambda *a, **kw: launches.append(kw.get("tail")) or real(*a, **kw))
+    y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
+    assert [t[1] > 0 for t in launches] == [False, True, False, True], launches
+    monkeypatch.setenv(ig.TAIL_ENV, "0")
+    assert relative_error(ig.moe_forward_triton_int4(x, q, plan), y.float()) < TOL
 
 
 @gpu

@@ -414,33 +414,50 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _expert_row_blocks(offsets_ptr, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per expert: first row, end row, number of BLOCK_M row blocks, and their inclusive cumsum."""
+def _expert_row_blocks(offsets_ptr, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                       TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0):
+    """Per expert: first row, end row, number of BLOCK_M row blocks, and their inclusive cumsum.
+
+    A tail split (TAIL > 0) serves each expert in two launches: the main one (MAIN_M = 0) takes its whole BLOCK_M
+    blocks and its last partial block only where that has more than TAIL rows; the tail one (MAIN_M = the main
+    launch's BLOCK_M, BLOCK_M >= TAIL here) takes the rest, the last n % MAIN_M <= TAIL rows, so a few leftover rows
+    run in a small tile instead of a big one that is mostly padding."""
     e = tl.arange(0, E_PAD)
     valid = e < E
     start = tl.load(offsets_ptr + e, mask=valid, other=0)
     end = tl.load(offsets_ptr + e + 1, mask=valid, other=0)
-    blocks = tl.cdiv(end - start, BLOCK_M)
+    n = end - start
+    if MAIN_M > 0:
+        rest = n % MAIN_M
+        take = (rest > 0) & (rest <= TAIL)
+        start = tl.where(take, end - rest, end)
+        blocks = tl.where(take, tl.cdiv(rest, BLOCK_M), 0)
+    elif TAIL > 0:
+        blocks = n // BLOCK_M + (n % BLOCK_M > TAIL).to(tl.int32)
+    else:
+        blocks = tl.cdiv(n, BLOCK_M)
     return e, start, end, blocks, tl.cumsum(blocks, 0)
 
 
 @triton.jit
 def _locate_row_block(pid_m, offsets_ptr, block_expert_ptr, block_row_start_ptr,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                      MAP_FROM_OFFSETS: tl.constexpr, ONE_TOKEN_TOPK: tl.constexpr = 0):
+                      MAP_FROM_OFFSETS: tl.constexpr, ONE_TOKEN_TOPK: tl.constexpr = 0, TAIL: tl.constexpr = 0,
+                      MAIN_M: tl.constexpr = 0):
     """Row block -> (expert, first sorted row, end of the expert's rows).
 
     ONE_TOKEN_TOPK = k > 0: the rows are one token's k top-k slots in slot order, read from the router's
     topk_ids (passed as block_expert_ptr, contiguous) with no RoutingPlan: row block pid_m is row pid_m alone,
     of expert topk_ids[pid_m]; an id outside [0, E) gives expert -1 (the callers then read expert 0's weights
-    and give the row weight 0, so the slot adds nothing)."""
+    and give the row weight 0, so the slot adds nothing). TAIL, MAIN_M (MAP_FROM_OFFSETS): a tail split's launch
+    (_expert_row_blocks)."""
     if ONE_TOKEN_TOPK > 0:
         ids = tl.load(block_expert_ptr + pid_m)
         expert = tl.where((ids >= 0) & (ids < E), ids, -1).to(tl.int32)
         row_start = pid_m
         row_end = pid_m + 1
     elif MAP_FROM_OFFSETS:
-        e, start, end, blocks, cum = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
+        e, start, end, blocks, cum = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M, TAIL, MAIN_M)
         # Block pid_m belongs to the expert whose cumulative block range covers it: the number of
         # experts whose range ends at or before pid_m (empty experts end where the previous one does).
         expert = tl.sum((cum <= pid_m).to(tl.int32), 0)

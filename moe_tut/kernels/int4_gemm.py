@@ -103,7 +103,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import check_inputs
-from ..env import env_parsed, interpreting, programmatic_launch_ok
+from ..env import env_choice, env_parsed, interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor, dequantize, int4_moe_reference  # noqa: F401  (re-exported)
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
@@ -242,6 +242,43 @@ DECODE_CONFIGS = (
 # GEMM 1 at 128 (4 per SM, 24 bytes of spills) no faster. Measured on sm_90 only, so applied there only.
 DECODE_GEMM2_MAXNREG = 96
 DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM = 4  # what 127 registers x 128 threads leave room for
+
+
+TAIL_ENV = "MOE_TUT_INT4_PREFILL_TAIL"  # "auto" (default), "1", "0": prefill row tails in a second launch
+PREFILL_TAIL_BLOCK_M = 64  # the tail launch's tile rows on a GPU (a tile of PREFILL_CONFIGS*)
+INTERPRETER_TAIL_BLOCK_M = 16
+
+
+def tail_split(config: TileConfig | None, configs: list[TileConfig] | None, rows_per_expert: float,
+               device: torch.device) -> tuple[list[TileConfig], list[TileConfig]] | None:
+    """(main launch candidates, tail launch candidates) for a prefill GEMM run as a tail split
+    (grouped_gemm._expert_row_blocks), or None for one launch over every row.
+
+    With 256-row tiles an expert's last block is mostly padding when its rows are a little over a multiple of 256
+    (deepseek-v3 T=8192: 215-307 rows per expert, 66% of the tiles' rows useful), and in INT4 a padded tile costs
+    its whole dequantisation and MMA. So the main launch takes the biggest candidate tiles and the rows past each
+    expert's last whole tile only where more than PREFILL_TAIL_BLOCK_M remain; a second launch runs the rest in
+    PREFILL_TAIL_BLOCK_M-row tiles. MOE_TUT_INT4_PREFILL_TAIL: "auto" (default) splits on a GPU where the experts
+    average at least one biggest tile of rows (below that the autotuner's smaller tiles fit better) and a
+    candidate of PREFILL_TAIL_BLOCK_M rows exists; "1" splits wherever it can, the interpreter too (its one tile
+    then with INTERPRETER_TAIL_BLOCK_M rows for the tail); "0" never."""
+    mode = env_choice(TAIL_ENV, ("auto", "1", "0"))
+    if mode == "0":
+        return None
+    cands = [config] if config is not None else list(configs)
+    big = max(c.block_m for c in cands)
+    main = [c for c in cands if c.block_m == big]
+    if torch.device(device).type != "cuda" or interpreting():
+        if mode != "1":
+            return None
+        tail = [replace(main[0], block_m=INTERPRETER_TAIL_BLOCK_M)]
+    else:
+        tail = [c for c in cands if c.block_m == PREFILL_TAIL_BLOCK_M]
+        if mode == "auto" and rows_per_expert < big:
+            return None
+    if not tail or big < 2 * tail[0].block_m:
+        return None
+    return main, tail
 
 
 def decode_tiles(rows: int, num_experts: int, N: int, block_n: int, split_k: int = 1) -> int:
@@ -712,7 +749,7 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
                SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr,
-               STACK: tl.constexpr, PACKED: tl.constexpr):
+               STACK: tl.constexpr, PACKED: tl.constexpr, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0):
     """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T.
 
     STACK (SWIGLU only): the gate and up rows of the tile's columns are one [2 BLOCK_N, BLOCK_K] weight tile and
@@ -726,7 +763,7 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     # Row blocks from expert_offsets (the BlockMap arguments are unused on that path).
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, offsets_ptr, offsets_ptr,
-                                                   E, E_PAD, BLOCK_M, True)
+                                                   E, E_PAD, BLOCK_M, True, 0, TAIL, MAIN_M)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     if GATHER_A:  # fused gather: row r of the GEMM is token sorted_token_ids[r] of x
@@ -858,12 +895,12 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
                      SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
                      SPLIT_K: tl.constexpr = 1, STACK: tl.constexpr = False, PACKED: tl.constexpr = False,
-                     USE_PDL: tl.constexpr = False):
+                     USE_PDL: tl.constexpr = False, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     wait_for_previous_kernel(USE_PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Row blocks per expert are only known on the device (they depend on the routing).
-    _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
+    _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M, TAIL, MAIN_M)
     num_pid_m = tl.sum(blocks, 0)
     num_mn = num_pid_m * num_pid_n
     for tile in range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
@@ -872,11 +909,12 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                    stride_qn, stride_qk, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn,
                    stride_cm, stride_cn, stride_cs, E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS,
                    SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT,
-                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED)
+                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED, TAIL, MAIN_M)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
-                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K", "STACK", "PACKED"]
+                "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K", "STACK", "PACKED", "TAIL",
+                "MAIN_M"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -924,7 +962,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                       gather_rows: bool = False, swiglu: bool = False, scale_rows: bool = False,
                       scatter_rows: bool = False, config: TileConfig | None = None,
                       configs: list[TileConfig] | None = None, variant: Int4Variant | None = None,
-                      split_k: int = 1, pdl: bool = False, maxnreg: int | None = None) -> torch.Tensor:
+                      split_k: int = 1, pdl: bool = False, maxnreg: int | None = None,
+                      tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows with INT4 weights; returns out.
 
     a        [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -938,6 +977,9 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
              [split_k, T*k, N] (swiglu: [split_k, T*k, 2N], gate then up, no activation) of partial sums
     pdl      launch with programmatic dependent launch (kernels/pdl.py)
     maxnreg  registers per thread the launch may use (GPU only; None: as ptxas chooses)
+    tail     (TAIL, MAIN_M): one launch of a tail split (grouped_gemm._expert_row_blocks): (TAIL, 0) the main launch,
+             each expert's rows but its last n % BLOCK_M when those are <= TAIL; (TAIL, MAIN_M) the tail launch,
+             those rows only (BLOCK_M >= TAIL, MAIN_M the main launch's BLOCK_M). (0, 0): every row, one launch
     """
     check_quantized(qt, "weights")
     E, n_w, K = qt.shape
@@ -984,9 +1026,15 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                                                         else max(c.block_k for c in configs)))):
         raise ValueError(f"split_k={split_k}: K={K} must be a multiple of split_k * BLOCK_K")
 
+    tail_rows, main_m = tail
+    if main_m and (tail_rows <= 0 or any(c.block_m < tail_rows or main_m < 2 * c.block_m
+                                         for c in ([config] if config is not None else configs))):
+        raise ValueError(f"tail launch {tail}: its BLOCK_M must hold the TAIL rows and be at most half of MAIN_M")
+
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn) * split_k
+        row_blocks = min(E, rows) * triton.cdiv(tail_rows, bm) if main_m else max_row_blocks(rows, E, bm)
+        tiles = row_blocks * triton.cdiv(N, bn) * split_k
         per_sm = (variant.programs_per_sm or persistent_programs_per_sm(bm, bn * (2 if swiglu else 1))
                   if on_gpu else 1)
         return (min(tiles, sms * per_sm),)
@@ -1003,7 +1051,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
-                 PACKED=packed, **pdl_launch(pdl))
+                 PACKED=packed, TAIL=tail_rows, MAIN_M=main_m, **pdl_launch(pdl))
     if maxnreg is not None and on_gpu and not interpreting():
         flags["maxnreg"] = maxnreg
     if config is not None:
@@ -1125,9 +1173,13 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     if regime == "decode":
         c2 = config2 if config2 is not None else configs2[0]
         cap2 = decode_register_cap(decode_tiles(rows, weights.num_experts, H, c2.block_n, split2), x.device)
+    gemm1 = gemm2 = int4_grouped_gemm
+    if regime == "prefill":  # each GEMM in one launch, or as a tail split
+        gemm1 = _with_tails(tail_split(config1, configs1, rows / weights.num_experts, x.device))
+        gemm2 = _with_tails(tail_split(config2, configs2, rows / weights.num_experts, x.device))
     if split1 == 1:
-        act = int4_grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                                config=config1, configs=configs1, variant=variant, pdl=pdl)
+        act = gemm1(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True, config=config1,
+                    configs=configs1, variant=variant, pdl=pdl)
     else:
         part = int4_grouped_gemm(x, weights.w13, plan, _alloc_f32((split1, rows, 2 * F), x), gather_rows=True,
                                  swiglu=True, config=config1, configs=configs1, variant=variant, split_k=split1,
@@ -1140,11 +1192,28 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
         return sum_slots(part, T, k, x, pdl=pdl)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
-    int4_grouped_gemm(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2,
-                      configs=configs2, variant=variant, pdl=pdl, maxnreg=cap2)
+    gemm2(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2, configs=configs2,
+          variant=variant, pdl=pdl, maxnreg=cap2)
     if k == 1:
         return out
     return sum_slots(out, T, k, x, pdl=pdl)
+
+
+def _with_tails(split: tuple[list[TileConfig], list[TileConfig]] | None):
+    """int4_grouped_gemm, or (split = tail_split's answer) a function with its arguments that runs the main launch
+    and then the tail launch, each over its own candidates (config / configs replaced)."""
+    if split is None:
+        return int4_grouped_gemm
+    main, tail = split
+    tail_rows = tail[0].block_m
+
+    def run(a, qt, plan, out, **kw):
+        for cands, which in ((main, (tail_rows, 0)), (tail, (tail_rows, main[0].block_m))):
+            kw.update(config=cands[0] if len(cands) == 1 else None, configs=cands)
+            int4_grouped_gemm(a, qt, plan, out, tail=which, **kw)
+        return out
+
+    return run
 
 
 def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
