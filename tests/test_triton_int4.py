@@ -242,10 +242,10 @@ def test_prefill_tail_split_runs_every_row_once(counts, k, symmetric, monkeypatc
     launches = []
     real = ig.int4_grouped_gemm
     monkeypatch.setattr(ig, "int4_grouped_gemm", lambda *a, **kw: launches.append(kw.get("tail")) or real(*a, **kw))
-    monkeypatch.setenv(gg.TAIL_ENV, "1")
+    monkeypatch.setenv(ig.TAIL_ENV, "1")
     y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="prefill")
     assert launches == [(16, 0), (16, 64)] * 2  # both GEMMs, main then tail
-    monkeypatch.setenv(gg.TAIL_ENV, "0")
+    monkeypatch.setenv(ig.TAIL_ENV, "0")
     launches.clear()
     assert torch.equal(ig.moe_forward_triton_int4(x, q, plan, path="prefill"), y)  # same tile shapes: same bits
     assert launches == [None, None]
@@ -254,20 +254,20 @@ def test_prefill_tail_split_runs_every_row_once(counts, k, symmetric, monkeypatc
 def test_tail_split_rule(monkeypatch):
     big, mid = TileConfig(256, 64, 64, 8, 8, 3), TileConfig(128, 64, 64, 8, 8, 3)
     small = TileConfig(64, 64, 128, 8, 8, 3)
-    monkeypatch.delenv(gg.TAIL_ENV, raising=False)
-    assert gg.tail_split(None, [big, mid, small], 512, DEVICE) is None  # the CPU: only when forced
-    monkeypatch.setenv(gg.TAIL_ENV, "1")
-    assert gg.tail_split(small, None, 512, DEVICE) == ([small], [replace(small, block_m=16)])
-    monkeypatch.setattr(gg, "interpreting", lambda: False)
+    monkeypatch.delenv(ig.TAIL_ENV, raising=False)
+    assert ig.tail_split(None, [big, mid, small], 512, DEVICE) is None  # the CPU: only when forced
+    monkeypatch.setenv(ig.TAIL_ENV, "1")
+    assert ig.tail_split(small, None, 512, DEVICE) == ([small], [replace(small, block_m=16)])
+    monkeypatch.setattr(ig, "interpreting", lambda: False)
     cuda = torch.device("cuda", 0)
-    monkeypatch.setenv(gg.TAIL_ENV, "auto")
-    assert gg.tail_split(None, [big, mid, small, replace(big, num_stages=4)], 256, cuda) == (
+    monkeypatch.setenv(ig.TAIL_ENV, "auto")
+    assert ig.tail_split(None, [big, mid, small, replace(big, num_stages=4)], 256, cuda) == (
         [big, replace(big, num_stages=4)], [small])
-    assert gg.tail_split(None, [big, mid, small], 255.9, cuda) is None  # fewer rows per expert than a big tile
-    assert gg.tail_split(None, [big, mid], 512, cuda) is None  # no 64-row candidate
-    assert gg.tail_split(None, [mid, small], 512, cuda) == ([mid], [small])
-    monkeypatch.setenv(gg.TAIL_ENV, "0")
-    assert gg.tail_split(None, [big, mid, small], 512, cuda) is None
+    assert ig.tail_split(None, [big, mid, small], 255.9, cuda) is None  # fewer rows per expert than a big tile
+    assert ig.tail_split(None, [big, mid], 512, cuda) is None  # no 64-row candidate
+    assert ig.tail_split(None, [mid, small], 512, cuda) == ([mid], [small])
+    monkeypatch.setenv(ig.TAIL_ENV, "0")
+    assert ig.tail_split(None, [big, mid, small], 512, cuda) is None
     with pytest.raises(ValueError, match="at most half of MAIN_M"):
         x, q, ids, tw, plan = make_case(*CASES[0][1:])
         ig.int4_grouped_gemm(x, q.w13, plan, torch.empty(plan.num_rows, 256, dtype=x.dtype), gather_rows=True,
@@ -567,7 +567,7 @@ def test_gpu_prefill_tail_split(routing, symmetric, monkeypatch):
     monkeypatch.setattr(ig, "int4_grouped_gemm", lambda *a, **kw: launches.append(kw.get("tail")) or real(*a, **kw))
     y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
     assert [t[1] > 0 for t in launches] == [False, True, False, True], launches
-    monkeypatch.setenv(gg.TAIL_ENV, "0")
+    monkeypatch.setenv(ig.TAIL_ENV, "0")
     assert relative_error(ig.moe_forward_triton_int4(x, q, plan), y.float()) < TOL
 
 

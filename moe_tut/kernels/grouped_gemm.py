@@ -120,9 +120,6 @@ TMA_ENV = "MOE_TUT_TRITON_TMA"  # "1": weights (and GEMM2's A) through TMA tenso
 LOOP_ENV = "MOE_TUT_TRITON_LOOP"  # "flatten", "ws" or "flatten,ws": tl.range options of the persistent loop
 DECODE_ENV = "MOE_TUT_DECODE_MAX_ROWS"  # overrides DECODE_MAX_ROWS_PER_EXPERT (an integer, 0 = never decode)
 ONE_TOKEN_SUM_ENV = "MOE_TUT_ONE_TOKEN_SUM"  # "gemm2" (default): T = 1 slots summed by GEMM2's last programs; "kernel"
-TAIL_ENV = "MOE_TUT_PREFILL_TAIL"  # "auto" (default), "1", "0": prefill row tails in a second launch (tail_split)
-PREFILL_TAIL_BLOCK_M = 64  # the tail launch's tile rows on a GPU
-INTERPRETER_TAIL_BLOCK_M = 16
 DECODE_MAX_ROWS_PER_EXPERT = 8  # at or below this many rows per expert (mean), use the decode config (H100: see LOG)
 DECODE_FILL_MARGIN = 0.2  # get_decode_configs: a narrower decode tile must fill the SMs this much better
 USE_TMA_DEFAULT = True  # TMA loads on sm_90+ for prefill shapes (H100, results/h100/LOG.md: v1)
@@ -292,56 +289,6 @@ def loop_options() -> tuple[bool, bool]:
     if unknown:
         raise ValueError(f"{LOOP_ENV} takes 'flatten' and/or 'ws', got {sorted(unknown)}")
     return "flatten" in opts, "ws" in opts
-
-
-def tail_split(config: TileConfig | None, configs: list[TileConfig] | None, rows_per_expert: float,
-               device: torch.device) -> tuple[list[TileConfig], list[TileConfig]] | None:
-    """(main launch candidates, tail launch candidates) for a prefill GEMM run as a tail split
-    (_expert_row_blocks), or None for one launch over every row. Used by `triton` and `triton_int4`.
-
-    An expert's last row block is mostly padding when its rows are a little over a multiple of the tile's (deepseek-v3
-    T=8192: 215-307 rows per expert; 256-row tiles keep 66% of their rows useful, 128-row tiles 80%), and a padded
-    tile costs its whole MMA (and in INT4 its whole dequantisation). So the main launch takes the biggest candidate
-    tiles and the rows past each expert's last whole tile only where more than PREFILL_TAIL_BLOCK_M remain; a second
-    launch runs the rest in PREFILL_TAIL_BLOCK_M-row tiles. MOE_TUT_PREFILL_TAIL: "auto" (default) splits on a GPU
-    where the experts average at least one biggest tile of rows (below that the autotuner's smaller tiles fit
-    better) and a candidate of PREFILL_TAIL_BLOCK_M rows exists; "1" splits wherever it can, the interpreter too
-    (its one tile then with INTERPRETER_TAIL_BLOCK_M rows for the tail); "0" never."""
-    mode = env_choice(TAIL_ENV, ("auto", "1", "0"))
-    if mode == "0":
-        return None
-    cands = [config] if config is not None else list(configs)
-    big = max(c.block_m for c in cands)
-    main = [c for c in cands if c.block_m == big]
-    if torch.device(device).type != "cuda" or interpreting():
-        if mode != "1":
-            return None
-        tail = [replace(main[0], block_m=INTERPRETER_TAIL_BLOCK_M)]
-    else:
-        tail = [c for c in cands if c.block_m == PREFILL_TAIL_BLOCK_M]
-        if mode == "auto" and rows_per_expert < big:
-            return None
-    if not tail or big < 2 * tail[0].block_m:
-        return None
-    return main, tail
-
-
-def with_tails(gemm, split: tuple[list[TileConfig], list[TileConfig]] | None):
-    """`gemm` (grouped_gemm or int4_grouped_gemm), or for a tail split (tail_split's answer) a function with its
-    arguments that runs the main launch and then the tail launch, each over its own candidates (config and
-    configs replaced, tail= set)."""
-    if split is None:
-        return gemm
-    main, tail = split
-    tail_rows = tail[0].block_m
-
-    def run(a, w, plan, out, **kw):
-        for cands, which in ((main, (tail_rows, 0)), (tail, (tail_rows, main[0].block_m))):
-            kw.update(config=cands[0] if len(cands) == 1 else None, configs=cands)
-            gemm(a, w, plan, out, tail=which, **kw)
-        return out
-
-    return run
 
 
 def max_row_blocks(rows: int, num_experts: int, block_m: int) -> int:
@@ -567,8 +514,7 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
                SCALE_ROWS: tl.constexpr, SCATTER_C: tl.constexpr, MAP_FROM_OFFSETS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_W: tl.constexpr, TMA_A: tl.constexpr,
-               ONE_TOKEN_TOPK: tl.constexpr, y_ptr, arrivals_ptr, SUM_SLOTS_LAST: tl.constexpr,
-               TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0):
+               ONE_TOKEN_TOPK: tl.constexpr, y_ptr, arrivals_ptr, SUM_SLOTS_LAST: tl.constexpr):
     """One BLOCK_M x BLOCK_N output tile: K loop, epilogue, masked store.
 
     SUM_SLOTS_LAST (ONE_TOKEN_TOPK = k > 1): after storing its slot's row, the program counts itself in at
@@ -578,7 +524,7 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
     pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     expert, row_start, row_end = _locate_row_block(pid_m, offsets_ptr, block_expert_ptr,
                                                    block_row_start_ptr, E, E_PAD, BLOCK_M,
-                                                   MAP_FROM_OFFSETS, ONE_TOKEN_TOPK, TAIL, MAIN_M)
+                                                   MAP_FROM_OFFSETS, ONE_TOKEN_TOPK)
     if ONE_TOKEN_TOPK > 0:  # a slot with an out-of-range id reads expert 0 and adds nothing (weight 0)
         id_ok = expert >= 0
         expert = tl.maximum(expert, 0)
@@ -661,7 +607,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                      FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
                      USE_PDL: tl.constexpr = False, ONE_TOKEN_TOPK: tl.constexpr = 0,
                      y_ptr=None, arrivals_ptr=None, num_arrivals=0, SUM_SLOTS_LAST: tl.constexpr = False,
-                     ZERO_COUNTERS: tl.constexpr = False, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0):
+                     ZERO_COUNTERS: tl.constexpr = False):
     wait_for_previous_kernel(USE_PDL)  # first: making a TMA descriptor below writes global scratch
     if ZERO_COUNTERS:  # for the GEMM2 that follows (SUM_SLOTS_LAST): its arrival counters start at zero
         _zero_arrivals(arrivals_ptr, num_arrivals)
@@ -682,7 +628,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
     if ONE_TOKEN_TOPK > 0:
         num_pid_m = ONE_TOKEN_TOPK
     elif MAP_FROM_OFFSETS:
-        _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M, TAIL, MAIN_M)
+        _, _, _, blocks, _ = _expert_row_blocks(offsets_ptr, E, E_PAD, BLOCK_M)
         num_pid_m = tl.sum(blocks, 0)
     else:
         num_pid_m = tl.load(num_blocks_ptr)
@@ -695,7 +641,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
                        MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A,
-                       ONE_TOKEN_TOPK, y_ptr, arrivals_ptr, SUM_SLOTS_LAST, TAIL, MAIN_M)
+                       ONE_TOKEN_TOPK, y_ptr, arrivals_ptr, SUM_SLOTS_LAST)
     else:
         tile = tl.program_id(0)
         if tile < num_tiles:  # the grid is a host-side upper bound; the rest exit at once
@@ -704,7 +650,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, a_rows_ptr, c_rows_ptr, row_scale_ptr,
                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
                        a_desc, w_desc, E, E_PAD, GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C,
                        MAP_FROM_OFFSETS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, TMA_W, TMA_A,
-                       ONE_TOKEN_TOPK, y_ptr, arrivals_ptr, SUM_SLOTS_LAST, TAIL, MAIN_M)
+                       ONE_TOKEN_TOPK, y_ptr, arrivals_ptr, SUM_SLOTS_LAST)
 
 
 def _autotune_bench(fn, quantiles):
@@ -724,7 +670,7 @@ def _interpreter_bench(fn, quantiles):
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C",
-                "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A", "FLATTEN", "WARP_SPECIALIZE", "TAIL", "MAIN_M"]
+                "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A", "FLATTEN", "WARP_SPECIALIZE"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -842,7 +788,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  configs: list[TileConfig] | None = None, tma: bool | None = None, pdl: bool = False,
                  topk_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
                  sum_into: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 zero_arrivals: torch.Tensor | None = None, tail: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                 zero_arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """out = one grouped GEMM over the plan's expert-sorted rows; returns out.
 
     a            [T, K] with gather_rows (row r reads a[sorted_token_ids[r]]), else [T*k, K] sorted
@@ -864,9 +810,6 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  all zero): also y = the sum of out's k rows, done by the last program of each column block to
                  store its slot's row (_gemm_tile, SUM_SLOTS_LAST); the counters are left at k, not zero
     zero_arrivals int32 counters this launch zeroes (before its own work) for a later sum_into launch
-    tail         (TAIL, MAIN_M), version 4: one launch of a tail split (_expert_row_blocks, tail_split): (TAIL, 0) the
-                 main launch, every row but each expert's last n % BLOCK_M when those are <= TAIL; (TAIL, MAIN_M) the
-                 tail launch, those rows only (BLOCK_M >= TAIL, MAIN_M the main launch's BLOCK_M); (0, 0) every row
     """
     schedule = SCHEDULES[version]
     E, n_w, K = w.shape
@@ -927,18 +870,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     if tma_w and on_gpu:
         _ensure_allocator()
 
-    tail_rows, main_m = tail
-    if tail != (0, 0):
-        cands = [config] if config is not None else configs
-        if version != 4 or topk_rows is not None or tail_rows <= 0 \
-                or (main_m and any(c.block_m < tail_rows or main_m < 2 * c.block_m for c in cands)):
-            raise ValueError(f"tail launch {tail}: needs version 4 without topk_rows, and a tail launch's BLOCK_M must "
-                             "hold the TAIL rows and be at most half of MAIN_M")
-
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        row_blocks = min(E, rows) * triton.cdiv(tail_rows, bm) if main_m else max_row_blocks(rows, E, bm)
-        tiles = row_blocks * triton.cdiv(N, bn)
+        tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn)
         if not schedule.persistent:
             return (tiles,)
         per_sm = persistent_programs_per_sm(bm, bn * (2 if swiglu else 1)) if on_gpu else 1
@@ -954,7 +888,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                  SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
                  PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, FLATTEN=flatten,
                  WARP_SPECIALIZE=warp_specialize, ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
-                 TAIL=tail_rows, MAIN_M=main_m, **pdl_launch(pdl))
+                 **pdl_launch(pdl))
     if sum_into is not None:
         flags.update(y_ptr=sum_into[0], arrivals_ptr=sum_into[1], SUM_SLOTS_LAST=True)
     elif zero_arrivals is not None:
@@ -1085,22 +1019,18 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
     sum_in_gemm2 = topk_rows is not None and k > 1 and gemm2_config is not None and one_token_sum_in_gemm2()
     arrivals = torch.empty(triton.cdiv(H, gemm2_config.block_n), dtype=torch.int32, device=x.device) \
         if sum_in_gemm2 else None
-    gemm1 = gemm2 = grouped_gemm
-    if not decode:  # each GEMM in one launch, or as a tail split
-        gemm1 = with_tails(grouped_gemm, tail_split(config, configs1, rows / weights.num_experts, x.device))
-        gemm2 = with_tails(grouped_gemm, tail_split(config2, configs2, rows / weights.num_experts, x.device))
-    inter = gemm1(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
-                  version=4, config=config, configs=configs1, tma=tma, pdl=pdl, topk_rows=topk_rows,
-                  zero_arrivals=arrivals)
+    inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
+                         version=4, config=config, configs=configs1, tma=tma, pdl=pdl, topk_rows=topk_rows,
+                         zero_arrivals=arrivals)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     y = _alloc((T, H), x) if sum_in_gemm2 else None
     # GEMM2 keeps the plain launch: started early it made mixtral T=1 26 us slower on an H100 (249 -> 274 us,
     # results/h100/pdl_v1), most likely because its persistent programs then land on the SMs GEMM1 frees first,
     # more than one per SM, instead of one on each (the cause cuda_int4's GEMM2 showed, see csrc/moe_int4.cu).
-    gemm2(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
-          config=gemm2_config, configs=configs2, tma=tma, topk_rows=topk_rows,
-          sum_into=(y, arrivals) if sum_in_gemm2 else None)
+    grouped_gemm(inter, weights.w2, plan, out, scale_rows=True, scatter_rows=True, version=4,
+                 config=gemm2_config, configs=configs2, tma=tma, topk_rows=topk_rows,
+                 sum_into=(y, arrivals) if sum_in_gemm2 else None)
     if k == 1:
         return out
     return y if sum_in_gemm2 else sum_slots(out, T, k, x, pdl=pdl)

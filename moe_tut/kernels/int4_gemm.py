@@ -103,7 +103,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import check_inputs
-from ..env import env_parsed, interpreting, programmatic_launch_ok
+from ..env import env_choice, env_parsed, interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor, dequantize, int4_moe_reference  # noqa: F401  (re-exported)
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
@@ -124,8 +124,6 @@ from .grouped_gemm import (
     persistent_programs_per_sm,
     smem_limit,
     sum_slots,
-    tail_split,
-    with_tails,
 )
 from .pdl import pdl_launch, wait_for_previous_kernel
 
@@ -244,6 +242,43 @@ DECODE_CONFIGS = (
 # GEMM 1 at 128 (4 per SM, 24 bytes of spills) no faster. Measured on sm_90 only, so applied there only.
 DECODE_GEMM2_MAXNREG = 96
 DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM = 4  # what 127 registers x 128 threads leave room for
+
+
+TAIL_ENV = "MOE_TUT_INT4_PREFILL_TAIL"  # "auto" (default), "1", "0": prefill row tails in a second launch
+PREFILL_TAIL_BLOCK_M = 64  # the tail launch's tile rows on a GPU (a tile of PREFILL_CONFIGS*)
+INTERPRETER_TAIL_BLOCK_M = 16
+
+
+def tail_split(config: TileConfig | None, configs: list[TileConfig] | None, rows_per_expert: float,
+               device: torch.device) -> tuple[list[TileConfig], list[TileConfig]] | None:
+    """(main launch candidates, tail launch candidates) for a prefill GEMM run as a tail split
+    (grouped_gemm._expert_row_blocks), or None for one launch over every row.
+
+    With 256-row tiles an expert's last block is mostly padding when its rows are a little over a multiple of 256
+    (deepseek-v3 T=8192: 215-307 rows per expert, 66% of the tiles' rows useful), and in INT4 a padded tile costs
+    its whole dequantisation and MMA. So the main launch takes the biggest candidate tiles and the rows past each
+    expert's last whole tile only where more than PREFILL_TAIL_BLOCK_M remain; a second launch runs the rest in
+    PREFILL_TAIL_BLOCK_M-row tiles. MOE_TUT_INT4_PREFILL_TAIL: "auto" (default) splits on a GPU where the experts
+    average at least one biggest tile of rows (below that the autotuner's smaller tiles fit better) and a
+    candidate of PREFILL_TAIL_BLOCK_M rows exists; "1" splits wherever it can, the interpreter too (its one tile
+    then with INTERPRETER_TAIL_BLOCK_M rows for the tail); "0" never."""
+    mode = env_choice(TAIL_ENV, ("auto", "1", "0"))
+    if mode == "0":
+        return None
+    cands = [config] if config is not None else list(configs)
+    big = max(c.block_m for c in cands)
+    main = [c for c in cands if c.block_m == big]
+    if torch.device(device).type != "cuda" or interpreting():
+        if mode != "1":
+            return None
+        tail = [replace(main[0], block_m=INTERPRETER_TAIL_BLOCK_M)]
+    else:
+        tail = [c for c in cands if c.block_m == PREFILL_TAIL_BLOCK_M]
+        if mode == "auto" and rows_per_expert < big:
+            return None
+    if not tail or big < 2 * tail[0].block_m:
+        return None
+    return main, tail
 
 
 def decode_tiles(rows: int, num_experts: int, N: int, block_n: int, split_k: int = 1) -> int:
@@ -1140,8 +1175,8 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
         cap2 = decode_register_cap(decode_tiles(rows, weights.num_experts, H, c2.block_n, split2), x.device)
     gemm1 = gemm2 = int4_grouped_gemm
     if regime == "prefill":  # each GEMM in one launch, or as a tail split
-        gemm1 = with_tails(int4_grouped_gemm, tail_split(config1, configs1, rows / weights.num_experts, x.device))
-        gemm2 = with_tails(int4_grouped_gemm, tail_split(config2, configs2, rows / weights.num_experts, x.device))
+        gemm1 = _with_tails(tail_split(config1, configs1, rows / weights.num_experts, x.device))
+        gemm2 = _with_tails(tail_split(config2, configs2, rows / weights.num_experts, x.device))
     if split1 == 1:
         act = gemm1(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True, config=config1,
                     configs=configs1, variant=variant, pdl=pdl)
@@ -1162,6 +1197,23 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     if k == 1:
         return out
     return sum_slots(out, T, k, x, pdl=pdl)
+
+
+def _with_tails(split: tuple[list[TileConfig], list[TileConfig]] | None):
+    """int4_grouped_gemm, or (split = tail_split's answer) a function with its arguments that runs the main launch
+    and then the tail launch, each over its own candidates (config / configs replaced)."""
+    if split is None:
+        return int4_grouped_gemm
+    main, tail = split
+    tail_rows = tail[0].block_m
+
+    def run(a, qt, plan, out, **kw):
+        for cands, which in ((main, (tail_rows, 0)), (tail, (tail_rows, main[0].block_m))):
+            kw.update(config=cands[0] if len(cands) == 1 else None, configs=cands)
+            int4_grouped_gemm(a, qt, plan, out, tail=which, **kw)
+        return out
+
+    return run
 
 
 def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
