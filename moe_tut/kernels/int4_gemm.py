@@ -1027,13 +1027,13 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
             configs = drop_packed_only(configs, qt.zeros is not None)
     if config is None and len(configs) == 1:
         config = configs[0]
-    if split_k < 1 or (split_k > 1 and K % (split_k * (config.block_k if config is not None
-                                                        else max(c.block_k for c in configs)))):
+    cands = [config] if config is not None else configs  # the tiles this launch may run
+    block_k = max(c.block_k for c in cands)
+    if split_k < 1 or (split_k > 1 and K % (split_k * block_k)):
         raise ValueError(f"split_k={split_k}: K={K} must be a multiple of split_k * BLOCK_K")
 
     tail_rows, main_m = tail
-    if main_m and (tail_rows <= 0 or any(c.block_m < tail_rows or main_m < 2 * c.block_m
-                                         for c in ([config] if config is not None else configs))):
+    if main_m and (tail_rows <= 0 or any(c.block_m < tail_rows or main_m < 2 * c.block_m for c in cands)):
         raise ValueError(f"tail launch {tail}: its BLOCK_M must hold the TAIL rows and be at most half of MAIN_M")
 
     def grid(meta):
@@ -1045,8 +1045,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
         return (min(tiles, sms * per_sm),)
 
     z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
-    pipe_scales = variant.pipe_scales and pairable_scales(qt, z) and (
-        (config.block_k if config is not None else max(c.block_k for c in configs)) <= G)
+    pipe_scales = variant.pipe_scales and pairable_scales(qt, z) and block_k <= G
     args = (a, qt.packed, qt.scales, z, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
             plan.expert_offsets, N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))),
             a.stride(0), a.stride(1), *qt.packed.stride(), *qt.scales.stride(), *z.stride(),
@@ -1171,15 +1170,14 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
         else:
             _, configs1, configs2 = fast_path_configs(x, weights, plan, path)
     split1 = split2 = 1
+    cap2 = None
+    gemm1 = gemm2 = int4_grouped_gemm
     if regime == "decode":
         split1 = gemm_split_k(variant, weights.w13, F, rows, config1, configs1, x.device)
         split2 = gemm_split_k(variant, weights.w2, H, rows, config2, configs2, x.device)
-    cap2 = None
-    if regime == "decode":
         c2 = config2 if config2 is not None else configs2[0]
         cap2 = decode_register_cap(decode_tiles(rows, weights.num_experts, H, c2.block_n, split2), x.device)
-    gemm1 = gemm2 = int4_grouped_gemm
-    if regime == "prefill":  # each GEMM in one launch, or as a tail split
+    else:  # prefill: each GEMM in one launch, or as a tail split
         gemm1 = _with_tails(tail_split(config1, configs1, rows / weights.num_experts, x.device))
         gemm2 = _with_tails(tail_split(config2, configs2, rows / weights.num_experts, x.device))
     if split1 == 1:
