@@ -99,12 +99,23 @@ def test_fp16_activations():
     check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="decode")
 
 
-def test_every_output_element_is_written(monkeypatch):
-    # buffers come from _alloc (torch.empty); fill them with NaN instead so a skipped element shows
-    def nan_alloc(shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Buffers from _alloc (torch.empty) filled with NaN instead, so an element no kernel writes shows."""
+    monkeypatch.setattr(ig, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
+                                                                      device=like.device))
 
-    monkeypatch.setattr(ig, "_alloc", nan_alloc)
+
+@pytest.fixture
+def tail_launches(monkeypatch):
+    """The `tail` argument of every int4_grouped_gemm launch the forward makes (None: one launch for the GEMM)."""
+    launches = []
+    real = ig.int4_grouped_gemm
+    monkeypatch.setattr(ig, "int4_grouped_gemm", lambda *a, **kw: launches.append(kw.get("tail")) or real(*a, **kw))
+    return launches
+
+
+def test_every_output_element_is_written(nan_outputs):
     for case in (CASES[2], CASES[5]):  # empty experts with top-1; partial K and N with top-2
         x, q, ids, tw, plan = make_case(*case[1:])
         y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
@@ -114,13 +125,9 @@ def test_every_output_element_is_written(monkeypatch):
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("splitk", [2, 4])
 @pytest.mark.parametrize("T", [1, 9])
-def test_decode_split_k_matches_reference(T, splitk, symmetric, monkeypatch):
+def test_decode_split_k_matches_reference(T, splitk, symmetric, nan_outputs):
     # K slices write float32 partials that a finisher adds up (GEMM1 with the SwiGLU): every partial
     # element must be written (NaN-filled buffers), and the result must match the unsplit kernel.
-    def nan_alloc(shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-
-    monkeypatch.setattr(ig, "_alloc", nan_alloc)
     x, q, ids, tw, plan = make_case(4, 256, 512, 2, T, "zipf", 64, symmetric)
     v = ig.Int4Variant(magic=True, post_scale=True, split=True, split_k=splitk)
     assert ig.gemm_split_k(v, q.w13, 512, plan.num_rows, ig.adapt_to_group(ig.INTERPRETER_DECODE_CONFIG, 64), None,
@@ -213,8 +220,8 @@ def test_variants_match_dequantised_reference(case, variant):
 
 
 def routed_counts(counts, k, seed=0):
-    """topk_ids [T, k] with counts[e] rows on expert e (a token's k experts distinct: slot j of token t takes the
-    (t*k + j)-th id of the sorted list, so the counts must keep each token's run distinct) and random weights."""
+    """topk_ids [T, k] with counts[e] rows on expert e, and random weights. Slot j of token t takes the (j*T + t)-th
+    id of the sorted list, so a token's k experts are distinct as long as no expert has T or more rows."""
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
     T = len(ids) // k
     ids = ids[: T * k].view(k, T).t().contiguous()  # token t gets ids[t], ids[T + t], ...: distinct experts
@@ -225,7 +232,7 @@ def routed_counts(counts, k, seed=0):
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("counts,k", [((70, 64, 13, 81), 1), ((70, 64, 13, 81, 30, 70), 2)], ids=["top1", "top2"])
-def test_prefill_tail_split_runs_every_row_once(counts, k, symmetric, monkeypatch):
+def test_prefill_tail_split_runs_every_row_once(counts, k, symmetric, monkeypatch, nan_outputs, tail_launches):
     # forced on the interpreter: main tile 64 rows, tail tile 16. Expert rows 64 + 6 (a tail), 64 (none), 13 (tail
     # only), 64 + 17 (more than 16 left: a second main tile), 30 (main only); outputs start NaN, so a row no launch
     # writes, or a launch writing past its rows, shows
@@ -237,18 +244,13 @@ def test_prefill_tail_split_runs_every_row_once(counts, k, symmetric, monkeypatc
     T = ids.shape[0]
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
     plan = RoutingPlan.build(ids, tw, E)
-    monkeypatch.setattr(ig, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
-                                                                      device=like.device))
-    launches = []
-    real = ig.int4_grouped_gemm
-    monkeypatch.setattr(ig, "int4_grouped_gemm", lambda *a, **kw: launches.append(kw.get("tail")) or real(*a, **kw))
     monkeypatch.setenv(ig.TAIL_ENV, "1")
     y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="prefill")
-    assert launches == [(16, 0), (16, 64)] * 2  # both GEMMs, main then tail
+    assert tail_launches == [(16, 0), (16, 64)] * 2  # both GEMMs, main then tail
     monkeypatch.setenv(ig.TAIL_ENV, "0")
-    launches.clear()
+    tail_launches.clear()
     assert torch.equal(ig.moe_forward_triton_int4(x, q, plan, path="prefill"), y)  # same tile shapes: same bits
-    assert launches == [None, None]
+    assert tail_launches == [None, None]
 
 
 def test_tail_split_rule(monkeypatch):
@@ -556,17 +558,12 @@ def test_gpu_mid_size(T, G, symmetric):
 @needs_cuda
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("routing", ["uniform", "zipf"])
-def test_gpu_prefill_tail_split(routing, symmetric, monkeypatch):
+def test_gpu_prefill_tail_split(routing, symmetric, monkeypatch, nan_outputs, tail_launches):
     # ~500 rows per expert: the default splits each GEMM into a main and a tail launch (tail_split); both ways agree
     # with the reference, and every row is written (outputs start NaN)
     x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, 2000, routing, 128, symmetric)
-    monkeypatch.setattr(ig, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
-                                                                      device=like.device))
-    launches = []
-    real = ig.int4_grouped_gemm
-    monkeypatch.setattr(ig, "int4_grouped_gemm", lambda *a, **kw: launches.append(kw.get("tail")) or real(*a, **kw))
     y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)
-    assert [t[1] > 0 for t in launches] == [False, True, False, True], launches
+    assert [t[1] > 0 for t in tail_launches] == [False, True, False, True], tail_launches
     monkeypatch.setenv(ig.TAIL_ENV, "0")
     assert relative_error(ig.moe_forward_triton_int4(x, q, plan), y.float()) < TOL
 
