@@ -28,6 +28,7 @@ import torch
 from moe_tut.bench.ceilings import measure_ceilings
 from moe_tut.bench.harness import compare_settings
 from moe_tut.bench.results import write_csv
+from moe_tut.kernels import grouped_gemm, int4_gemm
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
@@ -68,6 +69,9 @@ def main() -> None:
               f" {pct:5.1f}%" + (f"  ({r.reason})" if r.reason else ""), flush=True)
         rows.append(dict(preset=name, T=T, pass_=p, setting=label, backend=r.backend, status=r.status,
                          median_us=round(us, 2), pct=round(pct, 1), rel_err=r.rel_err, reason=r.reason or ""))
+    print("autotuner choices (every setting of the run; the key names the flags that differ):")
+    for line in grouped_gemm.autotune_report() + int4_gemm.autotune_report():
+        print("  " + line)
     if args.out and rows:
         print(f"wrote {write_csv(Path(args.out) / f'{args.name}.csv', rows)}")
 

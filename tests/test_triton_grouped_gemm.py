@@ -289,6 +289,22 @@ def test_autotuner_path_runs_and_keys_exist():
     assert tuner.best_config.kwargs["BLOCK_M"] in (16, 32)
 
 
+def test_autotuner_drops_small_row_tiles_above_16_rows_per_expert():
+    # more than 16 rows per expert (M_BUCKET >= 32): the 16- and 32-row tiles are not timed at all; at fewer rows,
+    # or when no tall tile is offered, every candidate stays
+    small, tall = SMALL, gg.TileConfig(64, 32, 32, group_m=2, num_warps=4, num_stages=2)
+    cands = [small.as_triton(), tall.as_triton()]
+    assert gg._drop_small_row_tiles(cands, dict(M_BUCKET=32)) == cands[1:]
+    assert gg._drop_small_row_tiles(cands, dict(M_BUCKET=16)) == cands
+    assert gg._drop_small_row_tiles(cands[:1], dict(M_BUCKET=64)) == cands[:1]
+    x, w, ids, tw, plan = make_case(*CASES[9][1:])  # 80 rows on 4 experts: M_BUCKET 32
+    tuner = gg._autotuned_kernel((small, tall))
+    out = torch.empty(plan.num_rows, w.ffn_size, dtype=x.dtype, device=DEVICE)
+    gg.grouped_gemm(x, w.w13, plan, out, gather_rows=True, swiglu=True, version=4, configs=[small, tall])
+    assert relative_error(out, gg.grouped_gemm_reference(x, w.w13, plan, gather_rows=True, swiglu=True)) < 1e-2
+    assert tuner.best_config.kwargs["BLOCK_M"] == 64 and len(tuner.configs_timings) == 1
+
+
 def test_pinned_config_from_environment(monkeypatch):
     monkeypatch.setenv(gg.CONFIG_ENV, "16,32,32,2,4,2")
     assert gg.pinned_config() == SMALL

@@ -672,6 +672,24 @@ def _interpreter_bench(fn, quantiles):
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C",
                 "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A", "FLATTEN", "WARP_SPECIALIZE"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
+# From this many rows per expert (M_BUCKET, a power of two) on, the autotuner is not offered tiles of fewer than
+# WIDE_ROWS_MIN_BLOCK_M rows.
+WIDE_ROWS_BUCKET = 32
+WIDE_ROWS_MIN_BLOCK_M = 64
+
+
+def _drop_small_row_tiles(configs, named_args, **kwargs):
+    """The autotuner's early prune: at M_BUCKET >= WIDE_ROWS_BUCKET (more than 16 rows per expert on average),
+    only tiles of at least WIDE_ROWS_MIN_BLOCK_M rows (all configs if none is that tall).
+
+    Why (H100, results/h100/cli_s14): at mixtral T = 128 (32 rows per expert) the 16- and 32-row GEMM1 tiles
+    take 1.42-1.59 ms against 1.01 for the 64-row one the autotuner picks in every other sweep: an expert whose
+    rows take two short blocks streams its weights twice, while the padded rows of one taller block cost little
+    at so few rows. One full CLI sweep still picked a slow one (1.567 ms, slower than grouped_mm), once in many
+    runs: with 40 ms of timing per candidate, a candidate that never wins is only a chance to lose."""
+    if named_args["M_BUCKET"] < WIDE_ROWS_BUCKET:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] >= WIDE_ROWS_MIN_BLOCK_M] or configs
 
 
 def _autotuned_kernel(configs: tuple[TileConfig, ...]):
@@ -680,6 +698,7 @@ def _autotuned_kernel(configs: tuple[TileConfig, ...]):
     if configs not in _TUNERS:
         _TUNERS[configs] = triton.autotune(
             configs=[c.as_triton() for c in configs], key=AUTOTUNE_KEY,
+            prune_configs_by=dict(early_config_prune=_drop_small_row_tiles),
             do_bench=_interpreter_bench if interpreting() else _autotune_bench,
         )(_moe_gemm_kernel)
     return _TUNERS[configs]
