@@ -86,6 +86,52 @@ def test_fast_path_tma(case):
     check(gg.moe_forward_triton, x, w, ids, tw, plan, config=SMALL, tma=True)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[6], CASES[8], CASES[9]],
+                         ids=[CASES[i][0] for i in (1, 5, 6, 8, 9)])
+def test_gate_up_in_one_box_gives_the_bits_of_two(case, monkeypatch):
+    # MOE_TUT_TRITON_GATE_UP: GEMM1's gate and up rows as one 3-D TMA box and one dot ("box", the default), or two
+    # boxes and two dots; each output sums the same products in the same order, so the bits agree. F = 72 and 80
+    # (H40-F72, T-lt-BM) are not multiples of BLOCK_N: the box's rows past F must be zeros, not the up half's.
+    x, w, ids, tw, plan = make_case(*case[1:])
+    monkeypatch.delenv(gg.GATE_UP_ENV, raising=False)
+    assert gg.gate_up_in_one_box()
+    y = check(gg.moe_forward_triton, x, w, ids, tw, plan, config=SMALL, tma=True)
+    monkeypatch.setenv(gg.GATE_UP_ENV, "two")
+    assert not gg.gate_up_in_one_box()
+    assert torch.equal(gg.moe_forward_triton(x, w, plan, config=SMALL, tma=True), y)
+    monkeypatch.setenv(gg.GATE_UP_ENV, "one")
+    with pytest.raises(ValueError, match="MOE_TUT_TRITON_GATE_UP='one'"):
+        gg.moe_forward_triton(x, w, plan, config=SMALL, tma=True)
+
+
+def test_gate_up_box_launch_flag(monkeypatch):
+    # the box needs TMA, a fused gate/up GEMM and w13's halves adjacent (a contiguous [E, 2N, K]); else two dots
+    flags = []
+    real = gg._moe_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append(kwargs["GATE_UP_BOX"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gg, "_moe_gemm_kernel", Spy())
+    x, w, ids, tw, plan = make_case(*CASES[9][1:])
+    out = torch.empty(plan.num_rows, w.ffn_size, dtype=x.dtype, device=DEVICE)
+    kw = dict(gather_rows=True, swiglu=True, config=SMALL)
+    gg.grouped_gemm(x, w.w13, plan, out, tma=True, **kw)
+    gg.grouped_gemm(x, w.w13, plan, out, tma=False, **kw)
+    padded = torch.zeros(w.num_experts, 2 * w.ffn_size + 8, w.hidden_size, dtype=x.dtype, device=DEVICE)
+    padded[:, : 2 * w.ffn_size] = w.w13
+    gg.grouped_gemm(x, padded[:, : 2 * w.ffn_size], plan, out, tma=True, **kw)  # expert stride != 2N rows
+    ref = gg.grouped_gemm_reference(x, w.w13, plan, gather_rows=True, swiglu=True)
+    assert relative_error(out, ref) < 1e-2
+    gg.grouped_gemm(torch.randn(plan.num_rows, w.ffn_size, device=DEVICE, dtype=x.dtype), w.w2, plan,
+                    torch.empty(plan.num_rows, w.hidden_size, dtype=x.dtype, device=DEVICE), config=SMALL, tma=True)
+    assert flags == [gg.tma_supported(torch.device(DEVICE)), False, False, False]
+
+
 def test_tma_choice(monkeypatch):
     dev = torch.device(DEVICE)
     assert gg.want_tma(dev, False) is False
@@ -338,17 +384,21 @@ roles = {  # GATHER_A, SWIGLU, SCALE_ROWS, SCATTER_C, MAP_FROM_OFFSETS, PERSISTE
     "v1-gemm1": (1, 0, 0, 0, 0, 0, 0, 0), "v3-gemm2": (0, 0, 0, 0, 0, 1, 0, 0),
     "fast-gemm1": (1, 1, 0, 0, 1, 1, 0, 0), "fast-gemm2": (0, 0, 1, 1, 1, 1, 0, 0),
     "fast-gemm1-tma": (1, 1, 0, 0, 1, 1, 1, 0), "fast-gemm2-tma": (0, 0, 1, 1, 1, 1, 1, 1),
+    "box-gemm1-tma": (1, 1, 0, 0, 1, 1, 1, 0),
 }
+# GATE_UP_BOX at the H100's prefill tile: the gate and up rows of 128 columns in one m64n256k16 wgmma per k16
+box_tile = gg.TileConfig(128, 128, 64, 8, 8, 3)
 names = ("GATHER_A", "SWIGLU", "SCALE_ROWS", "SCATTER_C", "MAP_FROM_OFFSETS", "PERSISTENT", "TMA_W", "TMA_A")
 out = []
 for cc in (80, 90):
     for role, flags in roles.items():
         if role.endswith("tma") and cc < 90:
             continue
-        cfg = gg.TileConfig(16, 32, 128, 8, 4, 3) if role.startswith("fast") else gg.DEFAULT_CONFIG
+        box = role.startswith("box")
+        cfg = box_tile if box else gg.TileConfig(16, 32, 128, 8, 4, 3) if role.startswith("fast") else gg.DEFAULT_CONFIG
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=False,
-                     WARP_SPECIALIZE=False)
+                     WARP_SPECIALIZE=False, GATE_UP_BOX=box)
         kernel = compile_kernel(
             fn, const, ptr_types=dict(a_ptr="*bf16", w_ptr="*bf16", c_ptr="*bf16", row_scale_ptr="*fp32"),
             unit_strides=("stride_ak", "stride_wk", "stride_cn"),
@@ -356,7 +406,8 @@ for cc in (80, 90):
             cc=cc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         per_stage = (cfg.block_m + (2 if flags[1] else 1) * cfg.block_n) * cfg.block_k * 2
         out.append(dict(cc=cc, role=role, tma=bool(flags[6]), shared=kernel.metadata.shared, per_stage=per_stage,
-                        estimate=cfg.smem_bytes(2 if flags[1] else 1)))
+                        estimate=cfg.smem_bytes(2 if flags[1] else 1),
+                        n256=".m64n256k16." in kernel.asm["ptx"], n128=".m64n128k16." in kernel.asm["ptx"]))
 print(json.dumps(out))
 """
 
@@ -365,7 +416,9 @@ def test_kernels_compile_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 10
+    assert len(results) == 11
+    box = [r for r in results if r["role"].startswith("box")]
+    assert len(box) == 1 and box[0]["n256"] and not box[0]["n128"], box  # one wide wgmma, no pair of narrow ones
     for r in results:
         # at least double-buffered (pipelined), and never more than the estimate the filter uses
         # (TMA adds its mbarriers: a few bytes per stage)
@@ -510,6 +563,20 @@ def test_gpu_one_token_slot_sum_in_gemm2(preset, monkeypatch):
         graph.replay()
         monkeypatch.setenv(gg.ONE_TOKEN_SUM_ENV, "kernel")
         assert torch.equal(y_graph, gg.moe_forward_triton(x, w, plan)), seed
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("F", [2048, 1000])
+def test_gpu_gate_up_in_one_box(F, monkeypatch):
+    # one box / one m64n256k16 dot against two boxes / two dots at the H100's prefill tile: the same bits; F = 1000
+    # leaves the last column block partial (the box's rows past F come back zero); autotuned, within tolerance
+    x, w, ids, tw, plan = make_case(8, 1024, F, 2, 2000, "zipf")
+    tile = gg.TileConfig(128, 128, 64, 8, 8, 3)
+    y_box = check(gg.moe_forward_triton, x, w, ids, tw, plan, config=tile, tma=True)
+    check(gg.moe_forward_triton, x, w, ids, tw, plan)
+    monkeypatch.setenv(gg.GATE_UP_ENV, "two")
+    assert torch.equal(gg.moe_forward_triton(x, w, plan, config=tile, tma=True), y_box)
 
 
 @gpu
