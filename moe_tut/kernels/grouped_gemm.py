@@ -44,7 +44,8 @@ Versions (each adds one idea; all stay callable so a notebook can plot what each
     v4  moe_forward_v4  autotuned tile shapes (get_autotune_configs); because BLOCK_M is tuned, the
                         kernel derives its row blocks from expert_offsets itself (a cumsum over E).
     fast moe_forward_triton  v4 plus the fusions: SwiGLU in GEMM1's epilogue (gate and up tiles of
-                        the same columns in two accumulators, so [rows, 2F] is never written), the
+                        the same columns, with TMA one box and one dot split in registers after the K
+                        loop, else two accumulators; so [rows, 2F] is never written), the
                         routing weight and the scatter to token slots in GEMM2's epilogue, and a
                         decode path for small T (see below).
 
