@@ -295,6 +295,10 @@ def test_variant_text_and_environment(monkeypatch):
     assert w.asm and w.pipe_scales and ig.Int4Variant.parse(w.label()) == w
     with pytest.raises(ValueError, match="needs 'magic', 'post' and 'split'"):
         ig.Int4Variant.parse("magic,asm")
+    pairs = ig.Int4Variant.parse("magic,post,split,asm,pairs")
+    assert pairs.byte_pairs and ig.Int4Variant.parse(pairs.label()) == pairs and ig.DECODE_VARIANT.byte_pairs
+    with pytest.raises(ValueError, match="'pairs' is a form of 'asm'"):
+        ig.Int4Variant.parse("magic,post,split,pairs")
     assert ig.Int4Variant.parse("v0") == ig.Int4Variant() == ig.Int4Variant.parse("")
     p = ig.Int4Variant.parse("stack,packed")
     assert p == ig.Int4Variant(stack=True, packed=True) and ig.Int4Variant.parse(p.label()) == p
@@ -441,6 +445,16 @@ def test_decode_register_cap_rule(monkeypatch):
         ig.decode_register_cap(1, cuda)
 
 
+def test_decode_gemm2_launch_rule(monkeypatch):
+    # a GEMM 2 of at most 4 programs per SM (one wave) is launched after GEMM 1, not under PDL
+    cuda = torch.device("cuda", 0)
+    assert not ig.decode_gemm2_one_wave(1, torch.device("cpu"))
+    monkeypatch.setattr(ig, "num_sms", lambda device: 132)
+    mixtral_t16, qwen3_t32 = ig.decode_tiles(32, 8, 4096, 64), ig.decode_tiles(256, 128, 2048, 64)
+    assert ig.decode_gemm2_one_wave(mixtral_t16, cuda) and ig.decode_gemm2_one_wave(4 * 132, cuda)
+    assert not ig.decode_gemm2_one_wave(4 * 132 + 1, cuda) and not ig.decode_gemm2_one_wave(qwen3_t32, cuda)
+
+
 @pytest.mark.parametrize("limit_kb", [99, 163, 227])  # sm_86/89, sm_80, sm_90
 @pytest.mark.parametrize("G,has_zeros", [(128, False), (32, True)])
 @pytest.mark.parametrize("fused", [False, True], ids=["gemm2", "gemm1-fused"])
@@ -484,6 +498,9 @@ roles = {  # role: flags, config, group size, zeros, switches
     "decode-gemm2-pms-zeros": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, True, pms),
     # under the decode GEMM 2 register cap (decode_register_cap): still pipelined
     "decode-gemm2-asm-capped": ((0, 0, 1, 1), ig.DECODE_CONFIGS[0], 128, False, {**pms, "ASM": True}),
+    # the inline-PTX unpack on byte pairs (16-bit registers), as the default decode variant runs it
+    "decode-gemm1-asm-pairs": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False,
+                               {**pms, "ASM": True, "BYTE_PAIRS": True}),
     # inline-PTX unpack (GPU only: the interpreter cannot run it); scales as int32 words in the pipeline
     "decode-gemm1-asm-pipe": ((1, 1, 0, 0), ig.DECODE_CONFIGS[0], 128, False,
                               {**pms, "ASM": True, "PIPE_SCALES": True}),
@@ -505,7 +522,7 @@ for cc in (80, 90):
     for role, (flags, cfg, G, hz, switches) in roles.items():
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
                      **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False, ASM=False, PIPE_SCALES=False, SPLIT_K=1,
-                               STACK=False, PACKED=False),
+                               STACK=False, PACKED=False, BYTE_PAIRS=False),
                         **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
@@ -530,7 +547,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 26
+    assert len(results) == 28
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 
@@ -600,6 +617,22 @@ def test_gpu_decode_register_cap_keeps_the_bits(symmetric, monkeypatch):
     for regs in ("", "96", "80"):  # "": the rule (96 on an H100)
         monkeypatch.setenv(ig.DECODE_MAXNREG_ENV, regs)
         assert torch.equal(ig.moe_forward_triton_int4(x, q, plan), y), regs
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gpu_decode_unpack_forms_keep_the_bits(symmetric, dtype):
+    # The inline-PTX unpack on 4 packed bytes per call (asm), on byte pairs (asm,pairs) and the unpack in Triton
+    # ops (magic) make the same magic values, so the same outputs, bit for bit; split-K on and off
+    x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, 16, "zipf", 128, symmetric, dtype=dtype)
+    base = ig.Int4Variant.parse("magic,post,split")
+    for split_k in (0, 1):
+        variants = [replace(base, split_k=split_k), replace(base, asm=True, split_k=split_k),
+                    replace(base, asm=True, byte_pairs=True, split_k=split_k)]
+        outs = [check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="decode", variant=v) for v in variants]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:]), split_k
 
 
 @gpu

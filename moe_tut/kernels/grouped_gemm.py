@@ -561,17 +561,18 @@ def _gemm_tile(tile, num_pid_m, num_pid_n,
     a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     # Weight rows are W's output columns: load a [BLOCK_K, BLOCK_N] slice of W[e]^T.
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWIGLU:  # up rows F + n of the same columns n, in a second accumulator
-        up_ptrs = w_ptrs + N * stride_wn
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # TMA (sm_90+): the weight tile [BLOCK_N, BLOCK_K] comes from a 2-D view W [E * N_W, K] by one
-    # bulk copy; rows past N (the up half, or the next expert) are read but their columns are never
-    # stored, and K past the end is zero-filled by the hardware. GEMM2's A (sorted rows, contiguous)
-    # likewise: rows of the next expert land in rows that are masked at the store.
-    w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
     if GATE_UP_BOX:  # gate columns [0, BLOCK_N), up columns [BLOCK_N, 2 BLOCK_N)
         acc_gate_up = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWIGLU:  # up rows F + n of the same columns n, in a second accumulator
+            up_ptrs = w_ptrs + N * stride_wn
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # TMA (sm_90+): the weight tile [BLOCK_N, BLOCK_K] comes from a 2-D view W [E * N_W, K] by one
+        # bulk copy; rows past N (the up half, or the next expert) are read but their columns are never
+        # stored, and K past the end is zero-filled by the hardware. GEMM2's A (sorted rows, contiguous)
+        # likewise: rows of the next expert land in rows that are masked at the store.
+        w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N
     for k0 in range(0, K, BLOCK_K):
         a_mask = row_ok[:, None]
         w_mask = n_ok[None, :]

@@ -68,7 +68,8 @@ expert on average):
              hundreds to thousands of tiles at T = 1, GEMM1's SwiGLU needs the full sum before its
              epilogue, and a split GEMM2 would need float32 atomics or a second pass.
              Its kernels (GEMMs, finishers, sum over k) use programmatic dependent launch on sm_90+
-             (kernels/pdl.py; MOE_TUT_PDL=0 turns it off).
+             (kernels/pdl.py; MOE_TUT_PDL=0 turns it off), except a GEMM 2 of one wave
+             (decode_gemm2_one_wave).
 
 Experimental switches (Int4Variant; argument `variant` or MOE_TUT_TRITON_INT4_VARIANT, default off,
 measured by scripts/gpu_triton_int4_tune.py): `magic` turns codes into floats with an integer OR into
@@ -309,6 +310,15 @@ def decode_register_cap(tiles: int, device: torch.device) -> int | None:
     return DECODE_GEMM2_MAXNREG
 
 
+def decode_gemm2_one_wave(tiles: int, device: torch.device) -> bool:
+    """Whether a decode GEMM 2 of `tiles` programs fits one wave of uncapped programs (at most
+    DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM per SM): such a GEMM 2 is launched after GEMM 1 ends, not under PDL.
+    Started early, its programs take the slots GEMM 1 frees first, so they pile onto those SMs while the rest
+    idle: on an H100, mixtral T=16 (512 tiles) ran 447-451 us under PDL and 403 us launched plainly (results/h100/
+    pairs_unpack_v1); with many waves (qwen3-30b-a3b, glm-4.5, deepseek-v3 at T=32-64) the two were within 2.5 us."""
+    return torch.device(device).type == "cuda" and tiles <= DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM * num_sms(device)
+
+
 def _register_count(text: str) -> int:
     regs = int(text)
     if regs and not 24 <= regs <= 255:
@@ -355,6 +365,9 @@ class Int4Variant:
                      bf16/fp16 values in 8 integer ops (2 prmt, 2 shr, 4 lop3 on 32-bit words, two
                      16-bit values per op) by inline PTX, instead of ~3 ops per value on 8/16-bit lanes.
                      Same values as magic, so the same results; the interpreter runs magic instead
+    pairs            (with asm) the unpack takes 2 packed bytes per call instead of 4: the tile is loaded in
+                     the dot operand's layout, which holds bytes in K-adjacent pairs, and 4 per call made
+                     Triton assemble each 32-bit input byte by byte (_UNPACK_PAIR_PTX)
     pipe_scales      scales (and zeros) loaded as int32 pairs of bf16 (4 bytes per thread, so Triton's
                      cp.async pipeline takes them like the A and packed tiles) in the step that uses
                      them; off: loaded one K step ahead into registers, so every short decode step
@@ -385,6 +398,7 @@ class Int4Variant:
     post_scale: bool = False
     split: bool = False
     asm: bool = False
+    byte_pairs: bool = False
     pipe_scales: bool = False
     stack: bool = False
     packed: bool = False
@@ -402,6 +416,8 @@ class Int4Variant:
             raise ValueError(f"gemvrows is a mean row count per expert (0 = off), got {self.gemv_rows}")
         if self.asm and not (self.magic and self.post_scale and self.split):
             raise ValueError("the INT4 switch 'asm' needs 'magic', 'post' and 'split' too")
+        if self.byte_pairs and not self.asm:
+            raise ValueError("the INT4 switch 'pairs' is a form of 'asm': it needs 'asm' (and its switches) too")
         if self.packed and (self.post_scale or self.split):
             raise ValueError("the INT4 switch 'packed' is the dequantise-then-dot path: not with 'post' or 'split'")
 
@@ -419,6 +435,8 @@ class Int4Variant:
                 kw["split"] = True
             elif item == "asm":
                 kw["asm"] = True
+            elif item == "pairs":
+                kw["byte_pairs"] = True
             elif item == "pipe":
                 kw["pipe_scales"] = True
             elif item == "stack":
@@ -436,13 +454,14 @@ class Int4Variant:
             elif item.startswith("gemvrows="):
                 kw["gemv_rows"] = float(item[9:])
             else:
-                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, asm, pipe, "
-                                 "stack, packed, splitk=N, ppsm=N, gemv, gemv=N, gemvrows=R)")
+                raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, asm, pairs, "
+                                 "pipe, stack, packed, splitk=N, ppsm=N, gemv, gemv=N, gemvrows=R)")
         return cls(**kw)
 
     def label(self) -> str:
         parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split),
-                                              ("asm", self.asm), ("pipe", self.pipe_scales),
+                                              ("asm", self.asm), ("pairs", self.byte_pairs),
+                                              ("pipe", self.pipe_scales),
                                               ("stack", self.stack), ("packed", self.packed)) if on]
         if self.split_k:
             parts.append(f"splitk={self.split_k}")
@@ -477,7 +496,7 @@ class Int4Variant:
 # kernels win at T = 8 and 16 too: deepseek-v3 T=16 1423-1430 -> 1303 (55.8 -> 60.9% of copy), T=8 821-824 -> 716;
 # glm-4.5 T=16 671-675 -> 631, T=8 418-420 -> 374; qwen3-30b-a3b T=16 (exactly 1 row per expert) 153-154 -> 140,
 # T=8 101 -> 86; mixtral (2 and 4 rows per expert) loses: T=8 391-394 -> 526, T=16 428-431 -> 869: gemvrows=1.
-DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,ppsm=64,gemv=4,gemvrows=1")
+DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,pairs,ppsm=64,gemv=4,gemvrows=1")
 PREFILL_VARIANT = Int4Variant(stack=True, packed=True)
 
 
@@ -499,7 +518,7 @@ def adapt_to_variant(cfg: TileConfig, group_size: int, variant: Int4Variant) -> 
     if (variant.post_scale or variant.packed) and group_size % cfg.block_k:
         bk = group_size & -group_size
         if bk < 16:
-            return cfg, replace(variant, post_scale=False, asm=False, packed=False)
+            return cfg, replace(variant, post_scale=False, asm=False, byte_pairs=False, packed=False)
         cfg = replace(cfg, block_k=bk)
     return cfg, variant
 
@@ -604,11 +623,36 @@ UNPACK_PTX_BF16 = tl.constexpr(_UNPACK_PTX.replace("MAGIC2", "0x43004300"))
 UNPACK_PTX_FP16 = tl.constexpr(_UNPACK_PTX.replace("MAGIC2", "0x64006400"))
 
 
+# Two packed bytes b1 b0 (one 16-bit register: pack=2 on uint8) -> the low nibbles as one register of two 16-bit
+# magic values (element i = byte i, low half first) and the high nibbles likewise. The decode path's packed tile
+# sits in the i8 dot-operand layout, where each thread holds K-adjacent bytes in pairs (LDS.U16): fed 4 bytes per
+# call, Triton first assembles them byte by byte into one 32-bit register (H100 SASS of mixtral's decode GEMM 1:
+# 168 PRMT of 547 instructions per K step), fed 2 it passes the pair as it was loaded (56 PRMT, 435 in all).
+_UNPACK_PAIR_PTX = """{
+.reg .b32 t;
+cvt.u32.u16 t, $2;
+prmt.b32 t, t, 0, 0x4140;
+lop3.b32 $0, t, 0x000F000F, MAGIC2, 0xEA;
+shr.u32 t, t, 4;
+lop3.b32 $1, t, 0x000F000F, MAGIC2, 0xEA;
+}"""
+UNPACK_PAIR_PTX_BF16 = tl.constexpr(_UNPACK_PAIR_PTX.replace("MAGIC2", "0x43004300"))
+UNPACK_PAIR_PTX_FP16 = tl.constexpr(_UNPACK_PAIR_PTX.replace("MAGIC2", "0x64006400"))
+
+
 @triton.jit
-def _codes_asm(b, OUT_DTYPE: tl.constexpr):
+def _codes_asm(b, OUT_DTYPE: tl.constexpr, BYTE_PAIRS: tl.constexpr = False):
     """Packed bytes [.., n] -> (low-nibble, high-nibble) magic values [.., n] of OUT_DTYPE (see _codes), by
-    inline PTX working on whole 32-bit words."""
-    if OUT_DTYPE == tl.bfloat16:
+    inline PTX on whole registers: 4 bytes per call, or 2 with BYTE_PAIRS (for a tile loaded in a dot-operand
+    layout, see _UNPACK_PAIR_PTX)."""
+    if BYTE_PAIRS:
+        if OUT_DTYPE == tl.bfloat16:
+            v_lo, v_hi = tl.inline_asm_elementwise(UNPACK_PAIR_PTX_BF16, "=r,=r,h", [b],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+        else:
+            v_lo, v_hi = tl.inline_asm_elementwise(UNPACK_PAIR_PTX_FP16, "=r,=r,h", [b],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    elif OUT_DTYPE == tl.bfloat16:
         v_lo, v_hi = tl.inline_asm_elementwise(UNPACK_PTX_BF16, "=r,=r,=r,=r,r", [b],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
@@ -673,7 +717,8 @@ def _codes_f32(nib, MAGIC: tl.constexpr):
 def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, GROUP_SIZE: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                OUT_DTYPE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr, SPLIT: tl.constexpr,
-               ASM: tl.constexpr, PACKED: tl.constexpr = False, HAS_ZEROS: tl.constexpr = False):
+               ASM: tl.constexpr, PACKED: tl.constexpr = False, HAS_ZEROS: tl.constexpr = False,
+               BYTE_PAIRS: tl.constexpr = False):
     """acc [BLOCK_N, BLOCK_M] += this K step's weight tile (packed bytes at q_ptrs) @ its A tile.
 
     a        [BLOCK_K, BLOCK_M] A^T tile (used unless SPLIT)
@@ -684,7 +729,8 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
              the group's scale and zero are applied to the [BLOCK_N, BLOCK_M] partial sum:
              sum_k (c s + z) x = s * sum_k v x + (z - OFFSET s) * sum_k x. Needs BLOCK_K <= GROUP_SIZE.
     MAGIC    codes -> float by integer OR into a float's mantissa instead of I2F (a quarter-rate op).
-    ASM      MAGIC + POST_SCALE + SPLIT with the unpack done by inline PTX on 32-bit words (_codes_asm).
+    ASM      MAGIC + POST_SCALE + SPLIT with the unpack done by inline PTX on 32-bit words (_codes_asm);
+             BYTE_PAIRS: 2 packed bytes per PTX call, not 4.
     PACKED   (bf16, one group per step, GPU only) the dequantise-then-dot path with the tile built by inline PTX
              (_dequant_packed): same values as v0
     """
@@ -698,7 +744,7 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
         tl.static_assert(GROUPS_PER_TILE == 1)
         if ASM:
             tl.static_assert(MAGIC and SPLIT)
-            v_lo, v_hi = _codes_asm(b, OUT_DTYPE)
+            v_lo, v_hi = _codes_asm(b, OUT_DTYPE, BYTE_PAIRS)
         else:
             v_lo = _codes(lo, MAGIC, OUT_DTYPE)
             v_hi = _codes(hi, MAGIC, OUT_DTYPE)
@@ -754,7 +800,8 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
                SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr,
-               STACK: tl.constexpr, PACKED: tl.constexpr, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0):
+               STACK: tl.constexpr, PACKED: tl.constexpr, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
+               BYTE_PAIRS: tl.constexpr = False):
     """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T.
 
     STACK (SWIGLU only): the gate and up rows of the tile's columns are one [2 BLOCK_N, BLOCK_K] weight tile and
@@ -852,11 +899,11 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, w_ok, offs_kb, GROUP_SIZE,
                          GROUPS_PER_TILE, W_ROWS, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT,
-                         ASM, PACKED, HAS_ZEROS)
+                         ASM, PACKED, HAS_ZEROS, BYTE_PAIRS)
         if TWO_TILES:
             acc_up = _int4_step(acc_up, up_q_ptrs, s_up, z_up, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb,
                                 GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty,
-                                MAGIC, POST_SCALE, SPLIT, ASM, PACKED, HAS_ZEROS)
+                                MAGIC, POST_SCALE, SPLIT, ASM, PACKED, HAS_ZEROS, BYTE_PAIRS)
             up_q_ptrs += (BLOCK_K // 2) * stride_qk
         if not PIPE_SCALES:
             s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
@@ -900,7 +947,8 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr = False, POST_SCALE: tl.constexpr = False,
                      SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
                      SPLIT_K: tl.constexpr = 1, STACK: tl.constexpr = False, PACKED: tl.constexpr = False,
-                     USE_PDL: tl.constexpr = False, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0):
+                     USE_PDL: tl.constexpr = False, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
+                     BYTE_PAIRS: tl.constexpr = False):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     wait_for_previous_kernel(USE_PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -914,12 +962,12 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                    stride_qn, stride_qk, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn,
                    stride_cm, stride_cn, stride_cs, E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS,
                    SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT,
-                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED, TAIL, MAIN_M)
+                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED, TAIL, MAIN_M, BYTE_PAIRS)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
                 "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K", "STACK", "PACKED", "TAIL",
-                "MAIN_M"]
+                "MAIN_M", "BYTE_PAIRS"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -1054,6 +1102,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
+                 BYTE_PAIRS=variant.byte_pairs and variant.asm and variant.post_scale and on_gpu,
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
                  PACKED=packed, TAIL=tail_rows, MAIN_M=main_m, **pdl_launch(pdl))
     if maxnreg is not None and on_gpu and not interpreting():
@@ -1171,12 +1220,15 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
             _, configs1, configs2 = fast_path_configs(x, weights, plan, path)
     split1 = split2 = 1
     cap2 = None
+    pdl2 = pdl
     gemm1 = gemm2 = int4_grouped_gemm
     if regime == "decode":
         split1 = gemm_split_k(variant, weights.w13, F, rows, config1, configs1, x.device)
         split2 = gemm_split_k(variant, weights.w2, H, rows, config2, configs2, x.device)
         c2 = config2 if config2 is not None else configs2[0]
-        cap2 = decode_register_cap(decode_tiles(rows, weights.num_experts, H, c2.block_n, split2), x.device)
+        tiles2 = decode_tiles(rows, weights.num_experts, H, c2.block_n, split2)
+        cap2 = decode_register_cap(tiles2, x.device)
+        pdl2 = pdl and not decode_gemm2_one_wave(tiles2, x.device)
     else:  # prefill: each GEMM in one launch, or as a tail split
         gemm1 = _with_tails(tail_split(config1, configs1, rows / weights.num_experts, x.device))
         gemm2 = _with_tails(tail_split(config2, configs2, rows / weights.num_experts, x.device))
@@ -1191,12 +1243,12 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     if split2 > 1:  # slices of every token slot: y = sum over slices and slots, float32, fixed order
         part = int4_grouped_gemm(act, weights.w2, plan, _alloc_f32((split2, rows, H), x), scale_rows=True,
                                  scatter_rows=True, config=config2, configs=configs2, variant=variant, split_k=split2,
-                                 pdl=pdl, maxnreg=cap2)
+                                 pdl=pdl2, maxnreg=cap2)
         return sum_slots(part, T, k, x, pdl=pdl)
     # Slot t*k + j is row t*k + j of a [T*k, H] buffer, i.e. [T, k, H]; with k = 1 that is y itself.
     out = _alloc((rows, H), x)
     gemm2(act, weights.w2, plan, out, scale_rows=True, scatter_rows=True, config=config2, configs=configs2,
-          variant=variant, pdl=pdl, maxnreg=cap2)
+          variant=variant, pdl=pdl2, maxnreg=cap2)
     if k == 1:
         return out
     return sum_slots(out, T, k, x, pdl=pdl)
