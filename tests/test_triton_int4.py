@@ -65,10 +65,16 @@ def test_forward_matches_dequantised_reference(case, path):
     check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path=path)
 
 
-def test_rule_picks_the_regime():
-    m = gg.decode_max_rows()  # mean rows per expert at or below which it is decode (8 since triton v2)
+def test_rule_picks_the_regime(monkeypatch):
+    m = ig.DECODE_MAX_ROWS_PER_EXPERT_INT4  # mean rows per expert at or below which it is decode: 16, bf16's is 8
+    assert m == 16 == 2 * gg.DECODE_MAX_ROWS_PER_EXPERT and gg.decode_max_rows(m) == m
     assert ig.path_for(1, 2, 8) == "decode" and ig.path_for(4 * m, 2, 8) == "decode"
     assert ig.path_for(4 * m + 1, 2, 8) == "prefill" and ig.path_for(1024, 8, 256) == "prefill"
+    assert ig.path_for(64, 2, 8) == "decode" and not gg.is_decode(64, 2, 8)  # mixtral T=64: 16 rows per expert
+    assert ig.path_for(512, 8, 256) == "decode" and ig.path_for(513, 8, 256) == "prefill"  # deepseek-v3
+    monkeypatch.setenv(gg.DECODE_ENV, "8")  # the variable sets both kernels' threshold
+    assert ig.path_for(64, 2, 8) == "prefill" and ig.path_for(32, 2, 8) == "decode"
+    monkeypatch.delenv(gg.DECODE_ENV)
     # the default (shape-chosen) path on a prefill-sized case, with the backend's own check
     x, q, ids, tw, plan = make_case(*CASES[-1][1:])
     check(get_backend("triton_int4"), x, q, ids, tw, plan)
@@ -562,7 +568,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("G", [32, 128])
-@pytest.mark.parametrize("T", [1, 16, 1000])
+@pytest.mark.parametrize("T", [1, 16, 64, 1000])  # 64: 16 rows per expert, the decode regime's largest
 def test_gpu_mid_size(T, G, symmetric):
     x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, T, "zipf", G, symmetric)
     y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan)

@@ -49,7 +49,7 @@ Versions (each adds one idea; all stay callable so a notebook can plot what each
                         routing weight and the scatter to token slots in GEMM2's epilogue, and a
                         decode path for small T (see below).
 
-Decode rule (fast path): when the mean number of rows per expert, T*k/E, is at most 16
+Decode rule (fast path): when the mean number of rows per expert, T*k/E, is at most 8
 (DECODE_MAX_ROWS_PER_EXPERT, or MOE_TUT_DECODE_MAX_ROWS), the forward only has to stream the weights
 of the experts it touches. It then uses BLOCK_M = 16 (the smallest tl.dot tile) and splits N: only
 the BLOCK_N (32, 64, 128) for which the (row block, column block) tiles, about min(E, T*k) * ceil(N
@@ -264,10 +264,11 @@ def pinned_config(env: str = CONFIG_ENV) -> TileConfig | None:
     return env_parsed(env, TileConfig.parse)
 
 
-def decode_max_rows() -> int:
-    """The decode threshold: MOE_TUT_DECODE_MAX_ROWS if set (an integer >= 0), else DECODE_MAX_ROWS_PER_EXPERT."""
+def decode_max_rows(default: int = DECODE_MAX_ROWS_PER_EXPERT) -> int:
+    """The decode threshold: MOE_TUT_DECODE_MAX_ROWS if set (an integer >= 0), else `default` (the bf16 kernel's
+    DECODE_MAX_ROWS_PER_EXPERT unless a caller with its own rule passes one)."""
     rows = env_parsed(DECODE_ENV, _rows_threshold)
-    return DECODE_MAX_ROWS_PER_EXPERT if rows is None else rows
+    return default if rows is None else rows
 
 
 def _rows_threshold(text: str) -> int:
@@ -283,9 +284,9 @@ def one_token_sum_in_gemm2() -> bool:
     return env_choice(ONE_TOKEN_SUM_ENV, ("gemm2", "kernel")) == "gemm2"
 
 
-def is_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
-    """The fast path's shape rule: decode when T*k / E <= decode_max_rows() (default 16)."""
-    return num_tokens * top_k <= decode_max_rows() * num_experts
+def is_decode(num_tokens: int, top_k: int, num_experts: int, default_rows: int = DECODE_MAX_ROWS_PER_EXPERT) -> bool:
+    """The fast path's shape rule: decode when T*k / E <= decode_max_rows(default_rows) (8 for the bf16 kernel)."""
+    return num_tokens * top_k <= decode_max_rows(default_rows) * num_experts
 
 
 def gate_up_in_one_box() -> bool:

@@ -56,8 +56,8 @@ Groups: scales hold one row per G values of K. When BLOCK_K divides G, a K step 
 [BLOCK_N, BLOCK_K/G, G] and gets BLOCK_K/G scale rows. Any other pair is refused on the host, so the
 group size must be a power of two or a multiple of 16 (tl.dot's smallest BLOCK_K).
 
-Regimes, chosen by shape with the bf16 kernel's rule (grouped_gemm.is_decode: T*k/E <= 16 rows per
-expert on average):
+Regimes, chosen by shape with the bf16 kernel's rule at its own threshold (grouped_gemm.is_decode: T*k/E <=
+DECODE_MAX_ROWS_PER_EXPERT_INT4 = 16 rows per expert on average; MOE_TUT_DECODE_MAX_ROWS sets both kernels'):
 
     prefill  many rows per expert, compute-bound: the autotuner picks among large tiles
              (get_prefill_configs); the dequant cost per weight value is shared by BLOCK_M rows.
@@ -1135,9 +1135,17 @@ def check_int4_inputs(x: torch.Tensor, weights, plan: RoutingPlan) -> None:
         raise TypeError(f"triton_int4 computes with bf16 or fp16 activations (tl.dot operands), got {x.dtype}")
 
 
+# Mean rows per expert at or below which the INT4 forward takes the decode regime; the bf16 kernel's threshold is 8.
+# H100 (results/h100/pairs_unpack_v1, call 7): at 16 rows the decode regime was 18-38% faster than prefill tiles
+# (mixtral T=64 884-897 -> 550-552 us, qwen3-30b-a3b T=256 830-869 -> 697-698, glm-4.5 T=320 2216-2228 -> 1379-1387,
+# deepseek-v3 T=512 6582-6630 -> 4116); at 32 rows it was mixed (qwen3 T=512 -11%, mixtral T=128 -3.5%, glm-4.5
+# T=640 +3%, deepseek-v3 T=1024 +2%).
+DECODE_MAX_ROWS_PER_EXPERT_INT4 = 16
+
+
 def path_for(num_tokens: int, top_k: int, num_experts: int) -> str:
-    """'decode' or 'prefill': the bf16 kernel's rule (mean rows per expert <= 16 is decode)."""
-    return "decode" if is_decode(num_tokens, top_k, num_experts) else "prefill"
+    """'decode' or 'prefill': decode at most decode_max_rows(DECODE_MAX_ROWS_PER_EXPERT_INT4) rows per expert."""
+    return "decode" if is_decode(num_tokens, top_k, num_experts, DECODE_MAX_ROWS_PER_EXPERT_INT4) else "prefill"
 
 
 def fast_path_configs(x: torch.Tensor, weights, plan: RoutingPlan, path: str | None = None
