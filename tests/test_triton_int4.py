@@ -308,6 +308,10 @@ def test_variant_text_and_environment(monkeypatch):
     assert ig.Int4Variant.parse("v0") == ig.Int4Variant() == ig.Int4Variant.parse("")
     p = ig.Int4Variant.parse("stack,packed")
     assert p == ig.Int4Variant(stack=True, packed=True) and ig.Int4Variant.parse(p.label()) == p
+    ko = ig.Int4Variant.parse("stack,packed,korder")
+    assert ko.korder and ig.Int4Variant.parse(ko.label()) == ko
+    with pytest.raises(ValueError, match="'korder' is a form of 'packed'"):
+        ig.Int4Variant.parse("stack,korder")
     with pytest.raises(ValueError, match="'packed' is the dequantise-then-dot path"):
         ig.Int4Variant.parse("packed,post")
     with pytest.raises(ValueError, match="unknown"):
@@ -517,6 +521,11 @@ roles = {  # role: flags, config, group size, zeros, switches
     "prefill-gemm1-stack-packed": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False,
                                    {"STACK": True, "PACKED": True}),
     "prefill-gemm2-packed-zeros": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 128, True, {"PACKED": True}),
+    # the unpack in K order (korder)
+    "prefill-gemm1-stack-packed-korder": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False,
+                                          {"STACK": True, "PACKED": True, "KORDER": True}),
+    "prefill-gemm2-packed-zeros-korder": ((0, 0, 1, 1), ig.PREFILL_CONFIGS[0], 128, True,
+                                          {"PACKED": True, "KORDER": True}),
     # a tail split's two launches (tail_split): the main one, then the tail one in 64-row tiles
     "prefill-gemm1-tail-main": ((1, 1, 0, 0), ig.PREFILL_CONFIGS_FUSED[0], 128, False,
                                 {"STACK": True, "PACKED": True, "TAIL": 64}),
@@ -528,7 +537,7 @@ for cc in (80, 90):
     for role, (flags, cfg, G, hz, switches) in roles.items():
         const = dict(zip(names, map(bool, flags)), E=8, E_PAD=16, EVEN_K=True, BLOCK_M=cfg.block_m,
                      **{**dict(MAGIC=False, POST_SCALE=False, SPLIT=False, ASM=False, PIPE_SCALES=False, SPLIT_K=1,
-                               STACK=False, PACKED=False, BYTE_PAIRS=False),
+                               STACK=False, PACKED=False, BYTE_PAIRS=False, KORDER=False),
                         **switches},
                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GROUP_SIZE=G,
                      HAS_ZEROS=hz, GROUPS_PER_TILE=max(1, cfg.block_k // G))
@@ -553,7 +562,7 @@ def test_kernel_compiles_for_sm80_and_sm90_with_a_pipelined_k_loop():
     from aot import run_aot_script
 
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 28
+    assert len(results) == 32
     for r in results:
         assert 2 * r["per_stage"] <= r["shared"] <= r["estimate"], r
 
@@ -639,6 +648,20 @@ def test_gpu_decode_unpack_forms_keep_the_bits(symmetric, dtype):
                     replace(base, asm=True, byte_pairs=True, split_k=split_k)]
         outs = [check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="decode", variant=v) for v in variants]
         assert all(torch.equal(o, outs[0]) for o in outs[1:]), split_k
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gpu_prefill_unpack_in_k_order_keeps_the_bits(symmetric, monkeypatch):
+    # `korder` unpacks each byte's two nibbles into one register in K order instead of interleaving after: the same
+    # dequantised tile, so the same bits, with the tail split's two launches per GEMM and without
+    x, q, ids, tw, plan = make_case(8, 1024, 2048, 2, 1000, "zipf", 128, symmetric)
+    packed, korder = ig.Int4Variant.parse("stack,packed"), ig.Int4Variant.parse("stack,packed,korder")
+    for tail in ("1", "0"):
+        monkeypatch.setenv(ig.TAIL_ENV, tail)
+        y = check(ig.moe_forward_triton_int4, x, q, ids, tw, plan, path="prefill", variant=packed)
+        assert torch.equal(ig.moe_forward_triton_int4(x, q, plan, path="prefill", variant=korder), y), tail
 
 
 @gpu

@@ -377,6 +377,8 @@ class Int4Variant:
                      weight tile built by inline PTX on 32-bit words: the asm unpack, then two fma.rn.bf16x2 per
                      pair of values (_dequant_packed); same values as v0. Needs one group per K step (BLOCK_K
                      lowered as for post_scale); the interpreter runs v0
+    korder           (with packed) the inline-PTX unpack makes the values of each byte's two nibbles in K order,
+                     not low and high nibbles apart for an interleave after (_dequant_packed)
     stack            GEMM1 (SwiGLU): gate and up rows in one [2 BLOCK_N, BLOCK_K] weight tile and one dot (see
                      _int4_tile); not with pipe_scales (dropped there)
     split_k          K slices per decode GEMM tile (0: automatic, decode_split_k; 1: off), each slice's
@@ -402,6 +404,7 @@ class Int4Variant:
     pipe_scales: bool = False
     stack: bool = False
     packed: bool = False
+    korder: bool = False
     split_k: int = 0
     programs_per_sm: int = 0
     gemv: int = 0
@@ -420,6 +423,8 @@ class Int4Variant:
             raise ValueError("the INT4 switch 'pairs' is a form of 'asm': it needs 'asm' (and its switches) too")
         if self.packed and (self.post_scale or self.split):
             raise ValueError("the INT4 switch 'packed' is the dequantise-then-dot path: not with 'post' or 'split'")
+        if self.korder and not self.packed:
+            raise ValueError("the INT4 switch 'korder' is a form of 'packed': it needs 'packed' too")
 
     @classmethod
     def parse(cls, text: str) -> Int4Variant:
@@ -443,6 +448,8 @@ class Int4Variant:
                 kw["stack"] = True
             elif item == "packed":
                 kw["packed"] = True
+            elif item == "korder":
+                kw["korder"] = True
             elif item.startswith("splitk="):
                 kw["split_k"] = int(item[7:])
             elif item.startswith("ppsm="):
@@ -455,14 +462,15 @@ class Int4Variant:
                 kw["gemv_rows"] = float(item[9:])
             else:
                 raise ValueError(f"unknown INT4 kernel switch {item!r} in {text!r} (magic, post, split, asm, pairs, "
-                                 "pipe, stack, packed, splitk=N, ppsm=N, gemv, gemv=N, gemvrows=R)")
+                                 "pipe, stack, packed, korder, splitk=N, ppsm=N, gemv, gemv=N, gemvrows=R)")
         return cls(**kw)
 
     def label(self) -> str:
         parts = [n for n, on in (("magic", self.magic), ("post", self.post_scale), ("split", self.split),
                                               ("asm", self.asm), ("pairs", self.byte_pairs),
                                               ("pipe", self.pipe_scales),
-                                              ("stack", self.stack), ("packed", self.packed)) if on]
+                                              ("stack", self.stack), ("packed", self.packed),
+                                              ("korder", self.korder)) if on]
         if self.split_k:
             parts.append(f"splitk={self.split_k}")
         if self.programs_per_sm:
@@ -497,7 +505,10 @@ class Int4Variant:
 # glm-4.5 T=16 671-675 -> 631, T=8 418-420 -> 374; qwen3-30b-a3b T=16 (exactly 1 row per expert) 153-154 -> 140,
 # T=8 101 -> 86; mixtral (2 and 4 rows per expert) loses: T=8 391-394 -> 526, T=16 428-431 -> 869: gemvrows=1.
 DECODE_VARIANT = Int4Variant.parse("magic,post,split,asm,pairs,ppsm=64,gemv=4,gemvrows=1")
-PREFILL_VARIANT = Int4Variant(stack=True, packed=True)
+# H100 (results/h100/pairs_unpack_v1, call 10, 3 alternating pairs): `korder` (the packed unpack in K order, no
+# interleave) took deepseek-v3 T=8192 16.46-16.70 -> 16.14-16.34 ms, T=1024 6.64-6.66 -> 6.53-6.59, qwen3-30b-a3b
+# T=8192 1.858-1.866 -> 1.829-1.841, mixtral T=1024 1.857-1.905 -> 1.834-1.871; mixtral T=8192 within its spread.
+PREFILL_VARIANT = Int4Variant(stack=True, packed=True, korder=True)
 
 
 def pinned_variant() -> Int4Variant | None:
@@ -518,7 +529,7 @@ def adapt_to_variant(cfg: TileConfig, group_size: int, variant: Int4Variant) -> 
     if (variant.post_scale or variant.packed) and group_size % cfg.block_k:
         bk = group_size & -group_size
         if bk < 16:
-            return cfg, replace(variant, post_scale=False, asm=False, byte_pairs=False, packed=False)
+            return cfg, replace(variant, post_scale=False, asm=False, byte_pairs=False, packed=False, korder=False)
         cfg = replace(cfg, block_k=bk)
     return cfg, variant
 
@@ -682,12 +693,38 @@ fma.rn.bf16x2 $0, t, $2, $3;
 }""")
 
 
+# Four packed bytes b3 b2 b1 b0 -> the magic values of both nibbles of each byte in one register, so in K order:
+# register i = (low, high nibble of byte i). shr brings each high nibble down to its byte's low bits, prmt puts byte
+# i of the word and of the shifted word in the two 16-bit halves, and lop3 keeps the nibbles and ORs the magic in:
+# 9 ops per word, where _UNPACK_PTX's 8 leave low and high nibbles in separate registers for an interleave after.
+UNPACK_KORDER_PTX_BF16 = tl.constexpr("""{
+.reg .b32 t, r0, r1, r2, r3;
+shr.u32 t, $4, 4;
+prmt.b32 r0, $4, t, 0x0400;
+prmt.b32 r1, $4, t, 0x0501;
+prmt.b32 r2, $4, t, 0x0602;
+prmt.b32 r3, $4, t, 0x0703;
+lop3.b32 $0, r0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $1, r1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $2, r2, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $3, r3, 0x000F000F, 0x43004300, 0xEA;
+}""")
+
+
 @triton.jit
-def _dequant_packed(b, s, z, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_packed(b, s, z, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    KORDER: tl.constexpr = False):
     """Packed bytes [BLOCK_N, BLOCK_K/2] -> the bf16 weight tile [BLOCK_N, BLOCK_K] (k = 2j low nibble, 2j+1
     high), with the scale (and zero) [BLOCK_N] of the step's one group: inline PTX on 32-bit words only (_codes_asm
-    then SCALE_PTX_*), about 2 instructions per value instead of v0's ~6 (I2F, FFMA, F2F, byte ops)."""
-    v_lo, v_hi = _codes_asm(b, tl.bfloat16)
+    then SCALE_PTX_*), about 2 instructions per value instead of v0's ~6 (I2F, FFMA, F2F, byte ops).
+    KORDER: unpacked in K order (UNPACK_KORDER_PTX_BF16): the first output holds k 8g..8g+3 of each word g, the
+    second k 8g+4..8g+7, which a join and a reshape put in place (H100 SASS of the prefill GEMMs: 274 -> 261
+    instructions per K step; the interleave of low and high nibbles took 9 PRMT + 4 SHF of them)."""
+    if KORDER:
+        v_lo, v_hi = tl.inline_asm_elementwise(UNPACK_KORDER_PTX_BF16, "=r,=r,=r,=r,r", [b],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        v_lo, v_hi = _codes_asm(b, tl.bfloat16)
     s2 = tl.broadcast_to(s.to(tl.bfloat16)[:, None], (BLOCK_N, BLOCK_K // 2))  # exact: the scales are bf16
     if HAS_ZEROS:
         z2 = tl.broadcast_to(z.to(tl.bfloat16)[:, None], (BLOCK_N, BLOCK_K // 2))
@@ -700,6 +737,9 @@ def _dequant_packed(b, s, z, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLO
                                          pack=2)
         w_hi = tl.inline_asm_elementwise(SCALE_PTX_SYM, "=r,r,r", [v_hi, s2], dtype=tl.bfloat16, is_pure=True,
                                          pack=2)
+    if KORDER:  # w_lo / w_hi: the first / last 4 of each 8 values
+        w = tl.join(tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 8, 4)), tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 8, 4)))
+        return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
     return tl.interleave(w_lo, w_hi)
 
 
@@ -718,7 +758,7 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
                GROUPS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                OUT_DTYPE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr, SPLIT: tl.constexpr,
                ASM: tl.constexpr, PACKED: tl.constexpr = False, HAS_ZEROS: tl.constexpr = False,
-               BYTE_PAIRS: tl.constexpr = False):
+               BYTE_PAIRS: tl.constexpr = False, KORDER: tl.constexpr = False):
     """acc [BLOCK_N, BLOCK_M] += this K step's weight tile (packed bytes at q_ptrs) @ its A tile.
 
     a        [BLOCK_K, BLOCK_M] A^T tile (used unless SPLIT)
@@ -777,7 +817,7 @@ def _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb, 
         acc = tl.dot(w_hi.to(OUT_DTYPE), a_odd, acc)
     elif PACKED:
         tl.static_assert(GROUPS_PER_TILE == 1 and OUT_DTYPE == tl.bfloat16)
-        acc = tl.dot(_dequant_packed(b, s, z, HAS_ZEROS, BLOCK_N, BLOCK_K), a, acc)
+        acc = tl.dot(_dequant_packed(b, s, z, HAS_ZEROS, BLOCK_N, BLOCK_K, KORDER), a, acc)
     else:  # v0: interleave the codes (k = 2j low, 2j+1 high), float32 c * s + z, one rounding
         c = _codes_f32(tl.interleave(lo, hi), MAGIC)
         if GROUPS_PER_TILE == 1:
@@ -801,7 +841,7 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
                GROUPS_PER_TILE: tl.constexpr, MAGIC: tl.constexpr, POST_SCALE: tl.constexpr,
                SPLIT: tl.constexpr, ASM: tl.constexpr, PIPE_SCALES: tl.constexpr, SPLIT_K: tl.constexpr,
                STACK: tl.constexpr, PACKED: tl.constexpr, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
-               BYTE_PAIRS: tl.constexpr = False):
+               BYTE_PAIRS: tl.constexpr = False, KORDER: tl.constexpr = False):
     """One output tile, computed transposed: acc [BLOCK_N, BLOCK_M] = W_tile @ A_tile^T.
 
     STACK (SWIGLU only): the gate and up rows of the tile's columns are one [2 BLOCK_N, BLOCK_K] weight tile and
@@ -899,11 +939,11 @@ def _int4_tile(tile, k_slice, num_pid_m, num_pid_n,
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = _int4_step(acc, q_ptrs, s, z, a, a_even, a_odd, xsum, k0, K, w_ok, offs_kb, GROUP_SIZE,
                          GROUPS_PER_TILE, W_ROWS, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty, MAGIC, POST_SCALE, SPLIT,
-                         ASM, PACKED, HAS_ZEROS, BYTE_PAIRS)
+                         ASM, PACKED, HAS_ZEROS, BYTE_PAIRS, KORDER)
         if TWO_TILES:
             acc_up = _int4_step(acc_up, up_q_ptrs, s_up, z_up, a, a_even, a_odd, xsum, k0, K, n_ok, offs_kb,
                                 GROUP_SIZE, GROUPS_PER_TILE, BLOCK_N, BLOCK_K, EVEN_K, a_ptr.dtype.element_ty,
-                                MAGIC, POST_SCALE, SPLIT, ASM, PACKED, HAS_ZEROS, BYTE_PAIRS)
+                                MAGIC, POST_SCALE, SPLIT, ASM, PACKED, HAS_ZEROS, BYTE_PAIRS, KORDER)
             up_q_ptrs += (BLOCK_K // 2) * stride_qk
         if not PIPE_SCALES:
             s, z, s_up, z_up = s_next, z_next, s_up_next, z_up_next
@@ -948,7 +988,7 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                      SPLIT: tl.constexpr = False, ASM: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
                      SPLIT_K: tl.constexpr = 1, STACK: tl.constexpr = False, PACKED: tl.constexpr = False,
                      USE_PDL: tl.constexpr = False, TAIL: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
-                     BYTE_PAIRS: tl.constexpr = False):
+                     BYTE_PAIRS: tl.constexpr = False, KORDER: tl.constexpr = False):
     tl.static_assert((GROUP_SIZE % BLOCK_K == 0) or (BLOCK_K % GROUP_SIZE == 0))
     wait_for_previous_kernel(USE_PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -962,12 +1002,12 @@ def _moe_int4_kernel(a_ptr, q_ptr, s_ptr, z_ptr, c_ptr, a_rows_ptr, c_rows_ptr, 
                    stride_qn, stride_qk, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn,
                    stride_cm, stride_cn, stride_cs, E, E_PAD, GROUP_SIZE, HAS_ZEROS, GATHER_A, SWIGLU, SCALE_ROWS,
                    SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, GROUPS_PER_TILE, MAGIC, POST_SCALE, SPLIT,
-                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED, TAIL, MAIN_M, BYTE_PAIRS)
+                   ASM, PIPE_SCALES, SPLIT_K, STACK, PACKED, TAIL, MAIN_M, BYTE_PAIRS, KORDER)
 
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "E", "GROUP_SIZE", "HAS_ZEROS", "GATHER_A", "SWIGLU", "SCALE_ROWS",
                 "SCATTER_C", "MAGIC", "POST_SCALE", "SPLIT", "ASM", "PIPE_SCALES", "SPLIT_K", "STACK", "PACKED", "TAIL",
-                "MAIN_M", "BYTE_PAIRS"]
+                "MAIN_M", "BYTE_PAIRS", "KORDER"]
 _TUNERS: dict[tuple[TileConfig, ...], triton.runtime.Autotuner] = {}
 
 
@@ -1104,7 +1144,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
                  ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
                  BYTE_PAIRS=variant.byte_pairs and variant.asm and variant.post_scale and on_gpu,
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
-                 PACKED=packed, TAIL=tail_rows, MAIN_M=main_m, **pdl_launch(pdl))
+                 PACKED=packed, KORDER=packed and variant.korder, TAIL=tail_rows, MAIN_M=main_m, **pdl_launch(pdl))
     if maxnreg is not None and on_gpu and not interpreting():
         flags["maxnreg"] = maxnreg
     if config is not None:
