@@ -83,7 +83,8 @@ whose experts get at most R rows on average (default gemv=4,gemvrows=1, measured
 scripts/gpu_env_ab.py). Prefill runs `stack` (GEMM1's gate and up rows as one weight tile,
 alternating in 8-row blocks, one dot) and `packed` (the weight tile built by inline PTX: prmt/lop3 unpack,
 then fma.rn.bf16x2 with the scale), measured with scripts/gpu_triton_int4_tune.py and
-scripts/gpu_int4_prefill_gemms.py (results/h100/LOG.md, session 6).
+scripts/gpu_int4_prefill_gemms.py (results/h100/LOG.md, session 6), with `korder` (that unpack in K order, no
+interleave; session 16). The decode path's `asm` unpack runs on byte pairs (`pairs`, session 16).
 
 A pinned config (argument `config`, or MOE_TUT_TRITON_INT4_CONFIG="BM,BN,BK,GROUP_M,warps,stages")
 overrides both; `path="decode"/"prefill"` forces a regime (tests use it). Under Triton's CPU
