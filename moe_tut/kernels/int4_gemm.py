@@ -306,7 +306,7 @@ def decode_register_cap(tiles: int, device: torch.device) -> int | None:
     pinned = env_parsed(DECODE_MAXNREG_ENV, _register_count)
     if pinned is not None:
         return pinned or None
-    if _capability(_cuda_index(device))[0] < 9 or tiles <= DECODE_GEMM2_UNCAPPED_PROGRAMS_PER_SM * num_sms(device):
+    if _capability(_cuda_index(device))[0] < 9 or decode_gemm2_one_wave(tiles, device):
         return None
     return DECODE_GEMM2_MAXNREG
 
@@ -1109,6 +1109,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
         configs = list(dict.fromkeys(c for c, _ in adapted))
         variant = adapted[0][1]
     packed = variant.packed and on_gpu and a.dtype == torch.bfloat16  # else the v0 dequantisation: the same values
+    asm = variant.asm and variant.post_scale and on_gpu  # interpreter: no inline PTX (magic gives the same values)
     if on_gpu and not packed:
         if config is not None:
             config = drop_packed_only([config], qt.zeros is not None)[0]
@@ -1142,8 +1143,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=G, HAS_ZEROS=qt.zeros is not None,
                  GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
-                 ASM=variant.asm and variant.post_scale and on_gpu,  # interpreter: no inline PTX; same values
-                 BYTE_PAIRS=variant.byte_pairs and variant.asm and variant.post_scale and on_gpu,
+                 ASM=asm, BYTE_PAIRS=asm and variant.byte_pairs,
                  PIPE_SCALES=pipe_scales, SPLIT_K=split_k, STACK=variant.stack and swiglu and not pipe_scales,
                  PACKED=packed, KORDER=packed and variant.korder, TAIL=tail_rows, MAIN_M=main_m, **pdl_launch(pdl))
     if maxnreg is not None and on_gpu and not interpreting():
