@@ -117,6 +117,7 @@ from ..env import env_choice, env_parsed, interpreting, max_shared_memory_per_bl
 from ..reference import swiglu
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
+from .launch import launch
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
@@ -812,9 +813,9 @@ def sum_slots(part: torch.Tensor, num_tokens: int, top_k: int, like: torch.Tenso
     if num_tokens == 0:
         return y
     block = min(SUM_SLOTS_BLOCK, triton.next_power_of_2(H))
-    _sum_slots_kernel[(num_tokens, triton.cdiv(H, block))](slices, y, H, slices.stride(0), slices.stride(1),
-                                                           y.stride(0), TOP_K=top_k, SPLIT_K=slices.shape[0],
-                                                           BLOCK=block, **pdl_launch(pdl))
+    launch(_sum_slots_kernel, (num_tokens, triton.cdiv(H, block)),
+           (slices, y, H, slices.stride(0), slices.stride(1), y.stride(0)),
+           dict(TOP_K=top_k, SPLIT_K=slices.shape[0], BLOCK=block, **pdl_launch(pdl)))
     return y
 
 
@@ -943,11 +944,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
     elif zero_arrivals is not None:
         flags.update(arrivals_ptr=zero_arrivals, num_arrivals=zero_arrivals.numel(), ZERO_COUNTERS=True)
     if config is not None:
-        _moe_gemm_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                               BLOCK_K=config.block_k, GROUP_M=config.group_m,
-                               num_warps=config.num_warps, num_stages=config.num_stages)
+        flags.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                     num_warps=config.num_warps, num_stages=config.num_stages)
+        launch(_moe_gemm_kernel, grid, args, flags)
     else:
-        _autotuned_kernel(tuple(configs))[grid](*args, **flags)
+        launch(_autotuned_kernel(tuple(configs)), grid, args, flags)
     return out
 
 

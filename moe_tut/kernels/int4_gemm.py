@@ -127,6 +127,7 @@ from .grouped_gemm import (
     smem_limit,
     sum_slots,
 )
+from .launch import launch
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
@@ -1149,11 +1150,11 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     if maxnreg is not None and on_gpu and not interpreting():
         flags["maxnreg"] = maxnreg
     if config is not None:
-        _moe_int4_kernel[grid](*args, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                               BLOCK_K=config.block_k, GROUP_M=config.group_m,
-                               num_warps=config.num_warps, num_stages=config.num_stages)
+        flags.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                     num_warps=config.num_warps, num_stages=config.num_stages)
+        launch(_moe_int4_kernel, grid, args, flags)
     else:
-        _autotuned_kernel(tuple(configs))[grid](*args, **flags)
+        launch(_autotuned_kernel(tuple(configs)), grid, args, flags)
     return out
 
 
@@ -1387,9 +1388,9 @@ def swiglu_slices(part: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> 
     out = _alloc((rows, F), torch.empty(0, dtype=dtype, device=part.device))
     block = 1024
     if rows:
-        _swiglu_slices_kernel[(triton.cdiv(rows * F, block),)](part, out, rows * F, F, part.stride(0),
-                                                               part.stride(1), out.stride(0), SPLIT_K=S, BLOCK=block,
-                                                               **pdl_launch(pdl))
+        launch(_swiglu_slices_kernel, (triton.cdiv(rows * F, block),),
+               (part, out, rows * F, F, part.stride(0), part.stride(1), out.stride(0)),
+               dict(SPLIT_K=S, BLOCK=block, **pdl_launch(pdl)))
     return out
 
 

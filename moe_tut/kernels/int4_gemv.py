@@ -113,6 +113,7 @@ from .grouped_gemm import (
     sum_slots,
 )
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
+from .launch import launch
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 FINISH_ENV = "MOE_TUT_GEMV_FINISH"  # "gemm1" (default): split GEMM1's last K slice applies the SwiGLU; "kernel"
@@ -756,8 +757,9 @@ def prepare_activations(x: torch.Tensor, pdl: bool = False, zero_arrivals: torch
         block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(K))
         zero = {} if zero_arrivals is None else dict(arrivals_ptr=zero_arrivals, num_arrivals=zero_arrivals.numel(),
                                                      ZERO_COUNTERS=True)
-        _gemv_prep_kernel[(T, triton.cdiv(K, block))](x, xp, xw, K, x.stride(0), x.stride(1), xp.stride(0),
-                                                      xw.stride(0), BLOCK=block, **zero, **pdl_launch(pdl))
+        launch(_gemv_prep_kernel, (T, triton.cdiv(K, block)),
+               (x, xp, xw, K, x.stride(0), x.stride(1), xp.stride(0), xw.stride(0)),
+               dict(BLOCK=block, **zero, **pdl_launch(pdl)))
     return xp, xw
 
 
@@ -766,7 +768,7 @@ def gemv_grouped_gemm(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, p
     """One GEMV grouped GEMM over the plan's sorted rows (see _gemv_kernel): writes out (and out_w). gemm: the
     keywords of gemv_kernel_args; pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
     grid, args = gemv_kernel_args(xp, xw, qt, plan, **gemm)
-    _gemv_kernel[grid](**args, **pdl_launch(pdl))
+    launch(_gemv_kernel, grid, (), dict(**args, **pdl_launch(pdl)))
 
 
 def gemv_kernel_args(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, *, rows: int,
@@ -863,7 +865,7 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
                stride_o1m=a1["stride_om"], stride_o1wm=a1["stride_owm"])
     two.update(out2_ptr=a2["out_ptr"], stride_o2s=a2["stride_os"], stride_o2m=a2["stride_om"])
     tiles = math.prod(grid1) + math.prod(grid2)
-    _gemv_fused_kernel[(tiles,)](
+    launch(_gemv_fused_kernel, (tiles,), (), dict(
         x_ptr=xp, xw_ptr=xw, stride_xm=a1["stride_xm"], stride_xwm=a1["stride_xwm"], **one,
         act_ptr=act, act_w_ptr=act_w, stride_am=act.stride(0), stride_awm=act_w.stride(0), **two,
         x_rows_ptr=a1["x_rows_ptr"], out_rows_ptr=a2["out_rows_ptr"], row_weight_ptr=a2["row_weight_ptr"],
@@ -875,7 +877,7 @@ def gemv_fused_gemms(xp: torch.Tensor, xw: torch.Tensor, act: torch.Tensor, act_
         BLOCK_N2=a2["BLOCK_N"], BLOCK_K2=a2["BLOCK_K"], STAGES2=a2["STAGES"], ONE_IN_MASK=a1["ONE_IN_MASK"],
         ONE_TOKEN_TOPK=a1["ONE_TOKEN_TOPK"], SUM_SLOTS_LAST=a2.get("SUM_SLOTS_LAST", False),
         ACT_CACHE=act_cache(F, split2),
-        num_warps=a1["num_warps"], **pdl_launch(pdl), **({} if interpreting() else dict(maxnreg=FUSED_MAXNREG)))
+        num_warps=a1["num_warps"], **pdl_launch(pdl), **({} if interpreting() else dict(maxnreg=FUSED_MAXNREG))))
 
 
 def act_cache(F: int, split2: int) -> str:
@@ -1024,9 +1026,9 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
         gemv_grouped_gemm(xp, xw, weights.w13, plan, pdl=pdl, **gemm1)
         if split1 > 1 and not finish_in_gemm1:
             block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
-            _gemv_swiglu_finish_kernel[(n_rows, triton.cdiv(F, block))](
-                part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0),
-                SPLIT_K=split1, BLOCK=block, **pdl_launch(pdl))
+            launch(_gemv_swiglu_finish_kernel, (n_rows, triton.cdiv(F, block)),
+                   (part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0)),
+                   dict(SPLIT_K=split1, BLOCK=block, **pdl_launch(pdl)))
         gemv_grouped_gemm(act, act_w, weights.w2, plan, pdl=pdl, **gemm2)
     if y_direct:
         return part2[0]

@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from ..env import programmatic_launch_ok
+from .launch import launch
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 SINGLE_MAX_ROWS = 4096  # N_PAD keys in one CTA's registers: 16 per thread at 8 warps
@@ -294,24 +295,24 @@ def build_plan_tensors(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_e
     ids_args = (topk_ids, topk_ids.stride(0), topk_ids.stride(1))
     w_args = (topk_weights, topk_weights.stride(0), topk_weights.stride(1))
     outs = (sorted_slots, sorted_tok, sorted_w, slot_to_sorted)
-    launch = pdl_launch(programmatic_launch_ok(device))  # per call: MOE_TUT_PDL may change between captures
+    pdl = pdl_launch(programmatic_launch_ok(device))  # per call: MOE_TUT_PDL may change between captures
     if not multi:
         n_pad = max(MIN_PAD, _next_pow2(N))
-        _plan_kernel[(1,)](*ids_args, *w_args, N, k, E, *outs, counts, offsets,
-                           N_PAD=n_pad, E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
-                           num_warps=num_warps or default_num_warps(n_pad), **launch)
+        launch(_plan_kernel, (1,), (*ids_args, *w_args, N, k, E, *outs, counts, offsets),
+               dict(N_PAD=n_pad, E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
+                    num_warps=num_warps or default_num_warps(n_pad), **pdl))
     else:
         keys = buf[fields_len:fields_len + N]
         hist = buf[fields_len + n_al:fields_len + n_al + hist_len]
         delta = buf[fields_len + n_al + hist_len:]
-        _chunk_sort_kernel[(num_chunks,)](*ids_args, N, k, E, keys, hist, CHUNK=chunk,
-                                          E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
-                                          num_warps=num_warps or default_num_warps(chunk), **launch)
+        launch(_chunk_sort_kernel, (num_chunks,), (*ids_args, N, k, E, keys, hist),
+               dict(CHUNK=chunk, E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
+                    num_warps=num_warps or default_num_warps(chunk), **pdl))
         c_pad = max(MIN_PAD, _next_pow2(num_chunks))
         eb = max(1, min(_next_pow2(E + 1), SCAN_TILE // c_pad))
-        _chunk_scan_kernel[(1,)](hist, delta, counts, offsets, num_chunks, E, C_PAD=c_pad, EB=eb, num_warps=8,
-                                 **launch)
-        _chunk_place_kernel[(num_chunks,)](keys, delta, *w_args, N, k, E, *outs, CHUNK=chunk, num_warps=4,
-                                           **launch)
+        launch(_chunk_scan_kernel, (1,), (hist, delta, counts, offsets, num_chunks, E),
+               dict(C_PAD=c_pad, EB=eb, num_warps=8, **pdl))
+        launch(_chunk_place_kernel, (num_chunks,), (keys, delta, *w_args, N, k, E, *outs),
+               dict(CHUNK=chunk, num_warps=4, **pdl))
     return dict(sorted_slots=sorted_slots, sorted_token_ids=sorted_tok, sorted_weights=sorted_w,
                 slot_to_sorted=slot_to_sorted, expert_counts=counts, expert_offsets=offsets)
