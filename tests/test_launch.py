@@ -79,6 +79,14 @@ def test_key_separates_dtype_alignment_and_values():
     assert key != ln._key(_axpy_tuned, 0, (base, 5), dict(BLOCK=64))
 
 
+def test_host_integer_helpers_match_triton():
+    for a in range(0, 300):
+        for b in (1, 2, 3, 16, 64, 100):
+            assert ln.cdiv(a, b) == triton.cdiv(a, b)
+    for n in range(1, 5000):
+        assert ln.next_power_of_2(n) == triton.next_power_of_2(n)
+
+
 def test_when_the_direct_launch_is_allowed(monkeypatch):
     monkeypatch.setattr(ln, "interpreting", lambda: False)
     monkeypatch.setattr(ln, "_VERSION_OK", True)

@@ -117,7 +117,7 @@ from ..env import env_choice, env_parsed, interpreting, max_shared_memory_per_bl
 from ..reference import swiglu
 from ..routing import RoutingPlan
 from ..weights import ExpertWeights
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 CONFIG_ENV = "MOE_TUT_TRITON_CONFIG"  # "BM,BN,BK,GROUP_M,warps,stages" pins v4's and the fast path's config
@@ -245,7 +245,7 @@ def get_decode_configs(N: int, est_row_blocks: int, num_sms: int, fused_gate_up:
                           for bn in (64, 32)) if c is not None]
     if not fitted:
         raise RuntimeError(f"no decode tile fits {smem_limit // 1024} KB of shared memory per block")
-    tiles = {c: est_row_blocks * triton.cdiv(N, c.block_n) for c in fitted}
+    tiles = {c: est_row_blocks * cdiv(N, c.block_n) for c in fitted}
     busy = [c for c in fitted if tiles[c] >= num_sms]
     choice = (busy or fitted)[0]
     for c in busy:
@@ -256,7 +256,7 @@ def get_decode_configs(N: int, est_row_blocks: int, num_sms: int, fused_gate_up:
 
 def sm_fill(tiles: int, num_sms: int) -> float:
     """tiles / (rounds * SMs), rounds = ceil(tiles / SMs): how full the SMs are, counted in whole tiles per SM."""
-    return tiles / (triton.cdiv(tiles, num_sms) * num_sms) if tiles else 0.0
+    return tiles / (cdiv(tiles, num_sms) * num_sms) if tiles else 0.0
 
 
 def pinned_config(env: str = CONFIG_ENV) -> TileConfig | None:
@@ -312,7 +312,7 @@ def loop_options() -> tuple[bool, bool]:
 def max_row_blocks(rows: int, num_experts: int, block_m: int) -> int:
     """Upper bound on the row blocks of a plan, known on the host: each non-empty expert adds at most
     one partial block, and each block holds at least one row."""
-    return max(1, min(rows, triton.cdiv(rows, block_m) + min(num_experts, rows)))
+    return max(1, min(rows, cdiv(rows, block_m) + min(num_experts, rows)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -812,8 +812,8 @@ def sum_slots(part: torch.Tensor, num_tokens: int, top_k: int, like: torch.Tenso
     y = _alloc((num_tokens, H), like)
     if num_tokens == 0:
         return y
-    block = min(SUM_SLOTS_BLOCK, triton.next_power_of_2(H))
-    launch(_sum_slots_kernel, (num_tokens, triton.cdiv(H, block)),
+    block = min(SUM_SLOTS_BLOCK, next_power_of_2(H))
+    launch(_sum_slots_kernel, (num_tokens, cdiv(H, block)),
            (slices, y, H, slices.stride(0), slices.stride(1), y.stride(0)),
            dict(TOP_K=top_k, SPLIT_K=slices.shape[0], BLOCK=block, **pdl_launch(pdl)))
     return y
@@ -895,9 +895,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
                              "launches would count arrivals too)")
         y, arrivals = sum_into
         if y.shape != (1, N) or not y.is_contiguous() or arrivals.dtype != torch.int32 \
-                or arrivals.numel() < triton.cdiv(N, config.block_n):
+                or arrivals.numel() < cdiv(N, config.block_n):
             raise ValueError(f"sum_into: y must be [1, {N}] contiguous and arrivals int32 with at least "
-                             f"{triton.cdiv(N, config.block_n)} counters; got y {tuple(y.shape)}, arrivals "
+                             f"{cdiv(N, config.block_n)} counters; got y {tuple(y.shape)}, arrivals "
                              f"{tuple(arrivals.shape)} {arrivals.dtype}")
     if zero_arrivals is not None and zero_arrivals.dtype != torch.int32:
         raise ValueError(f"zero_arrivals must be int32, got {zero_arrivals.dtype}")
@@ -922,7 +922,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        tiles = max_row_blocks(rows, E, bm) * triton.cdiv(N, bn)
+        tiles = max_row_blocks(rows, E, bm) * cdiv(N, bn)
         if not schedule.persistent:
             return (tiles,)
         per_sm = persistent_programs_per_sm(bm, bn * (2 if swiglu else 1)) if on_gpu else 1
@@ -932,9 +932,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, out: torch
         routing = (plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights, plan.expert_offsets, block_expert,
                    block_row_start, num_blocks)
     args = (a, w, out, *routing,
-            N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))), a.shape[0],
+            N, K, min(4096, next_power_of_2(cdiv(rows, E))), a.shape[0],
             a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1))
-    flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
+    flags = dict(E=E, E_PAD=max(16, next_power_of_2(E)), GATHER_A=gather_rows, SWIGLU=swiglu,
                  SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows, MAP_FROM_OFFSETS=schedule.map_from_offsets,
                  PERSISTENT=schedule.persistent, TMA_W=tma_w, TMA_A=tma_a, GATE_UP_BOX=gate_up_box, FLATTEN=flatten,
                  WARP_SPECIALIZE=warp_specialize, ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
@@ -1067,7 +1067,7 @@ def moe_forward_triton(x: torch.Tensor, weights: ExpertWeights, plan: RoutingPla
     # T = 1, k > 1, one known GEMM2 tile: GEMM2's last program per column block sums the slots (no third kernel)
     gemm2_config = config2 or (configs2[0] if configs2 is not None and len(configs2) == 1 else None)
     sum_in_gemm2 = topk_rows is not None and k > 1 and gemm2_config is not None and one_token_sum_in_gemm2()
-    arrivals = torch.empty(triton.cdiv(H, gemm2_config.block_n), dtype=torch.int32, device=x.device) \
+    arrivals = torch.empty(cdiv(H, gemm2_config.block_n), dtype=torch.int32, device=x.device) \
         if sum_in_gemm2 else None
     inter = grouped_gemm(x, weights.w13, plan, _alloc((rows, F), x), gather_rows=True, swiglu=True,
                          version=4, config=config, configs=configs1, tma=tma, pdl=pdl, topk_rows=topk_rows,

@@ -127,7 +127,7 @@ from .grouped_gemm import (
     smem_limit,
     sum_slots,
 )
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 CONFIG_ENV = "MOE_TUT_TRITON_INT4_CONFIG"
@@ -294,7 +294,7 @@ def decode_tiles(rows: int, num_experts: int, N: int, block_n: int, split_k: int
     min(E, rows); decode means <= 8 rows per expert on average, so a second block is rare) x column blocks x K
     slices. The grid's bound (max_row_blocks) counts one more block per 16 rows, which over-counts: mixtral T=16
     has 8 row blocks, not 10."""
-    return min(num_experts, rows) * triton.cdiv(N, block_n) * split_k
+    return min(num_experts, rows) * cdiv(N, block_n) * split_k
 
 
 def decode_register_cap(tiles: int, device: torch.device) -> int | None:
@@ -534,6 +534,14 @@ def adapt_to_variant(cfg: TileConfig, group_size: int, variant: Int4Variant) -> 
             return cfg, replace(variant, post_scale=False, asm=False, byte_pairs=False, packed=False, korder=False)
         cfg = replace(cfg, block_k=bk)
     return cfg, variant
+
+
+@functools.lru_cache(maxsize=256)
+def _adapted_candidates(configs: tuple[TileConfig, ...], group_size: int, variant: Int4Variant
+                        ) -> tuple[tuple[TileConfig, ...], Int4Variant]:
+    """adapt_to_variant over autotuner candidates, duplicates dropped (cached: the same lists come on every call)."""
+    adapted = [adapt_to_variant(c, group_size, variant) for c in configs]
+    return tuple(dict.fromkeys(c for c, _ in adapted)), adapted[0][1]
 
 
 def pinned_config() -> TileConfig | None:
@@ -1106,9 +1114,7 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     if config is not None:
         config, variant = adapt_to_variant(config, G, variant)
     else:
-        adapted = [adapt_to_variant(c, G, variant) for c in configs]
-        configs = list(dict.fromkeys(c for c, _ in adapted))
-        variant = adapted[0][1]
+        configs, variant = _adapted_candidates(tuple(configs), G, variant)
     packed = variant.packed and on_gpu and a.dtype == torch.bfloat16  # else the v0 dequantisation: the same values
     asm = variant.asm and variant.post_scale and on_gpu  # interpreter: no inline PTX (magic gives the same values)
     if on_gpu and not packed:
@@ -1129,8 +1135,8 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        row_blocks = min(E, rows) * triton.cdiv(tail_rows, bm) if main_m else max_row_blocks(rows, E, bm)
-        tiles = row_blocks * triton.cdiv(N, bn) * split_k
+        row_blocks = min(E, rows) * cdiv(tail_rows, bm) if main_m else max_row_blocks(rows, E, bm)
+        tiles = row_blocks * cdiv(N, bn) * split_k
         per_sm = (variant.programs_per_sm or persistent_programs_per_sm(bm, bn * (2 if swiglu else 1))
                   if on_gpu else 1)
         return (min(tiles, sms * per_sm),)
@@ -1138,10 +1144,10 @@ def int4_grouped_gemm(a: torch.Tensor, qt: QuantizedTensor, plan: RoutingPlan, o
     z = qt.zeros if qt.zeros is not None else qt.scales  # a valid pointer; HAS_ZEROS=False never reads it
     pipe_scales = variant.pipe_scales and pairable_scales(qt, z) and block_k <= G
     args = (a, qt.packed, qt.scales, z, out, plan.sorted_token_ids, plan.sorted_slots, plan.sorted_weights,
-            plan.expert_offsets, N, K, min(4096, triton.next_power_of_2(triton.cdiv(rows, E))),
+            plan.expert_offsets, N, K, min(4096, next_power_of_2(cdiv(rows, E))),
             a.stride(0), a.stride(1), *qt.packed.stride(), *qt.scales.stride(), *z.stride(),
             out.stride(-2), out.stride(-1), out.stride(0) if split_k > 1 else 0)
-    flags = dict(E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=G, HAS_ZEROS=qt.zeros is not None,
+    flags = dict(E=E, E_PAD=max(16, next_power_of_2(E)), GROUP_SIZE=G, HAS_ZEROS=qt.zeros is not None,
                  GATHER_A=gather_rows, SWIGLU=swiglu, SCALE_ROWS=scale_rows, SCATTER_C=scatter_rows,
                  MAGIC=variant.magic, POST_SCALE=variant.post_scale, SPLIT=variant.split,
                  ASM=asm, BYTE_PAIRS=asm and variant.byte_pairs,
@@ -1359,7 +1365,7 @@ def gemm_split_k(variant: Int4Variant, qt: QuantizedTensor, N: int, rows: int, c
             s //= 2
         return s
     first = adapted[0]
-    tiles = max_row_blocks(rows, E, first.block_m) * triton.cdiv(N, first.block_n)
+    tiles = max_row_blocks(rows, E, first.block_m) * cdiv(N, first.block_n)
     return decode_split_k(tiles, K, bk, num_sms(device))
 
 
@@ -1388,7 +1394,7 @@ def swiglu_slices(part: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> 
     out = _alloc((rows, F), torch.empty(0, dtype=dtype, device=part.device))
     block = 1024
     if rows:
-        launch(_swiglu_slices_kernel, (triton.cdiv(rows * F, block),),
+        launch(_swiglu_slices_kernel, (cdiv(rows * F, block),),
                (part, out, rows * F, F, part.stride(0), part.stride(1), out.stride(0)),
                dict(SPLIT_K=S, BLOCK=block, **pdl_launch(pdl)))
     return out

@@ -113,7 +113,7 @@ from .grouped_gemm import (
     sum_slots,
 )
 from .int4_gemm import GEMV_MAX_TOKENS, check_int4_inputs  # noqa: F401  (GEMV_MAX_TOKENS re-exported)
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 FINISH_ENV = "MOE_TUT_GEMV_FINISH"  # "gemm1" (default): split GEMM1's last K slice applies the SwiGLU; "kernel"
@@ -754,10 +754,10 @@ def prepare_activations(x: torch.Tensor, pdl: bool = False, zero_arrivals: torch
     T, K = x.shape
     xp, xw = _prepared_buffers(T, K, x)
     if T:
-        block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(K))
+        block = min(ELEMENTWISE_BLOCK, next_power_of_2(K))
         zero = {} if zero_arrivals is None else dict(arrivals_ptr=zero_arrivals, num_arrivals=zero_arrivals.numel(),
                                                      ZERO_COUNTERS=True)
-        launch(_gemv_prep_kernel, (T, triton.cdiv(K, block)),
+        launch(_gemv_prep_kernel, (T, cdiv(K, block)),
                (x, xp, xw, K, x.stride(0), x.stride(1), xp.stride(0), xw.stride(0)),
                dict(BLOCK=block, **zero, **pdl_launch(pdl)))
     return xp, xw
@@ -836,7 +836,7 @@ def gemv_kernel_args(xp: torch.Tensor, xw: torch.Tensor, qt: QuantizedTensor, pl
         **dict(zip(("stride_ze", "stride_zg", "stride_zn"), z.stride(), strict=True)),
         stride_os=0 if act_out else out.stride(0), stride_om=out.stride(-2),
         stride_owm=out_w.stride(0) if act_out else 0,
-        N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, triton.next_power_of_2(E)), GROUP_SIZE=qt.group_size,
+        N=N, KW=K // WORD_VALUES, E=E, E_PAD=max(16, next_power_of_2(E)), GROUP_SIZE=qt.group_size,
         HAS_ZEROS=qt.zeros is not None, GATHER_X=gather_rows, SWIGLU=swiglu, ACT_OUT=act_out,
         WEIGHT_SCATTER=weight_scatter, SPLIT_K=split_k, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         STAGES=config.stages, ONE_IN_MASK=one_in_mask(xp.device), ONE_TOKEN_TOPK=0 if topk_rows is None else plan.top_k,
@@ -899,7 +899,7 @@ def gemv_grid(num_rows: int, num_experts: int, rows: int, N: int, config: GemvCo
               ) -> tuple[int, int, int]:
     """The launch grid of a GEMV GEMM with N output columns: (row blocks, column blocks, K slices); FINISH_LAST
     counts arrivals per (row block, column block)."""
-    return max_row_blocks(num_rows, num_experts, rows), triton.cdiv(N, config.block_n), split_k
+    return max_row_blocks(num_rows, num_experts, rows), cdiv(N, config.block_n), split_k
 
 
 def default_configs(device: torch.device, rows_per_expert: float = 0.0, fused: bool = False
@@ -942,9 +942,9 @@ def plan_splits(weights, plan: RoutingPlan, rows: int, config1: GemvConfig, conf
     config2 = adapt_block_k(config2, weights.w2.group_size)
     blocks = max_row_blocks(plan.num_rows, E, rows)
     sms = num_sms(device)
-    split1 = resolve_split_k(config1, blocks * triton.cdiv(F, config1.block_n), H, sms,
+    split1 = resolve_split_k(config1, blocks * cdiv(F, config1.block_n), H, sms,
                              FUSED_GEMM1_PROGRAMS_PER_SM if fused else GEMV_PROGRAMS_PER_SM)
-    split2 = resolve_split_k(config2, blocks * triton.cdiv(H, config2.block_n), F, sms)
+    split2 = resolve_split_k(config2, blocks * cdiv(H, config2.block_n), F, sms)
     return config1, config2, split1, split2
 
 
@@ -999,7 +999,7 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     # Counters, zeroed by the prep kernel: GEMM1's finish, GEMM2's slot sum, and for the fused launch its ticket
     # queue and the ready count per (row block, GEMM2 K slice)
     n_finish = math.prod(grid1[:2]) if finish_in_gemm1 else 0
-    n_sum = triton.cdiv(H, config2.block_n) if sum_in_gemm2 else 0
+    n_sum = cdiv(H, config2.block_n) if sum_in_gemm2 else 0
     n_fused = 1 + grid1[0] * split2 if fused else 0
     arrivals = torch.empty(n_finish + n_sum + n_fused, dtype=torch.int32, device=x.device) \
         if n_finish + n_sum + n_fused else None
@@ -1025,8 +1025,8 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     else:
         gemv_grouped_gemm(xp, xw, weights.w13, plan, pdl=pdl, **gemm1)
         if split1 > 1 and not finish_in_gemm1:
-            block = min(ELEMENTWISE_BLOCK, triton.next_power_of_2(F))
-            launch(_gemv_swiglu_finish_kernel, (n_rows, triton.cdiv(F, block)),
+            block = min(ELEMENTWISE_BLOCK, next_power_of_2(F))
+            launch(_gemv_swiglu_finish_kernel, (n_rows, cdiv(F, block)),
                    (part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0)),
                    dict(SPLIT_K=split1, BLOCK=block, **pdl_launch(pdl)))
         gemv_grouped_gemm(act, act_w, weights.w2, plan, pdl=pdl, **gemm2)

@@ -38,6 +38,16 @@ MAX_ENTRIES = 4096  # a bound on remembered launches (one per kernel, config and
 _VERSION_OK = ".".join(triton.__version__.split(".")[:2]) in CHECKED_TRITON
 
 
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv for host code: in Triton 3.6 that is a constexpr function, ~4 us per call from Python."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (see cdiv)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def fast_launch_enabled() -> bool:
     """Whether launch() may skip Triton's dispatcher: Triton 3.6, a GPU (not the interpreter), no launch hook,
     and MOE_TUT_FAST_LAUNCH not 0."""
@@ -60,26 +70,25 @@ class _Entry:
     triton.heuristics computed, with their functions; the kernel's parameters after the positional ones, with
     their defaults."""
 
-    __slots__ = ("fn", "kernel", "extra", "heuristics", "arg_names", "rest")
+    __slots__ = ("fn", "kernel", "extra", "heuristics", "positions", "rest")
 
-    def __init__(self, fn, kernel, extra: dict, heuristics: list, arg_names: list[str], rest: list):
+    def __init__(self, fn, kernel, extra: dict, heuristics: list, positional: list[str], rest: list):
         # fn is kept so that its id, part of the key, is not reused while the entry lives
         self.fn, self.kernel, self.extra, self.heuristics = fn, kernel, extra, heuristics
-        self.arg_names, self.rest = arg_names, rest
+        self.positions = {name: i for i, name in enumerate(positional)}
+        self.rest = rest
 
 
 _ENTRIES: dict[tuple, _Entry] = {}
 
 
-def _value_key(v):
-    if isinstance(v, torch.Tensor):
-        return (v.dtype, v.data_ptr() % 16 == 0)
-    return v
-
-
 def _key(fn, device: int, args: tuple, kwargs: dict) -> tuple:
-    return (id(fn), device, tuple([_value_key(a) for a in args]),
-            tuple([(k, _value_key(v)) for k, v in kwargs.items()]))
+    # inlined rather than a helper per value: this runs for every argument of every launch
+    tensor = torch.Tensor
+    return (id(fn), device,
+            tuple([(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else v for v in args]),
+            tuple(kwargs),
+            tuple([(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else v for v in kwargs.values()]))
 
 
 def launch(fn, grid, args: tuple, kwargs: dict):
@@ -109,11 +118,22 @@ def launch(fn, grid, args: tuple, kwargs: dict):
     return kernel
 
 
+class _Named(dict):
+    """What a heuristic reads: meta's entries and, on a miss, the positional arguments by name (built on demand
+    rather than as a whole name -> value dict on every call)."""
+
+    def __missing__(self, name):
+        try:
+            return self.args[self.positions[name]]
+        except (KeyError, IndexError):
+            raise KeyError(name) from None
+
+
 def _heuristic_values(entry: _Entry, args: tuple, meta: dict) -> dict | None:
     """meta with the heuristics' values, computed as triton.heuristics does; None where one differs from the value
     the remembered kernel was compiled with."""
-    named = dict(zip(entry.arg_names, args))
-    named.update(meta)
+    named = _Named(meta)
+    named.args, named.positions = args, entry.positions
     for name, heuristic, value in entry.heuristics:
         named[name] = heuristic(named)
         if named[name] != value:
@@ -147,7 +167,7 @@ def _first_launch(fn, grid, args: tuple, kwargs: dict, key: tuple):
             or len(_ENTRIES) >= MAX_ENTRIES:
         return kernel
     rest = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in params]
-    _ENTRIES[key] = _Entry(fn, kernel, extra, heuristics, inner.arg_names, rest)
+    _ENTRIES[key] = _Entry(fn, kernel, extra, heuristics, inner.arg_names[:len(args)], rest)
     return kernel
 
 
