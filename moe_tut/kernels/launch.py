@@ -85,7 +85,8 @@ _ENTRIES: dict[tuple, _Entry] = {}
 def _key(fn, device: int, args: tuple, kwargs: dict) -> tuple:
     # inlined rather than a helper per value: this runs for every argument of every launch
     tensor = torch.Tensor
-    return (id(fn), device,
+    knobs = triton.knobs
+    return (id(fn), device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,  # compile options too
             tuple([(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else v for v in args]),
             tuple(kwargs),
             tuple([(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else v for v in kwargs.values()]))
