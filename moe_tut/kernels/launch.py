@@ -10,12 +10,15 @@ on top). At qwen3-30b-a3b T = 1024, whose GPU time is ~0.5 ms, that host time wa
 through Triton (compiling, or autotuning: `fn` may be wrapped by triton.autotune and triton.heuristics) and
 remembers the compiled kernel, the config an autotuner chose and the values the heuristics gave. A later call
 with the same key hands the argument values to the compiled kernel's launcher directly. The key holds every
-non-tensor argument by value and every tensor by dtype and 16-byte alignment, which is all Triton specialises a
-compiled kernel on (and all an autotuner keys on), so a call never reaches a kernel compiled for other arguments.
+non-tensor argument by value, every tensor by dtype and 16-byte alignment, and Triton's debug and instrumentation
+knobs: all that Triton specialises a compiled kernel on (and all an autotuner keys on), so a call never reaches a
+kernel compiled for other arguments. After MAX_ENTRIES keys nothing more is remembered (no eviction): new keys
+then go through Triton every time.
 
-The direct call uses Triton internals (CompiledKernel.run's argument order, JITFunction.device_caches), checked
-on Triton 3.6 only: with another Triton, under the interpreter, while a launch hook is installed (profilers
-such as proton), or with MOE_TUT_FAST_LAUNCH=0, every call goes through `fn[grid]`.
+The direct call uses Triton internals (CompiledKernel.run's arguments, JITFunction.signature,
+Autotuner.best_config, Heuristics.values), checked on Triton 3.6 only: with another Triton, under the
+interpreter, while a launch hook is installed (profilers such as proton), or with MOE_TUT_FAST_LAUNCH=0, every
+call goes through `fn[grid]`.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from ..env import programmatic_launch_ok
-from .launch import launch
+from .launch import launch, next_power_of_2
 from .pdl import pdl_launch, wait_for_previous_kernel
 
 SINGLE_MAX_ROWS = 4096  # N_PAD keys in one CTA's registers: 16 per thread at 8 warps
@@ -100,10 +100,6 @@ AUTO_MAX_ROWS = min(_env_int("MOE_TUT_PLAN_KERNEL_MAX_ROWS", 2048), SINGLE_MAX_R
 AUTO_MULTI_MAX_ROWS = min(_env_int("MOE_TUT_PLAN_KERNEL_MULTI_MAX_ROWS", MAX_ROWS), MAX_ROWS)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def default_num_warps(n_pad: int) -> int:
     """One warp for decode sizes (the bitonic sort and the scan then stay in registers and shuffles,
     with no cross-warp exchange through shared memory); more warps as the keys per thread grow. A
@@ -117,7 +113,7 @@ def default_chunk(num_rows: int) -> int:
     65536, about one per SM of an H100; larger N grows the chunk so the one-CTA scan reads at most
     128 x (E + 1) counts. On an H100 (results/h100/plan_v1, deepseek-v3): N = 8192 took 17.7 / 18.4 /
     22.5 / 36.1 us at chunks of 256 / 512 / 1024 / 2048, N = 65536 60.6 / 31.9 / 31.1 / 36.5 us."""
-    return min(MAX_CHUNK, max(512, _next_pow2(-(-num_rows // 128))))
+    return min(MAX_CHUNK, max(512, next_power_of_2(-(-num_rows // 128))))
 
 
 def supports(num_rows: int, num_experts: int) -> bool:
@@ -297,19 +293,19 @@ def build_plan_tensors(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_e
     outs = (sorted_slots, sorted_tok, sorted_w, slot_to_sorted)
     pdl = pdl_launch(programmatic_launch_ok(device))  # per call: MOE_TUT_PDL may change between captures
     if not multi:
-        n_pad = max(MIN_PAD, _next_pow2(N))
+        n_pad = max(MIN_PAD, next_power_of_2(N))
         launch(_plan_kernel, (1,), (*ids_args, *w_args, N, k, E, *outs, counts, offsets),
-               dict(N_PAD=n_pad, E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
+               dict(N_PAD=n_pad, E_BINS=max(MIN_PAD, next_power_of_2(E + 1)),
                     num_warps=num_warps or default_num_warps(n_pad), **pdl))
     else:
         keys = buf[fields_len:fields_len + N]
         hist = buf[fields_len + n_al:fields_len + n_al + hist_len]
         delta = buf[fields_len + n_al + hist_len:]
         launch(_chunk_sort_kernel, (num_chunks,), (*ids_args, N, k, E, keys, hist),
-               dict(CHUNK=chunk, E_BINS=max(MIN_PAD, _next_pow2(E + 1)),
+               dict(CHUNK=chunk, E_BINS=max(MIN_PAD, next_power_of_2(E + 1)),
                     num_warps=num_warps or default_num_warps(chunk), **pdl))
-        c_pad = max(MIN_PAD, _next_pow2(num_chunks))
-        eb = max(1, min(_next_pow2(E + 1), SCAN_TILE // c_pad))
+        c_pad = max(MIN_PAD, next_power_of_2(num_chunks))
+        eb = max(1, min(next_power_of_2(E + 1), SCAN_TILE // c_pad))
         launch(_chunk_scan_kernel, (1,), (hist, delta, counts, offsets, num_chunks, E),
                dict(C_PAD=c_pad, EB=eb, num_warps=8, **pdl))
         launch(_chunk_place_kernel, (num_chunks,), (keys, delta, *w_args, N, k, E, *outs),
