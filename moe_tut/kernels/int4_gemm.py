@@ -1356,8 +1356,7 @@ def gemm_split_k(variant: Int4Variant, qt: QuantizedTensor, N: int, rows: int, c
     """The split_k one decode GEMM runs with: variant.split_k if set (lowered until K allows it), else
     decode_split_k on the tile the kernel will use (after adapt_to_variant)."""
     E, _, K = qt.shape
-    tiles_cfgs = [config] if config is not None else list(configs)
-    adapted = [adapt_to_variant(c, qt.group_size, variant)[0] for c in tiles_cfgs]
+    adapted, _ = _adapted_candidates((config,) if config is not None else tuple(configs), qt.group_size, variant)
     bk = max(c.block_k for c in adapted)
     if variant.split_k:
         s = variant.split_k
