@@ -36,8 +36,9 @@ from moe_tut.bench.timing import capture_graph, l2_flush_mode, l2_flusher, time_
 from moe_tut.kernels import grouped_gemm as gg
 
 REPLAYS = 30
-# (GEMM1 tile, GEMM2 tile) as "BM,BN,BK,GROUP_M,warps,stages"; the first is what the fast path picks on an H100
-# for these decode shapes (get_decode_configs: 16x64x128, 4 warps, 4 stages).
+# (GEMM1 tile, GEMM2 tile) as "BM,BN,BK,GROUP_M,warps,stages"; the first is what the fast path picked on an H100
+# for these decode shapes when this sweep ran (get_decode_configs: 16x64x128, 4 warps, 4 stages; 3 stages since
+# session 18).
 SWEEP = [
     ("16,64,128,8,4,4", "16,64,128,8,4,4"),
     ("16,32,128,8,4,4", "16,64,128,8,4,4"),

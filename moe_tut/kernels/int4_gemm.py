@@ -227,12 +227,14 @@ PREFILL_CONFIGS_FUSED = (  # GEMM1 (gate and up tiles per step): half the BLOCK_
     TileConfig(128, 64, 64, 8, 4, 3),
 )
 # Decode tiles in order of preference (either GEMM; BLOCK_M = 16, the smallest tl.dot tile). H100
-# (results/h100/triton_int4_tune_v1, _v2): 16x64x128, 4 warps, 4 stages was the fastest decode tile at every
+# (results/h100/triton_int4_tune_v1, _v2): 16x64x128 with 4 warps was the fastest decode tile at every
 # measured point; BLOCK_N 32 runs mma.sync instead of wgmma (mixtral T=1 0.19 -> 0.27-0.31 ms) and 128 / 8
-# warps was 5-20% slower. Too few tiles for the SMs is split-K's job now (decode_split_k), so the first tile
-# that fits the GPU's shared memory is used, without autotuning.
+# warps was 5-20% slower. 3 stages rather than 4: 0-2.5% faster at the decode points of sessions 16-17 and never
+# slower (mixtral T=16 399.1-400.8 vs 401.1-402.8 us in alternating pairs; results/h100/TRIED.md), and a
+# smaller shared-memory footprint (more room on sm_80/sm_89). Too few tiles for the SMs is split-K's job now
+# (decode_split_k), so the first tile that fits the GPU's shared memory is used, without autotuning.
 DECODE_CONFIGS = (
-    TileConfig(16, 64, 128, 8, 4, 4),
+    TileConfig(16, 64, 128, 8, 4, 3),
     TileConfig(16, 64, 128, 8, 4, 2),
     TileConfig(16, 32, 128, 8, 4, 2),
 )
