@@ -182,8 +182,8 @@ def test_other_dtypes(version, dtype):
 def test_every_output_element_is_written(version, monkeypatch):
     # Buffers are torch.empty; fill them with NaN instead, so any element the kernels skip shows up
     # in y (partial blocks, empty experts, the k = 1 case where GEMM2 writes y directly).
-    def nan_alloc(shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    def nan_alloc(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
     monkeypatch.setattr(gg, "_alloc", nan_alloc)
     for case in (CASES[2], CASES[6]):  # empty experts with top-1; odd H, F with top-2
@@ -217,8 +217,8 @@ def test_one_token_path_reads_no_plan_and_matches_the_plan_path(case, monkeypatc
     if fixed is not None:
         ids = torch.tensor([fixed], device=DEVICE)
     ids, tw = ids.to(ids_dtype), tw.to(w_dtype)
-    monkeypatch.setattr(gg, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
-                                                                      device=like.device))
+    monkeypatch.setattr(gg, "_alloc", lambda shape, like, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or like.dtype, device=like.device))
     plan = RoutingPlan.build(ids, tw, E, defer=True)
     assert gg.one_token_routing(plan) is not None
     y = check(gg.moe_forward_triton, x, w, ids.long(), tw.float(), plan)

@@ -108,8 +108,8 @@ def test_fp16_activations():
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Buffers from _alloc (torch.empty) filled with NaN instead, so an element no kernel writes shows."""
-    monkeypatch.setattr(ig, "_alloc", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
-                                                                      device=like.device))
+    monkeypatch.setattr(ig, "_alloc", lambda shape, like, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or like.dtype, device=like.device))
 
 
 @pytest.fixture

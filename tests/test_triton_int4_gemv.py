@@ -50,11 +50,18 @@ def check(x, q, ids, tw, plan, **kw):
     return y
 
 
+@pytest.fixture(autouse=True)
+def fresh_schedules():
+    """gemv_schedule's cache emptied before each test: tests change module constants (FUSED_MIN_WEIGHT_BYTES) and
+    functions (interpreting) that a cached schedule was decided with."""
+    gv._gemv_schedule.cache_clear()
+
+
 @pytest.fixture
 def nan_buffers(monkeypatch):
     """Every intermediate buffer NaN-filled (not torch.empty): an element a kernel skips shows up as NaN."""
-    def nan_alloc(shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    def nan_alloc(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
     monkeypatch.setattr(gv, "_alloc", nan_alloc)
 
@@ -271,6 +278,28 @@ def test_one_token_with_gemm2_split_takes_the_fused_launch_by_default(fused_call
     assert len(fused_calls) == 1
 
 
+def test_gemv_schedule_is_cached_and_follows_the_environment(monkeypatch):
+    monkeypatch.setattr(gv, "FUSED_MIN_WEIGHT_BYTES", 0)
+    x, q, ids, tw, _ = make_case(E=4, H=256, F=512, k=2, T=1)
+    plan = RoutingPlan.build(ids, tw, 4, defer=True)
+    monkeypatch.setenv(gv.FUSED_ENV, "auto")
+    fused = gv.gemv_schedule(q, plan, 1, True, x.device, split_k=2)
+    assert fused is gv.gemv_schedule(q, plan, 1, True, x.device, split_k=2)  # cached
+    assert fused.fused and fused.n_fused == 1 + 2 * 2 and fused.sum_in_gemm2 and not plan.is_built  # 2 slots
+    monkeypatch.setenv(gv.FUSED_ENV, "0")
+    two = gv.gemv_schedule(q, plan, 1, True, x.device, split_k=2)
+    assert not two.fused and two.n_fused == 0 and two.split2 == 2
+    monkeypatch.setenv(gv.ONE_TOKEN_SUM_ENV, "kernel")
+    assert not gv.gemv_schedule(q, plan, 1, True, x.device, split_k=2).sum_in_gemm2
+    monkeypatch.setenv(gv.FINISH_ENV, "kernel")
+    assert gv.gemv_schedule(q, plan, 1, True, x.device, split_k=2).n_finish == 0
+    monkeypatch.setenv(gv.CONFIG_ENV, "16,64,2")
+    assert gv.gemv_schedule(q, plan, 1, True, x.device).config1 == GemvConfig(16, 64, 2)
+    monkeypatch.setenv(gv.FUSED_ENV, "sometimes")
+    with pytest.raises(ValueError, match="MOE_TUT_GEMV_FUSED"):
+        gv.gemv_schedule(q, plan, 1, True, x.device)
+
+
 def test_one_token_path_out_of_range_id_adds_nothing():
     x, q, _, tw, _ = make_case(E=4, H=64, F=128, k=3, T=1, G=64)
     ids = torch.tensor([[1, 9, 0]], device=DEVICE)
@@ -361,15 +390,16 @@ def test_gemms_differ_from_dequantize_then_multiply_only_by_float32_rounding(G, 
 
 @pytest.fixture
 def gemv_calls(monkeypatch):
-    """The keyword arguments of every call of int4_gemv.moe_forward_int4_gemv (which still runs)."""
+    """The keyword arguments of every call of int4_gemv.gemv_forward (which still runs): the GEMV forward that
+    moe_forward_int4_gemv and triton_int4's decode batches run."""
     calls = []
-    real = gv.moe_forward_int4_gemv
+    real = gv.gemv_forward
 
     def spy(*args, **kw):
         calls.append(kw)
         return real(*args, **kw)
 
-    monkeypatch.setattr(gv, "moe_forward_int4_gemv", spy)
+    monkeypatch.setattr(gv, "gemv_forward", spy)
     return calls
 
 

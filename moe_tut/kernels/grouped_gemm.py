@@ -774,10 +774,10 @@ SCHEDULES = {
 }
 
 
-def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Every intermediate buffer comes from here (uninitialised; the kernels write every element).
-    The tests replace it with a NaN-filled allocator to prove that."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+def _alloc(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every intermediate buffer comes from here (uninitialised; the kernels write every element): on like's
+    device, in dtype (default: like's). The tests replace it with a NaN-filled allocator to prove that."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 @triton.jit

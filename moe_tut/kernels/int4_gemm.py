@@ -1263,8 +1263,8 @@ def moe_forward_triton_int4(x: torch.Tensor, weights, plan: RoutingPlan, *, conf
     if regime == "decode" and variant.takes_gemv(T, k, weights.num_experts):
         from . import int4_gemv  # here, not at import: int4_gemv imports from this module
 
-        if int4_gemv.gemv_unsupported(weights) is None:
-            return int4_gemv.moe_forward_int4_gemv(x, weights, plan, split_k=variant.split_k)
+        if int4_gemv.gemv_unsupported(weights) is None:  # inputs checked above
+            return int4_gemv.gemv_forward(x, weights, plan, split_k=variant.split_k)
     pdl = regime == "decode" and programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change
     configs1 = configs2 = None
     config1, config2 = config, (config2 if config2 is not None else config)
@@ -1331,7 +1331,7 @@ def _with_tails(split: tuple[list[TileConfig], list[TileConfig]] | None):
 
 def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A float32 buffer of partial sums, from _alloc (so the tests' NaN-filled allocator covers it)."""
-    return _alloc(shape, torch.empty(0, dtype=torch.float32, device=like.device))
+    return _alloc(shape, like, torch.float32)
 
 
 # Decode split-K (measured on an H100, results/h100/LOG.md): ncu showed GEMM2 of mixtral T=1 with 128 tiles,
@@ -1392,7 +1392,7 @@ def swiglu_slices(part: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> 
     pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
     S, rows, two_f = part.shape
     F = two_f // 2
-    out = _alloc((rows, F), torch.empty(0, dtype=dtype, device=part.device))
+    out = _alloc((rows, F), part, dtype)
     block = 1024
     if rows:
         launch(_swiglu_slices_kernel, (cdiv(rows * F, block),),

@@ -89,7 +89,9 @@ prepare_activations_reference spells out the x' layout.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,6 +102,7 @@ from ..env import env_choice, env_parsed, interpreting, programmatic_launch_ok
 from ..quant import QuantizedTensor
 from ..routing import RoutingPlan
 from .grouped_gemm import (
+    ONE_TOKEN_SUM_ENV,
     _alloc,
     _capability,
     _cuda_index,
@@ -717,7 +720,7 @@ ELEMENTWISE_BLOCK = 1024  # columns per program of the prep and finisher kernels
 
 def _alloc_f32(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A float32 buffer from grouped_gemm._alloc (so the tests' NaN-filled allocator covers it)."""
-    return _alloc(shape, torch.empty(0, dtype=torch.float32, device=like.device))
+    return _alloc(shape, like, torch.float32)
 
 
 def _prepared_buffers(rows: int, K: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -937,15 +940,83 @@ def plan_splits(weights, plan: RoutingPlan, rows: int, config1: GemvConfig, conf
                 device: torch.device, fused: bool = False) -> tuple[GemvConfig, GemvConfig, int, int]:
     """(GEMM1 config, GEMM2 config, split1, split2): the configs with BLOCK_K fitted to the group sizes
     (adapt_block_k) and split-K resolved (resolve_split_k; fused: GEMM1 to FUSED_GEMM1_PROGRAMS_PER_SM)."""
-    E, H, F = weights.num_experts, weights.hidden_size, weights.ffn_size
-    config1 = adapt_block_k(config1, weights.w13.group_size)
-    config2 = adapt_block_k(config2, weights.w2.group_size)
-    blocks = max_row_blocks(plan.num_rows, E, rows)
-    sms = num_sms(device)
+    return _plan_splits(weights.num_experts, weights.hidden_size, weights.ffn_size, weights.w13.group_size,
+                        weights.w2.group_size, plan.num_rows, rows, config1, config2, num_sms(device), fused)
+
+
+def _plan_splits(E: int, H: int, F: int, group13: int, group2: int, num_rows: int, rows: int, config1: GemvConfig,
+                 config2: GemvConfig, sms: int, fused: bool) -> tuple[GemvConfig, GemvConfig, int, int]:
+    config1 = adapt_block_k(config1, group13)
+    config2 = adapt_block_k(config2, group2)
+    blocks = max_row_blocks(num_rows, E, rows)
     split1 = resolve_split_k(config1, blocks * cdiv(F, config1.block_n), H, sms,
                              FUSED_GEMM1_PROGRAMS_PER_SM if fused else GEMV_PROGRAMS_PER_SM)
     split2 = resolve_split_k(config2, blocks * cdiv(H, config2.block_n), F, sms)
     return config1, config2, split1, split2
+
+
+@dataclass(frozen=True)
+class GemvSchedule:
+    """What one GEMV forward launches, decided from shapes, arguments and settings alone (so it is cached): the
+    resolved configs and K splits, whether both GEMMs share one launch, where the SwiGLU and the slot sum happen,
+    and how many int32 counters each of those needs (zeroed by the prep kernel)."""
+
+    config1: GemvConfig
+    config2: GemvConfig
+    split1: int
+    split2: int
+    fused: bool
+    sum_in_gemm2: bool  # one token: GEMM2's last program per column block sums the slots and K slices
+    finish_in_gemm1: bool  # GEMM1 split along K: its last slice per tile applies the SwiGLU (no finisher kernel)
+    n_finish: int
+    n_sum: int
+    n_fused: int
+
+
+def gemv_schedule(weights, plan: RoutingPlan, rows: int, one_token: bool, device: torch.device,
+                  config: GemvConfig | None = None, config2: GemvConfig | None = None,
+                  split_k: int = 0) -> GemvSchedule:
+    """The GemvSchedule of moe_forward_int4_gemv (its arguments; one_token: the k slots are read from the router's
+    top-k). Cached by every value it depends on, the environment variables it reads included, since an eager
+    decode forward is host-bound (results/h100/LOG.md, session 18) and this is the same on every call. The
+    module's constants (FUSED_MIN_WEIGHT_BYTES, ...) are read when a key is first seen: after changing one,
+    _gemv_schedule.cache_clear()."""
+    settings = (os.environ.get(CONFIG_ENV), os.environ.get(FUSED_ENV), os.environ.get(FINISH_ENV),
+                os.environ.get(ONE_TOKEN_SUM_ENV), interpreting())
+    E = weights.num_experts
+    return _gemv_schedule(device, E, weights.hidden_size, weights.ffn_size, weights.w13.group_size,
+                          weights.w2.group_size, plan.top_k * weights.nbytes // E, plan.num_rows, rows, one_token,
+                          config, config2, split_k, settings)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemv_schedule(device: torch.device, E: int, H: int, F: int, group13: int, group2: int, touched_bytes: int,
+                   num_rows: int, rows: int, one_token: bool, config: GemvConfig | None, config2: GemvConfig | None,
+                   split_k: int, settings: tuple) -> GemvSchedule:
+    sms = num_sms(device)
+
+    def resolved(fused: bool) -> tuple[GemvConfig, GemvConfig, int, int]:
+        d1, d2 = default_configs(device, num_rows / E, fused)
+        c1, c2 = config or d1, config2 or (config if config is not None else d2)
+        if split_k:
+            c1, c2 = replace(c1, split_k=split_k), replace(c2, split_k=split_k)
+        return _plan_splits(E, H, F, group13, group2, num_rows, rows, c1, c2, sms, fused)
+
+    config1, config2, split1, split2 = blocks = resolved(False)
+    fused = fuse_gemms(one_token, split2, touched_bytes)
+    if fused:  # the fused launch's default blocks where none are given, and GEMM1 cut in more K slices
+        blocks = resolved(True)
+        fused = fusion_blocker(F, *blocks) is None
+    if fused:
+        config1, config2, split1, split2 = blocks
+    sum_in_gemm2 = one_token and (num_rows > 1 or split2 > 1) and one_token_sum_in_gemm2()
+    finish_in_gemm1 = split1 > 1 and finish_in_gemm()
+    row_blocks = max_row_blocks(num_rows, E, rows)
+    return GemvSchedule(
+        config1, config2, split1, split2, fused, sum_in_gemm2, finish_in_gemm1,
+        n_finish=row_blocks * cdiv(F, config1.block_n) if finish_in_gemm1 else 0,
+        n_sum=cdiv(H, config2.block_n) if sum_in_gemm2 else 0,
+        n_fused=1 + row_blocks * split2 if fused else 0)
 
 
 @torch.no_grad()
@@ -964,6 +1035,13 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
     problem = gemv_unsupported(weights)
     if problem:
         raise ValueError(f"the INT4 GEMV path cannot run these weights: {problem}")
+    return gemv_forward(x, weights, plan, config=config, config2=config2, rows=rows, split_k=split_k)
+
+
+def gemv_forward(x: torch.Tensor, weights, plan: RoutingPlan, *, config: GemvConfig | None = None,
+                 config2: GemvConfig | None = None, rows: int | None = None, split_k: int = 0) -> torch.Tensor:
+    """moe_forward_int4_gemv without its input checks, for a caller that made them (check_int4_inputs, and
+    gemv_unsupported answered None)."""
     T, H = x.shape
     F, k = weights.ffn_size, plan.top_k
     if T == 0:
@@ -973,66 +1051,44 @@ def moe_forward_int4_gemv(x: torch.Tensor, weights, plan: RoutingPlan, *, config
         raise ValueError(f"rows per block must be a power of two in 1..{MAX_ROWS_PER_BLOCK}, got {rows}")
     # One token with a row per program: its k slots are the rows, read from the router's top-k (no sorting)
     topk_rows = one_token_routing(plan) if rows == 1 else None
-
-    def resolved(fused: bool) -> tuple[GemvConfig, GemvConfig, int, int]:
-        d1, d2 = default_configs(x.device, plan.num_rows / weights.num_experts, fused)
-        c1, c2 = config or d1, config2 or (config if config is not None else d2)
-        if split_k:
-            c1, c2 = replace(c1, split_k=split_k), replace(c2, split_k=split_k)
-        return plan_splits(weights, plan, rows, c1, c2, x.device, fused)
-
-    config1, config2, split1, split2 = blocks = resolved(False)
-    fused = fuse_gemms(topk_rows is not None, split2, k * weights.nbytes // weights.num_experts)
-    if fused:  # the fused launch's default blocks where none are given, and GEMM1 cut in more K slices
-        blocks = resolved(True)
-        fused = fusion_blocker(F, *blocks) is None
-    if fused:
-        config1, config2, split1, split2 = blocks
+    s = gemv_schedule(weights, plan, rows, topk_rows is not None, x.device, config, config2, split_k)
     n_rows = plan.num_rows
     pdl = programmatic_launch_ok(x.device)  # per call: MOE_TUT_PDL may change between graph captures
 
-    # One token: GEMM2's last program per column block sums the slots and K slices: no slot-sum kernel
-    sum_in_gemm2 = topk_rows is not None and (k > 1 or split2 > 1) and one_token_sum_in_gemm2()
-    # GEMM1 split along K: its last slice per tile applies the SwiGLU (no finisher kernel)
-    finish_in_gemm1 = split1 > 1 and finish_in_gemm()
-    grid1 = gemv_grid(n_rows, weights.num_experts, rows, F, config1)
     # Counters, zeroed by the prep kernel: GEMM1's finish, GEMM2's slot sum, and for the fused launch its ticket
     # queue and the ready count per (row block, GEMM2 K slice)
-    n_finish = math.prod(grid1[:2]) if finish_in_gemm1 else 0
-    n_sum = cdiv(H, config2.block_n) if sum_in_gemm2 else 0
-    n_fused = 1 + grid1[0] * split2 if fused else 0
-    arrivals = torch.empty(n_finish + n_sum + n_fused, dtype=torch.int32, device=x.device) \
-        if n_finish + n_sum + n_fused else None
+    n_counters = s.n_finish + s.n_sum + s.n_fused
+    arrivals = torch.empty(n_counters, dtype=torch.int32, device=x.device) if n_counters else None
     if arrivals is not None:
-        finish_counters, sum_counters = arrivals[:n_finish], arrivals[n_finish:n_finish + n_sum]
-        fused_counters = arrivals[n_finish + n_sum:]
+        finish_counters, sum_counters = arrivals[:s.n_finish], arrivals[s.n_finish:s.n_finish + s.n_sum]
+        fused_counters = arrivals[s.n_finish + s.n_sum:]
 
     xp, xw = prepare_activations(x, pdl=pdl, zero_arrivals=arrivals)
     act, act_w = _prepared_buffers(n_rows, F, x)
-    part1 = _alloc_f32((split1, n_rows, 2 * F), x) if split1 > 1 else None
-    y_direct = split2 == 1 and k == 1  # one slice, one slot per token: GEMM2 writes y
-    part2 = _alloc((1, T, H), x) if y_direct else _alloc_f32((split2, n_rows, H), x)
-    y = _alloc((T, H), x) if sum_in_gemm2 else None
-    gemm1 = dict(rows=rows, config=config1, split_k=split1, gather_rows=True, swiglu=True, topk_rows=topk_rows)
-    gemm2 = dict(rows=rows, config=config2, split_k=split2, weight_scatter=True, out=part2, topk_rows=topk_rows,
-                 sum_into=(y, sum_counters) if sum_in_gemm2 else None)
-    if split1 == 1:  # SwiGLU in GEMM1's epilogue
+    part1 = _alloc_f32((s.split1, n_rows, 2 * F), x) if s.split1 > 1 else None
+    y_direct = s.split2 == 1 and k == 1  # one slice, one slot per token: GEMM2 writes y
+    part2 = _alloc((1, T, H), x) if y_direct else _alloc_f32((s.split2, n_rows, H), x)
+    y = _alloc((T, H), x) if s.sum_in_gemm2 else None
+    gemm1 = dict(rows=rows, config=s.config1, split_k=s.split1, gather_rows=True, swiglu=True, topk_rows=topk_rows)
+    gemm2 = dict(rows=rows, config=s.config2, split_k=s.split2, weight_scatter=True, out=part2, topk_rows=topk_rows,
+                 sum_into=(y, sum_counters) if s.sum_in_gemm2 else None)
+    if s.split1 == 1:  # SwiGLU in GEMM1's epilogue
         gemm1.update(out=act, out_w=act_w)
     else:
-        gemm1.update(out=part1, finish_into=(act, act_w, finish_counters) if finish_in_gemm1 else None)
-    if fused:
+        gemm1.update(out=part1, finish_into=(act, act_w, finish_counters) if s.finish_in_gemm1 else None)
+    if s.fused:
         gemv_fused_gemms(xp, xw, act, act_w, weights, plan, gemm1, gemm2, fused_counters, pdl)
     else:
         gemv_grouped_gemm(xp, xw, weights.w13, plan, pdl=pdl, **gemm1)
-        if split1 > 1 and not finish_in_gemm1:
+        if s.split1 > 1 and not s.finish_in_gemm1:
             block = min(ELEMENTWISE_BLOCK, next_power_of_2(F))
             launch(_gemv_swiglu_finish_kernel, (n_rows, cdiv(F, block)),
                    (part1, act, act_w, F, part1.stride(0), part1.stride(1), act.stride(0), act_w.stride(0)),
-                   dict(SPLIT_K=split1, BLOCK=block, **pdl_launch(pdl)))
+                   dict(SPLIT_K=s.split1, BLOCK=block, **pdl_launch(pdl)))
         gemv_grouped_gemm(act, act_w, weights.w2, plan, pdl=pdl, **gemm2)
     if y_direct:
         return part2[0]
-    return y if sum_in_gemm2 else sum_slots(part2, T, k, x, pdl=pdl)
+    return y if s.sum_in_gemm2 else sum_slots(part2, T, k, x, pdl=pdl)
 
 
 def gemv_extra_bytes(T: int, top_k: int, H: int, F: int, split1: int = 1, split2: int = 1) -> int:
