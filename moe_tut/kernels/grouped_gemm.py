@@ -157,6 +157,12 @@ class TileConfig:
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {v}")
         if self.group_m < 1 or self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"bad config {self}: group_m >= 1, num_stages >= 1, num_warps a power of 2 <= 16")
+        # Hashed once: tuples of configs key the caches an eager forward looks up several times per call
+        object.__setattr__(self, "_hash", hash((self.block_m, self.block_n, self.block_k, self.group_m,
+                                                self.num_warps, self.num_stages)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def smem_bytes(self, weight_tiles: int = 1, elem_bytes: int = 2) -> int:
         """Shared memory of the software pipeline: num_stages copies of the A tile and the weight tile(s).
