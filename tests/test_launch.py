@@ -113,6 +113,72 @@ def test_when_the_direct_launch_is_allowed(monkeypatch):
     assert not ln.fast_launch_enabled()
 
 
+def test_heuristics_fixed_by_the_key_or_dynamic():
+    x = torch.zeros(8)
+    args = dict(x_ptr=x, n=5, BLOCK=64)
+    heuristics, dynamic = ln._first_heuristics([("EVEN", lambda a: a["n"] % a["BLOCK"] == 0)], dict(args))
+    assert [h[0::2] for h in heuristics] == [("EVEN", False)] and not dynamic  # ints held by value in the key
+    assert ln._first_heuristics([("BIG", lambda a: a["x_ptr"].shape[0] > 4)], dict(args))[1]  # a tensor's shape
+    chained = [("EVEN", lambda a: a["n"] % 2 == 0), ("BIG", lambda a: a["x_ptr"].numel() > 4),
+               ("BOTH", lambda a: a["EVEN"] and a["BIG"])]
+    named = dict(args)
+    heuristics, dynamic = ln._first_heuristics(chained, named)
+    assert dynamic and named["BOTH"] is False and [h[2] for h in heuristics] == [False, True, False]
+    assert not ln._first_heuristics(chained[:1] + [("ODD", lambda a: not a["EVEN"])], dict(args))[1]
+    assert ln._first_heuristics([("ALL", lambda a: len({**a}))], dict(args))[1]  # iterates, a tensor among them
+    assert not ln._first_heuristics([("ALL", lambda a: len({**a}))], dict(n=5, BLOCK=64))[1]
+    assert ln._first_heuristics([("G", lambda a: a.get("GROUP", 1))], dict(args))[1]  # an absent name: not assumed
+
+
+class _StubKernel:
+    """What launch() hands a remembered compiled kernel: records each run's grid and arguments."""
+
+    function = packed_metadata = None
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit, *values):
+        self.runs.append(((gx, gy, gz), values))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_direct_launch_arguments(dynamic, monkeypatch, fresh_entries):
+    # A remembered entry for fn(a_ptr, n, *, out_ptr, SCALE, BLOCK, FLAG=False) with BLOCK from an autotuner and FLAG
+    # from a heuristic; a later call passes new tensors (positional and by keyword) and gets them, with the
+    # remembered constants, whether the heuristic is recomputed (dynamic) or not.
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 7
+
+    monkeypatch.setattr(ln, "driver", type("D", (), {"active": Driver()})())
+    monkeypatch.setattr(ln, "fast_launch_enabled", lambda: True)
+    fn, kernel = object(), _StubKernel()
+    a, out = torch.zeros(64), torch.zeros(64)
+    kwargs = dict(out_ptr=out, SCALE=3, num_warps=4)
+    named = dict(a_ptr=a, n=64, **kwargs, BLOCK=32, FLAG=True)
+    rest = [("out_ptr", None), ("SCALE", None), ("BLOCK", None), ("FLAG", False)]
+    heuristics = [("FLAG", lambda m: m["n"] > 10, True)]
+    entry = ln._Entry(fn, kernel, dict(BLOCK=32), heuristics, ["a_ptr", "n"], rest, dynamic, named, kwargs)
+    ln._ENTRIES[ln._key(fn, 0, (a, 64), kwargs)] = entry
+    seen = []
+
+    def grid(meta):
+        seen.append(meta)
+        return (meta["BLOCK"] * 2,)
+
+    a2, out2 = torch.ones(64), torch.ones(64)
+    assert ln.launch(fn, grid, (a2, 64), dict(out_ptr=out2, SCALE=3, num_warps=4)) is kernel
+    (g, values), = kernel.runs
+    assert g == (64, 1, 1) and values[0] is a2 and values[2] is out2 and values[1:2] + values[3:] == (64, 3, 32, True)
+    assert seen[0]["BLOCK"] == 32 and seen[0]["FLAG"] is True and seen[0]["SCALE"] == 3
+    assert not dynamic == ("out_ptr" not in seen[0])  # a direct launch's grid sees no tensors
+    assert entry.constants == ([] if dynamic else [None, 3, 32, True])
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's path")
 def test_interpreter_goes_through_triton(fresh_entries):
     x, y = torch.randn(100), torch.randn(100)

@@ -9,11 +9,13 @@ on top). At qwen3-30b-a3b T = 1024, whose GPU time is ~0.5 ms, that host time wa
 `launch(fn, grid, args, kwargs)` does what `fn[grid](*args, **kwargs)` does. The first call for a key goes
 through Triton (compiling, or autotuning: `fn` may be wrapped by triton.autotune and triton.heuristics) and
 remembers the compiled kernel, the config an autotuner chose and the values the heuristics gave. A later call
-with the same key hands the argument values to the compiled kernel's launcher directly. The key holds every
-non-tensor argument by value, every tensor by dtype and 16-byte alignment, and Triton's debug and instrumentation
-knobs: all that Triton specialises a compiled kernel on (and all an autotuner keys on), so a call never reaches a
-kernel compiled for other arguments. After MAX_ENTRIES keys nothing more is remembered (no eviction): new keys
-then go through Triton every time.
+with the same key hands the argument values to the compiled kernel's launcher directly. Where every heuristic read
+only what the key holds by value (our GEMMs' EVEN_K, GROUPS_PER_TILE), nothing after the positional arguments is
+rebuilt either: the remembered values are used, with that call's keyword tensors put in (~1-2.5 us less per launch
+on the CPU machine, results/h100/LOG.md session 18). The key holds every non-tensor argument by value, every
+tensor by dtype and 16-byte alignment, and Triton's debug and instrumentation knobs: all that Triton specialises a
+compiled kernel on (and all an autotuner keys on), so a call never reaches a kernel compiled for other arguments.
+After MAX_ENTRIES keys nothing more is remembered (no eviction): new keys then go through Triton every time.
 
 The direct call uses Triton internals (CompiledKernel.run's arguments, JITFunction.signature,
 Autotuner.best_config, Heuristics.values), checked on Triton 3.6 only: with another Triton, under the
@@ -71,15 +73,37 @@ def _has_calls(hook) -> bool:
 class _Entry:
     """One remembered launch: the compiled kernel; the config an autotuner chose (its keywords); the values
     triton.heuristics computed, with their functions; the kernel's parameters after the positional ones, with
-    their defaults."""
+    their defaults.
 
-    __slots__ = ("fn", "kernel", "extra", "heuristics", "positions", "rest")
+    Where every heuristic read only what the key holds by value (dynamic False), a later call's arguments after the
+    positional ones are `constants` with the keyword tensors put in at `tensor_kwargs` (position, name), and the
+    grid sees `grid_meta` (the non-tensor keywords, the config and the heuristics' values); otherwise they are
+    rebuilt from the call, the heuristics computed again."""
 
-    def __init__(self, fn, kernel, extra: dict, heuristics: list, positional: list[str], rest: list):
+    __slots__ = ("fn", "kernel", "extra", "heuristics", "positions", "rest", "dynamic", "constants",
+                 "tensor_kwargs", "grid_meta")
+
+    def __init__(self, fn, kernel, extra: dict, heuristics: list, positional: list[str], rest: list,
+                 dynamic: bool = True, named: dict | None = None, kwargs: dict | None = None):
         # fn is kept so that its id, part of the key, is not reused while the entry lives
         self.fn, self.kernel, self.extra, self.heuristics = fn, kernel, extra, heuristics
         self.positions = {name: i for i, name in enumerate(positional)}
         self.rest = rest
+        self.dynamic = dynamic or named is None
+        self.constants, self.tensor_kwargs, self.grid_meta = [], [], {}
+        if self.dynamic:
+            return
+        kwargs = kwargs or {}
+        tensor = torch.Tensor
+        for j, (name, default) in enumerate(rest):
+            if isinstance(kwargs.get(name), tensor):  # this call's tensor, never kept
+                self.tensor_kwargs.append((len(positional) + j, name))
+                self.constants.append(None)
+            else:
+                self.constants.append(named.get(name, default))
+        self.grid_meta = {k: v for k, v in kwargs.items() if not isinstance(v, tensor)}
+        self.grid_meta.update(extra)
+        self.grid_meta.update((name, value) for name, _, value in heuristics)
 
 
 _ENTRIES: dict[tuple, _Entry] = {}
@@ -98,8 +122,10 @@ def _key(fn, device: int, args: tuple, kwargs: dict) -> tuple:
 def launch(fn, grid, args: tuple, kwargs: dict):
     """fn[grid](*args, **kwargs), through the compiled kernel's launcher when the same key was launched before
     (see the module docstring). fn: a triton.jit function, maybe wrapped by triton.heuristics, then
-    triton.autotune. A heuristic is computed on every call; where it answers otherwise than when the kernel was
-    remembered (it read something the key does not hold), the call goes through Triton."""
+    triton.autotune. A heuristic that read only what the key holds by value is not computed again; one that read
+    more (a tensor) is computed on every call, and where it answers otherwise than when the kernel was remembered,
+    the call goes through Triton. grid(meta), where callable, is given the keyword arguments (on a direct launch
+    those that are not tensors), the autotuner's config and the heuristics' values."""
     if not fast_launch_enabled():
         return fn[grid](*args, **kwargs)
     device = driver.active.get_current_device()
@@ -107,14 +133,20 @@ def launch(fn, grid, args: tuple, kwargs: dict):
     entry = _ENTRIES.get(key)
     if entry is None:
         return _first_launch(fn, grid, args, kwargs, key)
-    meta = {**kwargs, **entry.extra} if entry.extra else kwargs
-    if entry.heuristics:
-        meta = _heuristic_values(entry, args, meta)
-        if meta is None:  # a heuristic read more than the key holds and now answers otherwise
-            return fn[grid](*args, **kwargs)
+    if entry.dynamic:
+        meta = {**kwargs, **entry.extra} if entry.extra else kwargs
+        if entry.heuristics:
+            meta = _heuristic_values(entry, args, meta)
+            if meta is None:  # a heuristic read more than the key holds and now answers otherwise
+                return fn[grid](*args, **kwargs)
+        g = grid(meta) if callable(grid) else grid
+        values = [*args, *[meta.get(name, default) for name, default in entry.rest]]
+    else:  # everything after the positional arguments is fixed by the key, but the keyword tensors
+        values = [*args, *entry.constants]
+        for i, name in entry.tensor_kwargs:
+            values[i] = kwargs[name]
+        g = grid(entry.grid_meta) if callable(grid) else grid
     kernel = entry.kernel
-    g = grid(meta) if callable(grid) else grid
-    values = [*args, *[meta.get(name, default) for name, default in entry.rest]]
     hooks = triton.knobs.runtime
     kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
                driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None,
@@ -162,17 +194,71 @@ def _first_launch(fn, grid, args: tuple, kwargs: dict, key: tuple):
     if not isinstance(inner, JITFunction) or kernel is None or not hasattr(kernel, "packed_metadata"):
         return kernel
     named = {**dict(zip(inner.arg_names, args)), **kwargs, **extra}
-    heuristics = []
-    for name, heuristic in heuristic_fns:
-        named[name] = heuristic(named)
-        heuristics.append((name, heuristic, named[name]))
+    heuristics, dynamic = _first_heuristics(heuristic_fns, named)
     params = list(inner.signature.parameters.values())[len(args):]
     if any(p.default is inspect.Parameter.empty and p.name not in named for p in params) \
             or len(_ENTRIES) >= MAX_ENTRIES:
         return kernel
     rest = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in params]
-    _ENTRIES[key] = _Entry(fn, kernel, extra, heuristics, inner.arg_names[:len(args)], rest)
+    _ENTRIES[key] = _Entry(fn, kernel, extra, heuristics, inner.arg_names[:len(args)], rest, dynamic, named, kwargs)
     return kernel
+
+
+def _first_heuristics(heuristic_fns: list, named: dict) -> tuple[list, bool]:
+    """Run the heuristics in order on `named` (the arguments by name; each value is added to it), as
+    triton.heuristics does. Returns [(name, function, value)] and whether any of them is dynamic: read a tensor
+    (which the key holds only by dtype and alignment), a dynamic heuristic's value, or iterated over the arguments
+    while a tensor was among them."""
+    reads = _Reads(named)
+    fixed = {name for name, v in named.items() if not isinstance(v, torch.Tensor)}  # held by value in the key
+    heuristics = []
+    for name, heuristic in heuristic_fns:
+        reads.read.clear()
+        value = heuristic(reads)
+        named[name] = reads[name] = value
+        heuristics.append((name, heuristic, value))
+        if reads.read <= fixed:
+            fixed.add(name)
+    return heuristics, any(name not in fixed for name, _, _ in heuristics)
+
+
+class _Reads(dict):
+    """The arguments given to heuristics, noting which names one reads (all of them where it iterates)."""
+
+    def __init__(self, values: dict):
+        super().__init__(values)
+        self.read: set = set()
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __contains__(self, name):
+        self.read.add(name)
+        return super().__contains__(name)
+
+    def _all(self):
+        self.read.update(super().keys())
+
+    def __iter__(self):
+        self._all()
+        return super().__iter__()
+
+    def keys(self):
+        self._all()
+        return super().keys()
+
+    def values(self):
+        self._all()
+        return super().values()
+
+    def items(self):
+        self._all()
+        return super().items()
 
 
 def clear() -> None:
