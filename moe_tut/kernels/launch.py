@@ -241,24 +241,18 @@ class _Reads(dict):
         self.read.add(name)
         return super().__contains__(name)
 
-    def _all(self):
-        self.read.update(super().keys())
+    def _reads_all(method):  # noqa: N805  (a decorator used in the class body)
+        def read_all(self):
+            self.read.update(dict.keys(self))
+            return method(self)
 
-    def __iter__(self):
-        self._all()
-        return super().__iter__()
+        return read_all
 
-    def keys(self):
-        self._all()
-        return super().keys()
-
-    def values(self):
-        self._all()
-        return super().values()
-
-    def items(self):
-        self._all()
-        return super().items()
+    __iter__ = _reads_all(dict.__iter__)
+    keys = _reads_all(dict.keys)
+    values = _reads_all(dict.values)
+    items = _reads_all(dict.items)
+    del _reads_all
 
 
 def clear() -> None:
