@@ -1011,12 +1011,12 @@ def _gemv_schedule(device: torch.device, E: int, H: int, F: int, group13: int, g
         config1, config2, split1, split2 = blocks
     sum_in_gemm2 = one_token and (num_rows > 1 or split2 > 1) and one_token_sum_in_gemm2()
     finish_in_gemm1 = split1 > 1 and finish_in_gemm()
-    row_blocks = max_row_blocks(num_rows, E, rows)
+    grid1 = gemv_grid(num_rows, E, rows, F, config1)  # the counters follow GEMM1's launch grid
     return GemvSchedule(
         config1, config2, split1, split2, fused, sum_in_gemm2, finish_in_gemm1,
-        n_finish=row_blocks * cdiv(F, config1.block_n) if finish_in_gemm1 else 0,
+        n_finish=math.prod(grid1[:2]) if finish_in_gemm1 else 0,
         n_sum=cdiv(H, config2.block_n) if sum_in_gemm2 else 0,
-        n_fused=1 + row_blocks * split2 if fused else 0)
+        n_fused=1 + grid1[0] * split2 if fused else 0)
 
 
 @torch.no_grad()

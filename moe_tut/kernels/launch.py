@@ -84,16 +84,15 @@ class _Entry:
                  "tensor_kwargs", "grid_meta")
 
     def __init__(self, fn, kernel, extra: dict, heuristics: list, positional: list[str], rest: list,
-                 dynamic: bool = True, named: dict | None = None, kwargs: dict | None = None):
+                 dynamic: bool, named: dict, kwargs: dict):
         # fn is kept so that its id, part of the key, is not reused while the entry lives
         self.fn, self.kernel, self.extra, self.heuristics = fn, kernel, extra, heuristics
         self.positions = {name: i for i, name in enumerate(positional)}
         self.rest = rest
-        self.dynamic = dynamic or named is None
+        self.dynamic = dynamic
         self.constants, self.tensor_kwargs, self.grid_meta = [], [], {}
-        if self.dynamic:
+        if dynamic:
             return
-        kwargs = kwargs or {}
         tensor = torch.Tensor
         for j, (name, default) in enumerate(rest):
             if isinstance(kwargs.get(name), tensor):  # this call's tensor, never kept
